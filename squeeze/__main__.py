@@ -1,0 +1,3 @@
+from squeeze.cli.app import main
+
+main()

@@ -1,0 +1,149 @@
+"""The Python API behind the CLI: info, bench, gate, recipes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from squeeze.errors import SqueezeError
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.onnx import Exporter, export_onnx
+from squeeze.measure.bench import Measurement, measure
+from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, run_gate
+from squeeze.measure.oracle import MeasuredOracle
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.stats import RatioEstimate, paired_ratio
+from squeeze.model import LoadedModel, load_model
+from squeeze.outputs import check_out_dir, write_outputs
+from squeeze.passes import ModelState, PassContext, get_pass
+from squeeze.recipe import Recipe, load_recipe
+from squeeze.summary import ModelSummary, summarize
+from squeeze.target import Target, load_target
+
+__all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline"]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load the models named on the command line."""
+
+    input_shape: tuple[int, ...] | None = None
+    weights: str | None = None
+    trust: bool = False
+    exporter: Exporter = "dynamo"
+
+    def load(self, spec: str) -> LoadedModel:
+        return load_model(spec, input_shape=self.input_shape, weights=self.weights, trust=self.trust)
+
+
+@dataclass
+class BenchRow:
+    spec: str
+    summary: ModelSummary
+    artifact: OnnxArtifact
+    measurement: Measurement
+    speedup: RatioEstimate | None  # first model's latency / this one's, from the same interleaved run
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.spec,
+            "params": self.summary.params,
+            "macs": self.summary.macs,
+            "size_bytes": self.summary.size_bytes,
+            "artifact": self.artifact.to_json(),
+            "measurement": self.measurement.to_json(),
+            "speedup_vs_first": self.speedup.to_json() if self.speedup else None,
+        }
+
+
+def info(spec: str, opts: ModelOptions) -> ModelSummary:
+    return summarize(opts.load(spec))
+
+
+def _speedup(first: Measurement, other: Measurement) -> RatioEstimate:
+    """Speedup = first / other; from paired samples, so its interval inverts the latency-ratio interval."""
+    r = paired_ratio(other.samples_ms, first.samples_ms)
+    return RatioEstimate(r.ratio, r.low, r.high, r.confidence, r.n, r.method)
+
+
+def bench(specs: list[str], target: Target, opts: ModelOptions, protocol: Protocol, use_cache: bool = True) -> list[BenchRow]:
+    loaded = [opts.load(s) for s in specs]
+    get_runtime_check(target)
+    artifacts = [export_onnx(m, exporter=opts.exporter, use_cache=use_cache) for m in loaded]
+    results = measure(artifacts, target, protocol, use_cache=use_cache)
+    rows = []
+    for i, (spec, m, art, res) in enumerate(zip(specs, loaded, artifacts, results)):
+        rows.append(BenchRow(spec, summarize(m), art, res, _speedup(results[0], res) if i else None))
+    return rows
+
+
+def get_runtime_check(target: Target) -> None:
+    """Fail on an unusable target (missing runtime or device) before exporting anything."""
+    from squeeze.measure.runtimes import get_runtime
+
+    get_runtime(target).providers(target)
+
+
+def load_baseline(path: Path) -> Measurement:
+    """The first model's measurement from a `squeeze bench --json` file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return Measurement.from_json(data["models"][0]["measurement"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise SqueezeError(
+            f"--baseline {path} is not a result written by `squeeze bench --json` ({type(exc).__name__}: {exc}).",
+            "Write one with `squeeze bench OLD --target T --json baseline.json` on this machine.",
+        ) from exc
+
+
+def gate(new_spec: str, target: Target, opts: ModelOptions, protocol: Protocol, cfg: GateConfig, *,
+         old_spec: str | None = None, baseline: Path | None = None) -> GateResult:
+    get_runtime_check(target)
+    new = export_onnx(opts.load(new_spec), exporter=opts.exporter)
+    if baseline is not None:
+        base = load_baseline(baseline)
+        if base.target != target.name:
+            raise SqueezeError(f"--baseline {baseline} was measured on `{base.target}`, not `{target.name}`.",
+                               "Compare on the target the baseline was measured on.")
+        return gate_against_baseline(new, base, target, protocol, cfg)
+    old = export_onnx(opts.load(old_spec), exporter=opts.exporter)
+    return run_gate(new, old, target, protocol, cfg)
+
+
+def run_recipe(recipe_ref: str, model_spec: str, out_dir: Path, opts: ModelOptions, *, target_name: str | None = None,
+               use_cache: bool = True) -> dict[str, Any]:
+    """Validate the recipe, load the model, run its stages, then write model.onnx + report.json to out_dir."""
+    recipe: Recipe = load_recipe(recipe_ref)
+    target = load_target(target_name or recipe.target or "host-cpu")
+    check_out_dir(out_dir)
+    get_runtime_check(target)
+    protocol = Protocol.for_target(target, **recipe.measure.model_dump())
+    ctx = PassContext(target, MeasuredOracle(target, protocol, use_cache), protocol, recipe.export, recipe.budget,
+                      use_cache=use_cache)
+    state = ModelState(opts.load(model_spec))
+    original = summarize(state.model)
+    stages = []
+    for stage in recipe.stages:
+        t0 = time.perf_counter()
+        pass_ = get_pass(stage.method)(stage.typed_options())
+        state, record = pass_.run(state, ctx)
+        stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record})
+    if state.artifact is None:
+        state, _ = get_pass("export.onnx")(get_pass("export.onnx").Options()).run(state, ctx)
+    report = {
+        "recipe": recipe.name,
+        "model": model_spec,
+        "target": target.name,
+        "original": original.to_json(),
+        "final": summarize(state.model).to_json(),
+        "artifact": state.artifact.to_json(),
+        "measurements": {k: m.to_json() for k, m in state.measurements.items()},
+        "stages": stages,
+    }
+    report["artifact"]["path"] = str(Path(out_dir) / "model.onnx")
+    files = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
+    report["written"] = [str(p) for p in write_outputs(out_dir, files)]
+    return report

@@ -1,0 +1,43 @@
+"""The `squeeze` Typer application."""
+
+from __future__ import annotations
+
+import typer
+
+from squeeze import __version__
+from squeeze.cli import bench, info, listing, run, targets
+from squeeze.cli.common import state
+
+app = typer.Typer(
+    name="squeeze",
+    help="Hardware-aware model compression, proven by measuring the exported model on the target.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"squeeze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    state["debug"] = debug or state["debug"]
+
+
+app.command("info")(info.info)
+app.command("bench")(bench.bench)
+app.command("run")(run.run)
+app.command("validate")(run.validate)
+app.command("list")(listing.list_)
+app.add_typer(targets.app, name="targets")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,66 @@
+"""`squeeze bench MODEL [MODEL ...]`: measured latency, and the CI regression gate (--against / --baseline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from squeeze import api
+from squeeze.cli.common import (InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out,
+                                parse_fraction, write_json)
+from squeeze.errors import SqueezeError
+from squeeze.model import parse_input_shape
+
+
+@handles_errors
+def bench(
+    models: List[str] = typer.Argument(..., help="Models to compare; speedups are relative to the first."),
+    target: str = TargetOpt,
+    against: Optional[str] = typer.Option(None, "--against", help="Gate mode: compare NEW (the one MODEL) with this OLD model."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Gate mode against a stored `bench --json` result from this machine (less robust than --against)."),
+    max_regression: str = typer.Option("5%", "--max-regression", help="Gate: allowed slowdown of NEW over OLD."),
+    confidence: float = typer.Option(0.99, "--confidence", min=0.5, max=0.9999, help="Gate: confidence of the ratio interval."),
+    max_time: float = typer.Option(60.0, "--max-time", min=1.0, help="Gate: seconds of sampling before an undecided gate passes as inconclusive."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (with raw samples) to this file."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0),
+    min_repeat_ms: Optional[float] = typer.Option(None, "--min-repeat-ms", min=0.0),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript; the other is tried if one fails."),
+    input_shape: Optional[str] = InputShape,
+    weights: Optional[str] = Weights,
+    trust_model: bool = TrustModel,
+    no_cache: bool = NoCache,
+) -> None:
+    """Measure latency on a target (interleaved, one run), or gate a regression for CI (exit 1 on failure)."""
+    from squeeze.measure.gate import GateConfig
+    from squeeze.measure.protocol import Protocol
+    from squeeze.report.render import bench_view, gate_view
+    from squeeze.target import load_target
+
+    if exporter not in ("dynamo", "torchscript"):
+        raise SqueezeError(f"--exporter {exporter} is not known.", "Use dynamo or torchscript.")
+    tgt = load_target(target)
+    protocol = Protocol.for_target(tgt, repeat=repeat, warmup=warmup, min_repeat_ms=min_repeat_ms, threads=threads,
+                                   batch_size=batch_size)
+    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model, exporter)
+    if against is None and baseline is None:
+        rows = api.bench(models, tgt, opts, protocol, use_cache=not no_cache)
+        out.print(bench_view(rows, tgt))
+        if json_out:
+            write_json(json_out, {"target": tgt.name, "models": [r.to_json() for r in rows]})
+        return
+    if len(models) != 1 or (against is not None and baseline is not None):
+        raise SqueezeError("Gate mode compares exactly one NEW model with either --against OLD or --baseline FILE.",
+                           "Example: squeeze bench new.pt --against old.pt --target host-cpu --max-regression 5%.")
+    threshold = parse_fraction(max_regression, "--max-regression")
+    cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time)
+    result = api.gate(models[0], tgt, opts, protocol, cfg, old_spec=against, baseline=baseline)
+    out.print(gate_view(result))
+    if json_out:
+        write_json(json_out, result.to_json())
+    if result.failed:
+        raise typer.Exit(1)

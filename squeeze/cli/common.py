@@ -1,0 +1,71 @@
+"""What every command shares: consoles, the --debug switch, error handling, common options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from squeeze.errors import SqueezeError
+
+__all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
+           "TrustModel", "TargetOpt", "NoCache"]
+
+out = Console()
+err = Console(stderr=True)
+state = {"debug": bool(os.environ.get("SQUEEZE_DEBUG"))}
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A SqueezeError becomes one paragraph on stderr and exit code 2; other errors exit 3.
+
+    With --debug the traceback is shown instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SqueezeError as exc:
+            if state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written.")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # an unexpected bug: say so briefly, keep the traceback for --debug
+            if state["debug"]:
+                raise
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. Re-run with --debug for the "
+                      "traceback and report it.", highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", text)
+    if not m:
+        raise SqueezeError(f"{what} `{text}` is not a number.", "Write it as a percentage (5%) or a fraction (0.05).")
+    return float(m.group(1)) / (100 if m.group(2) else 1)
+
+
+def write_json(path: Path, data: Any) -> None:
+    from squeeze.cache import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), json.dumps(data, indent=2, default=str).encode())
+
+
+InputShape = typer.Option(None, "--input-shape", help="Input shape, batch first (e.g. 1,3,224,224), where the file does not record it.")
+Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint for a zoo:/package.module:factory model.")
+TrustModel = typer.Option(False, "--trust-model", help="Allow loading a pickled nn.Module (unpickling runs code from the file).")
+TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
+NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")

@@ -1,0 +1,43 @@
+"""`squeeze run RECIPE MODEL` and `squeeze validate RECIPE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from squeeze import api
+from squeeze.cli.common import InputShape, NoCache, TrustModel, Weights, handles_errors, out
+from squeeze.model import parse_input_shape
+
+
+@handles_errors
+def run(
+    recipe: str = typer.Argument(..., help="Recipe YAML file or shipped recipe name (squeeze list recipes)."),
+    model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx and report.json (created)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Overrides the recipe's target."),
+    input_shape: Optional[str] = InputShape,
+    weights: Optional[str] = Weights,
+    trust_model: bool = TrustModel,
+    no_cache: bool = NoCache,
+) -> None:
+    """Run a recipe's stages on a model and write the results."""
+    from squeeze.report.render import recipe_view
+
+    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
+    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, use_cache=not no_cache)
+    out.print(recipe_view(report))
+
+
+@handles_errors
+def validate(recipe: str = typer.Argument(..., help="Recipe YAML file or shipped recipe name.")) -> None:
+    """Check a recipe without loading any model."""
+    from squeeze.recipe import load_recipe
+    from squeeze.target import load_target
+
+    r = load_recipe(recipe)
+    if r.target:
+        load_target(r.target)
+    out.print(f"[green]ok[/]: recipe `{r.name}`, {len(r.stages)} stage(s): {', '.join(s.method for s in r.stages)}")

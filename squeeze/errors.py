@@ -1,0 +1,57 @@
+"""Errors a user can act on. The CLI prints them as one paragraph and exits non-zero, no traceback."""
+
+from __future__ import annotations
+
+__all__ = [
+    "SqueezeError",
+    "ModelLoadError",
+    "UntrustedModelError",
+    "InputShapeError",
+    "TargetError",
+    "RuntimeUnavailableError",
+    "RecipeError",
+    "ExportError",
+]
+
+
+class SqueezeError(Exception):
+    """A problem with the user's input or environment: `what` went wrong and how to `fix` it."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.what} {self.fix}".strip()
+
+
+class ModelLoadError(SqueezeError):
+    pass
+
+
+class UntrustedModelError(ModelLoadError):
+    pass
+
+
+class InputShapeError(SqueezeError):
+    pass
+
+
+class TargetError(SqueezeError):
+    pass
+
+
+class RuntimeUnavailableError(TargetError):
+    pass
+
+
+class RecipeError(SqueezeError):
+    pass
+
+
+class ExportError(SqueezeError):
+    pass

@@ -1,0 +1,113 @@
+"""Timing artifacts on a target: several models interleaved in one run (A B B A ...), cached by content."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.measure.cache import MeasurementCache, measurement_key
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.runtimes import get_runtime
+from squeeze.measure.stats import LatencyStats
+from squeeze.measure.worker import WorkerClient
+
+__all__ = ["Measurement", "InterleavedRun", "measure"]
+
+
+@dataclass
+class Measurement:
+    artifact_sha: str
+    target: str
+    protocol: dict
+    samples_ms: list[float]
+    calls_per_sample: int
+    environment: dict
+    run_id: str
+    cached: bool = False
+    stats: LatencyStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = LatencyStats.from_samples(self.samples_ms)
+
+    def to_json(self) -> dict:
+        return {
+            "artifact_sha256": self.artifact_sha,
+            "target": self.target,
+            "protocol": self.protocol,
+            "stats": self.stats.to_json(),
+            "samples_ms": self.samples_ms,
+            "calls_per_sample": self.calls_per_sample,
+            "environment": self.environment,
+            "run_id": self.run_id,
+            "cached": self.cached,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Measurement":
+        return cls(d["artifact_sha256"], d["target"], d["protocol"], d["samples_ms"], d["calls_per_sample"],
+                   d["environment"], d["run_id"], d.get("cached", False))
+
+
+class InterleavedRun:
+    """Times several artifacts in one measurement worker, one sample of each per round.
+
+    Rounds alternate the order (A B, then B A) so that neither model always runs right after the other.
+    A sample loops the model `calls_per_sample` times so that it lasts at least `min_repeat_ms`.
+    Use as a context manager so the worker process is closed.
+    """
+
+    def __init__(self, artifacts: list[OnnxArtifact], target, protocol: Protocol) -> None:
+        self.artifacts, self.target, self.protocol = artifacts, target, protocol
+        self.worker = WorkerClient(artifacts, target, protocol)
+        self.calls: list[int] = self.worker.ready["calls"]
+        self.env: dict = self.worker.ready["environment"]
+        self.samples: list[list[float]] = [[] for _ in artifacts]
+        self.run_id = uuid.uuid4().hex[:12]
+
+    def __enter__(self) -> "InterleavedRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.close()
+
+    def round(self) -> None:
+        order = list(range(len(self.artifacts)))
+        if len(self.samples[0]) % 2:
+            order.reverse()
+        for i, ms in self.worker.sample(order).items():
+            self.samples[i].append(ms)
+
+    def measurements(self) -> list[Measurement]:
+        return [
+            Measurement(a.sha256, self.target.name, self.protocol.model_dump(), list(s), c, self.env, self.run_id)
+            for a, s, c in zip(self.artifacts, self.samples, self.calls)
+        ]
+
+
+def _key(artifact: OnnxArtifact, target, runtime_version: str, protocol: Protocol) -> str:
+    return measurement_key(artifact.sha256, target.model_dump_json(), runtime_version, json.dumps(protocol.model_dump()))
+
+
+def measure(artifacts: list[OnnxArtifact], target, protocol: Protocol, use_cache: bool = True) -> list[Measurement]:
+    """Measure all artifacts in one interleaved run.
+
+    Cached results are used only when every artifact has one from the same run, so ratios between the
+    returned measurements always come from one run.
+    """
+    cache = MeasurementCache()
+    runtime = get_runtime(target)
+    runtime.providers(target)  # fail on a missing device before any work
+    keys = [_key(a, target, runtime.version(), protocol) for a in artifacts]
+    if use_cache:
+        hits = [cache.get(k) for k in keys]
+        if all(hits) and len({h["run_id"] for h in hits}) == 1:
+            return [Measurement.from_json({**h, "cached": True}) for h in hits]
+    with InterleavedRun(artifacts, target, protocol) as run:
+        for _ in range(protocol.repeat):
+            run.round()
+    results = run.measurements()
+    for k, m in zip(keys, results):
+        cache.put(k, m.to_json())
+    return results

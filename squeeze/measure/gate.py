@@ -1,0 +1,100 @@
+"""The latency-regression gate for CI: is NEW slower than OLD by more than a threshold, with confidence?
+
+Sequential design: NEW and OLD are sampled interleaved in rounds; every `check_every` rounds a bootstrap
+interval of the paired median ratio NEW/OLD is computed. The gate fails only when the whole interval lies
+above 1 + threshold, passes as soon as it lies below, and passes as "inconclusive" when the time budget
+runs out first (a regression must be shown, not suspected).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.measure.bench import InterleavedRun, Measurement
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.stats import RatioEstimate, paired_ratio, unpaired_ratio
+
+__all__ = ["GateConfig", "GateResult", "run_gate", "gate_against_baseline"]
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_regression: float = 0.05  # fraction: 0.05 = NEW may be up to 5% slower
+    confidence: float = 0.99
+    min_rounds: int = 10
+    check_every: int = 10
+    max_rounds: int = 400
+    max_time_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    verdict: Verdict
+    ratio: RatioEstimate
+    threshold: float
+    rounds: int
+    elapsed_s: float
+    new: Measurement
+    old: Measurement
+    mode: str
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict == "fail"
+
+    def to_json(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "ratio": self.ratio.to_json(),
+            "max_regression": self.threshold,
+            "rounds": self.rounds,
+            "elapsed_s": self.elapsed_s,
+            "mode": self.mode,
+            "new": self.new.to_json(),
+            "old": self.old.to_json(),
+        }
+
+
+def _decide(est: RatioEstimate, limit: float) -> Verdict | None:
+    if est.low > limit:
+        return "fail"
+    if est.high <= limit:
+        return "pass"
+    return None
+
+
+def run_gate(new: OnnxArtifact, old: OnnxArtifact, target, protocol: Protocol, cfg: GateConfig) -> GateResult:
+    t0 = time.perf_counter()
+    limit = 1.0 + cfg.max_regression
+    verdict: Verdict | None = None
+    with InterleavedRun([old, new], target, protocol) as run:
+        while verdict is None:
+            for _ in range(cfg.check_every):
+                run.round()
+            rounds = len(run.samples[0])
+            est = paired_ratio(run.samples[0], run.samples[1], cfg.confidence)
+            if rounds >= cfg.min_rounds:
+                verdict = _decide(est, limit)
+            if verdict is None and (rounds >= cfg.max_rounds or time.perf_counter() - t0 > cfg.max_time_s):
+                verdict = "inconclusive"
+    old_m, new_m = run.measurements()
+    return GateResult(verdict, est, cfg.max_regression, rounds, time.perf_counter() - t0, new_m, old_m, "interleaved")
+
+
+def gate_against_baseline(new: OnnxArtifact, baseline: Measurement, target, protocol: Protocol,
+                          cfg: GateConfig) -> GateResult:
+    """Compare a fresh run of NEW with samples stored earlier on this machine (less robust: no pairing)."""
+    t0 = time.perf_counter()
+    with InterleavedRun([new], target, protocol) as run:
+        for _ in range(max(protocol.repeat, cfg.min_rounds)):
+            run.round()
+    (new_m,) = run.measurements()
+    est = unpaired_ratio(baseline.samples_ms, new_m.samples_ms, cfg.confidence)
+    verdict = _decide(est, 1.0 + cfg.max_regression) or "inconclusive"
+    return GateResult(verdict, est, cfg.max_regression, len(new_m.samples_ms), time.perf_counter() - t0, new_m,
+                      baseline, "baseline")

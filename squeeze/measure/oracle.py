@@ -1,0 +1,40 @@
+"""The latency oracle: the only way searches see latency.
+
+Given a model (or an exported artifact), return its latency on the oracle's target. `MeasuredOracle`
+exports and measures the whole model (cached by content); lookup-table oracles implement the same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.onnx import export_onnx
+from squeeze.measure.bench import Measurement, measure
+from squeeze.measure.protocol import Protocol
+from squeeze.model import LoadedModel
+from squeeze.target import Target
+
+__all__ = ["LatencyOracle", "MeasuredOracle"]
+
+
+class LatencyOracle(ABC):
+    target: Target
+
+    @abstractmethod
+    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
+        """Median latency in milliseconds."""
+
+
+class MeasuredOracle(LatencyOracle):
+    def __init__(self, target: Target, protocol: Protocol | None = None, use_cache: bool = True) -> None:
+        self.target = target
+        self.protocol = protocol or Protocol.for_target(target)
+        self.use_cache = use_cache
+
+    def measurement(self, model: LoadedModel | OnnxArtifact) -> Measurement:
+        artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, use_cache=self.use_cache)
+        return measure([artifact], self.target, self.protocol, use_cache=self.use_cache)[0]
+
+    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
+        return self.measurement(model).stats.median_ms

@@ -1,0 +1,29 @@
+"""The measurement protocol: every latency figure says how it was taken."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from squeeze.target import Target
+
+__all__ = ["Protocol"]
+
+
+class Protocol(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    warmup: int = Field(10, ge=0, description="untimed runs before timing")
+    repeat: int = Field(30, ge=3, description="timed samples per model")
+    min_repeat_ms: float = Field(20.0, ge=0, description="a sample loops the model until at least this long")
+    threads: int = Field(1, ge=1, description="intra-op threads, fixed so runs compare")
+    batch_size: int = Field(1, ge=1)
+    seed: int = Field(0, description="seeds the random input tensor")
+
+    @classmethod
+    def for_target(cls, target: Target, **overrides) -> "Protocol":
+        base = target.protocol.model_dump()
+        base["threads"] = target.threads or os.cpu_count() or 1
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)

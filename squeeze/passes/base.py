@@ -1,0 +1,83 @@
+"""The Pass interface every compression method plugs into, and the registry of passes by name.
+
+Pass modules import heavy libraries (torch, onnxruntime) inside `run`, so that listing passes and
+validating recipes stays light.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from squeeze.export.onnx import OnnxArtifact
+    from squeeze.measure.bench import Measurement
+    from squeeze.measure.oracle import LatencyOracle
+    from squeeze.measure.protocol import Protocol
+    from squeeze.model import LoadedModel
+    from squeeze.recipe import Budget, ExportOptions
+    from squeeze.target import Target
+
+__all__ = ["PassOptions", "Pass", "ModelState", "PassContext", "register_pass", "get_pass", "list_passes"]
+
+
+class PassOptions(BaseModel):
+    """Base of every pass's typed options; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ModelState:
+    """What flows between passes: the current model, its export, and what has been measured of it."""
+
+    model: LoadedModel
+    artifact: OnnxArtifact | None = None
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    target: Target
+    oracle: LatencyOracle
+    protocol: Protocol
+    export: ExportOptions
+    budget: Budget | None = None
+    seed: int = 0
+    use_cache: bool = True
+
+
+class Pass(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type[PassOptions]] = PassOptions
+
+    def __init__(self, options: PassOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
+        """Return the new state and a JSON-serializable plan/record of what this pass did."""
+
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def list_passes() -> list[type[Pass]]:
+    return [_PASSES[k] for k in sorted(_PASSES)]
+
+
+def get_pass(name: str) -> type[Pass]:
+    from squeeze.errors import RecipeError
+
+    if name not in _PASSES:
+        raise RecipeError(f"Unknown method `{name}`.", f"Valid methods: {', '.join(sorted(_PASSES))}.")
+    return _PASSES[name]

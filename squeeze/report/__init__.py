@@ -1,0 +1,1 @@
+"""Result rendering: terminal tables (Rich) and JSON."""
