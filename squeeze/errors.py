@@ -11,7 +11,14 @@ __all__ = [
     "RuntimeUnavailableError",
     "RecipeError",
     "ExportError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, for one-paragraph errors that wrap a library's exception."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
 
 
 class SqueezeError(Exception):

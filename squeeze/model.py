@@ -27,7 +27,7 @@ from torch import nn
 
 from squeeze import zoo
 from squeeze.cache import atomic_write_bytes
-from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError
+from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
 
 __all__ = [
     "ArchRef",
@@ -155,9 +155,8 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0:3]
         raise ModelLoadError(
-            f"The weights in {source} do not fit the architecture: {' '.join(first)}",
+            f"The weights in {source} do not fit the architecture ({first_line(exc, 300)}).",
             "Check that the weights belong to this architecture and its keyword arguments.",
         ) from exc
 
@@ -177,7 +176,7 @@ def _safe_torch_load(path: Path) -> Any:
                 "state_dict and load it with --model package.module:factory --weights FILE.",
             ) from exc
         raise ModelLoadError(
-            f"{path} is not a readable PyTorch file ({type(exc).__name__}: {msg.splitlines()[0][:160]}).",
+            f"{path} is not a readable PyTorch file ({first_line(exc, 160)}).",
             "The file may be truncated or corrupt; re-save or re-download it.",
         ) from exc
 
@@ -208,7 +207,7 @@ def _load_file(path: Path, trust: bool) -> LoadedModel:
             onnx.checker.check_model(proto)
         except Exception as exc:
             raise ModelLoadError(
-                f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}).",
+                f"{path} is not a valid ONNX model ({first_line(exc, 160)}).",
                 "Re-export it, or check that the file is complete.",
             ) from exc
         return LoadedModel(path.stem, "onnx", _onnx_input_shape(proto, path) or (), onnx_path=path)
@@ -218,7 +217,7 @@ def _load_file(path: Path, trust: bool) -> LoadedModel:
                 try:
                     module = torch.jit.load(str(path), map_location="cpu")
                 except Exception as exc:
-                    raise ModelLoadError(f"{path} is a damaged TorchScript archive: {exc}.") from exc
+                    raise ModelLoadError(f"{path} is a damaged TorchScript archive ({first_line(exc)}).") from exc
                 return LoadedModel(path.stem, "torchscript", (), module=module.eval())
     try:
         obj = _safe_torch_load(path)
@@ -312,9 +311,8 @@ def _check_input_shape(loaded: LoadedModel, spec: str) -> None:
         with torch.no_grad():
             loaded.module(loaded.example_input())
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputShapeError(
-            f"{spec} rejected an input of shape {loaded.input_shape}: {first}",
+            f"{spec} rejected an input of shape {loaded.input_shape} ({first_line(exc).rstrip('.')}).",
             "Pass the shape the model was built for with --input-shape (batch first, e.g. 1,3,224,224).",
         ) from exc
 

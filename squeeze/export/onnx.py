@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
-from squeeze.errors import ExportError
+from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact, Parity
 from squeeze.model import LoadedModel
 
@@ -111,7 +111,7 @@ def export_onnx(loaded: LoadedModel, *, exporter: Exporter = "dynamo", atol: flo
                 used = kind
                 break
             except Exception as exc:  # exporter failures are many types; both are tried before giving up
-                errors.append(f"{kind}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+                errors.append(f"{kind}: {first_line(exc)}")
         else:
             raise ExportError(
                 f"`{loaded.name}` could not be exported to ONNX ({'; '.join(errors)}).",

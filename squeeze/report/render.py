@@ -41,8 +41,9 @@ def info_view(s: ModelSummary, max_layers: int = 200) -> Group:
     parts = [head]
     if s.layers:
         t = Table(title="layers", show_lines=False)
-        for col in ("layer", "type", "output", "params", "MACs", "% MACs"):
-            t.add_column(col, justify="right" if col in ("params", "MACs", "% MACs") else "left")
+        t.add_column("layer", overflow="fold")
+        for col in ("type", "output", "params", "MACs", "% MACs"):
+            t.add_column(col, justify="left" if col == "type" else "right")
         for layer in s.layers[:max_layers]:
             share = f"{100 * layer.macs / s.macs:.1f}" if s.macs else "—"
             t.add_row(layer.name, layer.type, "x".join(map(str, layer.output_shape)), fmt_count(layer.params),

@@ -1,0 +1,37 @@
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from squeeze.cli.app import app
+
+
+def pytest_configure(config):
+    # One cache for the whole run (exports, trained zoo weights, measurements), never the user's.
+    if "SQUEEZE_TEST_KEEP_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["SQUEEZE_CACHE_DIR"] = tempfile.mkdtemp(prefix="squeeze-test-cache-")
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: `cli("info", "zoo:digits-cnn")` -> click Result (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fast():
+    """Protocol flags that keep CLI measurements short in tests."""
+    return ["--repeat", "5", "--warmup", "2", "--min-repeat-ms", "2"]

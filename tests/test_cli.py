@@ -1,0 +1,174 @@
+"""The command line, end to end in-process: outputs, exit codes, and every bad input's message."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import file_digest
+
+
+def test_version_and_help(cli):
+    assert cli("--version").stdout.startswith("squeeze ")
+    assert "bench" in cli("--help").stdout
+
+
+def test_info_json_numbers(cli):
+    r = cli("info", "zoo:digits-cnn", "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["params"] == 135_674 and d["macs"] == 5_936_384 and d["input_shape"] == [1, 1, 16, 16]
+    convs = [layer for layer in d["layers"] if layer["type"] == "Conv2d"]
+    assert len(convs) == 5 and sum(layer["macs"] for layer in d["layers"]) == d["macs"]
+
+
+def test_info_table(cli):
+    r = cli("info", "zoo:resnet18")
+    assert r.exit_code == 0 and "11.69M" in r.stdout and "1.81G" in r.stdout and "stem.0.0" in r.stdout
+
+
+def test_bench_two_models_json(cli, tmp_path, fast):
+    out = tmp_path / "bench.json"
+    r = cli("bench", "zoo:digits-cnn", "zoo:mobilenet_v2", *fast, "--json", out)
+    assert r.exit_code == 0, r.stderr
+    assert "speedup" in r.stdout and "interleaved" in r.stdout
+    d = json.loads(out.read_text())
+    a, b = d["models"]
+    assert a["speedup_vs_first"] is None and len(a["measurement"]["samples_ms"]) == 5
+    assert a["measurement"]["run_id"] == b["measurement"]["run_id"]  # one interleaved run
+    assert b["speedup_vs_first"]["ratio"] < 0.5  # MobileNetV2 at 224 is far slower than the 16x16 digits CNN
+    assert a["artifact"]["parity"]["passed"]
+
+
+def test_gate_cli_exit_codes(cli, tmp_path, fast):
+    ok = cli("bench", "testnets:conv_stack", "--input-shape", "1,3,24,24", "--against", "testnets:conv_stack", *fast)
+    assert ok.exit_code == 0 and "PASS" in ok.stdout
+    res = tmp_path / "gate.json"
+    slow = cli("bench", "zoo:densenet121", "--against", "zoo:mobilenet_v2", *fast, "--max-regression", "10%",
+               "--json", res)
+    assert slow.exit_code == 1 and "FAIL" in slow.stdout
+    d = json.loads(res.read_text())
+    assert d["verdict"] == "fail" and d["ratio"]["low"] > 1.10 and d["max_regression"] == pytest.approx(0.10)
+
+
+def test_gate_baseline_file(cli, tmp_path, fast):
+    base = tmp_path / "base.json"
+    assert cli("bench", "zoo:mobilenet_v2", *fast, "--json", base).exit_code == 0
+    r = cli("bench", "zoo:densenet121", "--baseline", base, *fast)
+    assert r.exit_code == 1 and "baseline" in r.stdout
+
+
+def test_run_recipe_writes_outputs(cli, tmp_path, fast):
+    out = tmp_path / "out"
+    r = cli("run", "bench-host", "zoo:digits-cnn", "--target", "host-cpu", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    rep = json.loads((out / "report.json").read_text())
+    assert [s["method"] for s in rep["stages"]] == ["export.onnx", "measure.latency"]
+    assert rep["measurements"]["latency"]["stats"]["median_ms"] > 0 and rep["artifact"]["parity"]["passed"]
+    assert rep["original"]["params"] == rep["final"]["params"] == 135_674
+
+
+def test_validate(cli, tmp_path):
+    assert cli("validate", "bench-host").exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  - method: prune.magic\n")
+    r = cli("validate", bad)
+    assert r.exit_code == 2 and "unknown method `prune.magic`" in r.stderr
+
+
+def test_lists_and_targets(cli):
+    assert "export.onnx" in cli("list", "methods").stdout
+    assert "zoo:resnet18" in cli("list", "models").stdout
+    assert "bench-host" in cli("list", "recipes").stdout
+    assert "onnxruntime" in cli("list", "runtimes").stdout
+    assert "host-cpu" in cli("targets", "list").stdout
+    shown = cli("targets", "show", "host-cpu")
+    assert shown.exit_code == 0 and "runtime: onnxruntime" in shown.stdout
+
+
+# --- bad inputs: one paragraph, non-zero exit, no traceback, input untouched, nothing half-written ----------
+
+def assert_clean_error(r, *needles, code=2):
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_untrusted_pickle_refused_via_cli(cli, tmp_path, monkeypatch):
+    import testnets
+
+    path = tmp_path / "model.pt"
+    torch.save(testnets.Booby(), path)
+    canary = tmp_path / "canary"
+    monkeypatch.setenv("SQUEEZE_TEST_CANARY", str(canary))
+    before = file_digest(path)
+    r = cli("info", path, "--input-shape", "1,4")
+    assert_clean_error(r, "pickled Python object", "--trust-model")
+    assert not canary.exists() and file_digest(path) == before
+    assert cli("info", path, "--input-shape", "1,4", "--trust-model").exit_code == 0 and canary.exists()
+
+
+def test_corrupt_model_file(cli, tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x00\x01 this is not a model")
+    assert_clean_error(cli("info", path), "not a readable PyTorch file", "corrupt")
+    assert path.read_bytes() == b"\x00\x01 this is not a model"
+
+
+def test_wrong_input_shape(cli):
+    assert_clean_error(cli("info", "zoo:digits-cnn", "--input-shape", "1,3,16,16"), "rejected an input of shape",
+                       "--input-shape")
+    assert_clean_error(cli("info", "zoo:digits-cnn", "--input-shape", "banana"), "is not a shape")
+
+
+def test_unknown_target(cli):
+    assert_clean_error(cli("bench", "zoo:digits-cnn", "--target", "arm-a99"), "Unknown target `arm-a99`",
+                       "host-cpu", "cuda")
+
+
+def test_unreachable_device(cli):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    assert_clean_error(cli("bench", "zoo:digits-cnn", "--target", "cuda"), "CUDAExecutionProvider", "onnxruntime-gpu")
+
+
+def test_invalid_recipe_writes_nothing(cli, tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nstages:\n  - method: measure.latency\n    options: {lable: 1}\n")
+    out = tmp_path / "out"
+    assert_clean_error(cli("run", bad, "zoo:digits-cnn", "--out", out), "r.yaml:4", "stages.0.options.lable")
+    assert not out.exists()
+
+
+def test_failed_run_leaves_no_half_outputs(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("run", "bench-host", "testnets:noisy", "--input-shape", "1,3,4,4", "--out", out, "--no-cache")
+    assert_clean_error(r, "differs from the torch model")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_out_is_a_file(cli, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    assert_clean_error(cli("run", "bench-host", "zoo:digits-cnn", "--out", f), "is an existing file")
+    assert f.read_text() == "mine"
+
+
+def test_gate_needs_exactly_one_new_model(cli):
+    assert_clean_error(cli("bench", "zoo:digits-cnn", "zoo:resnet18", "--against", "zoo:digits-cnn"),
+                       "exactly one NEW model")
+
+
+def test_bad_baseline_file(cli, tmp_path):
+    f = tmp_path / "b.json"
+    f.write_text("{}")
+    assert_clean_error(cli("bench", "zoo:digits-cnn", "--baseline", f), "not a result written by `squeeze bench --json`")
+
+
+def test_debug_shows_traceback(cli):
+    r = cli("--debug", "info", "zoo:nope")
+    assert r.exit_code != 0 and r.exception is not None and "nope" in str(r.exception)
