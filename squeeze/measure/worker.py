@@ -52,7 +52,9 @@ def _serve(conn, artifacts, target, protocol) -> None:
             if order is None:
                 return
             conn.send(("samples", {i: _sample(sessions[i], calls[i]) for i in order}))
-    except BaseException as exc:  # everything goes back to the parent, which raises it there
+    except (BrokenPipeError, EOFError):
+        return  # the parent is gone: nobody to report to
+    except BaseException as exc:  # everything else goes back to the parent, which raises it there
         payload = exc if isinstance(exc, SqueezeError) else WorkerError(
             f"The measurement on `{target.name}` failed: {type(exc).__name__}: {exc}.",
             "Check that the model runs on this runtime; re-run with --debug for details.\n" + traceback.format_exc(),
