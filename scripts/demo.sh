@@ -5,4 +5,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 python examples/train_digits.py --out out/digits-cnn.pt
 squeeze info out/digits-cnn.pt
-squeeze bench out/digits-cnn.pt zoo:resnet18 --target host-cpu --json out/bench.json
+squeeze bench out/digits-cnn.pt --target host-cpu --json out/bench.json

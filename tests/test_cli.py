@@ -172,3 +172,26 @@ def test_bad_baseline_file(cli, tmp_path):
 def test_debug_shows_traceback(cli):
     r = cli("--debug", "info", "zoo:nope")
     assert r.exit_code != 0 and r.exception is not None and "nope" in str(r.exception)
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "squeeze", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("squeeze ")
+
+
+def test_bench_an_onnx_file(cli, tmp_path, fast):
+    from squeeze.export.onnx import export_onnx
+    from squeeze.model import load_model
+
+    src = export_onnx(load_model("zoo:digits-cnn")).path
+    path = tmp_path / "digits.onnx"
+    path.write_bytes(src.read_bytes())
+    r = cli("bench", path, "zoo:digits-cnn", *fast, "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads((tmp_path / "b.json").read_text())
+    # The same network as a file and from the zoo: one artifact, so latencies agree closely.
+    assert d["models"][0]["artifact"]["exporter"] == "source" and d["models"][0]["macs"] is None
+    assert 0.7 < d["models"][1]["speedup_vs_first"]["ratio"] < 1.4

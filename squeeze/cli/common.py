@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import typer
 from rich.console import Console
 
@@ -38,7 +37,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors chosen by the command itself
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written.")
