@@ -81,3 +81,27 @@ def test_gate_against_stored_baseline():
 def test_gate_threshold_is_used():
     cfg = GateConfig(max_regression=5.0)  # 500% slower allowed: a ~3x slower model passes
     assert run_gate(_stack(12), _stack(4), HOST, FAST, cfg).verdict == "pass"
+
+
+def test_measuring_from_a_stdin_script_does_not_reimport_main():
+    """The worker is its own module: a caller's unguarded main script must not run again."""
+    import subprocess
+    import sys
+
+    code = (
+        "print('main ran')\n"
+        "from squeeze.measure.bench import measure\n"
+        "from squeeze.measure.protocol import Protocol\n"
+        "from squeeze.export.onnx import export_onnx\n"
+        "from squeeze.model import load_model\n"
+        "from squeeze.target import load_target\n"
+        "t = load_target('host-cpu')\n"
+        "a = export_onnx(load_model('testnets:conv_stack', input_shape=(1, 3, 8, 8)))\n"
+        "print(measure([a], t, Protocol.for_target(t, repeat=3, warmup=1, min_repeat_ms=1), use_cache=False)[0].stats.n)\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["main", "ran", "3"]

@@ -2,23 +2,46 @@
 
 Why a process: runtimes hold process-wide state that decides latency (ONNX Runtime's thread pools,
 TVM's device API), a crash in a runtime must not take the user's process down, and the worker imports
-no torch, so it starts in about a second.
+no torch, so it starts in about a second. It is started as `python -m squeeze.measure.worker` (not with
+multiprocessing's spawn, which would re-import the caller's main script) and speaks length-prefixed
+pickle frames over its stdin/stdout; both ends are squeeze's own code.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
 import traceback
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from squeeze.errors import SqueezeError
 
 __all__ = ["WorkerClient", "WorkerError"]
 
+_HEADER = struct.Struct("<Q")
+
 
 class WorkerError(SqueezeError):
     pass
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream: IO[bytes]) -> Any:
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(head)
+    return pickle.loads(stream.read(size))
 
 
 def _sample(session, calls: int) -> float:
@@ -36,7 +59,8 @@ def _calibrate(session, warmup: int, min_repeat_ms: float) -> int:
     return max(1, int(min_repeat_ms / max(one_ms, 1e-3)) + 1)
 
 
-def _serve(conn, artifacts, target, protocol) -> None:
+def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
+    artifacts, target, protocol = _recv(inp)
     try:
         from squeeze.measure.environment import environment
         from squeeze.measure.runtimes import get_runtime
@@ -46,12 +70,9 @@ def _serve(conn, artifacts, target, protocol) -> None:
         sessions = [runtime.open(a, target, protocol) for a in artifacts]
         calls = [_calibrate(s, protocol.warmup, protocol.min_repeat_ms) for s in sessions]
         env = environment(runtime.name, runtime.version(), runtime.providers(target), protocol.threads)
-        conn.send(("ready", {"calls": calls, "environment": env}))
-        while True:
-            order = conn.recv()
-            if order is None:
-                return
-            conn.send(("samples", {i: _sample(sessions[i], calls[i]) for i in order}))
+        _send(out, ("ready", {"calls": calls, "environment": env}))
+        while (order := _recv(inp)) is not None:
+            _send(out, ("samples", {i: _sample(sessions[i], calls[i]) for i in order}))
     except (BrokenPipeError, EOFError):
         return  # the parent is gone: nobody to report to
     except BaseException as exc:  # everything else goes back to the parent, which raises it there
@@ -59,26 +80,27 @@ def _serve(conn, artifacts, target, protocol) -> None:
             f"The measurement on `{target.name}` failed: {type(exc).__name__}: {exc}.",
             "Check that the model runs on this runtime; re-run with --debug for details.\n" + traceback.format_exc(),
         )
-        conn.send(("error", payload))
+        _send(out, ("error", payload))
 
 
 class WorkerClient:
     def __init__(self, artifacts, target, protocol) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, artifacts, target, protocol), daemon=True)
-        self._proc.start()
-        child.close()
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])  # importable even when squeeze is not installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._proc = subprocess.Popen([sys.executable, "-m", "squeeze.measure.worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env)
+        _send(self._proc.stdin, (artifacts, target, protocol))
         self.ready: dict[str, Any] = self._recv("ready")
 
     def _recv(self, kind: str) -> Any:
         try:
-            tag, payload = self._conn.recv()
+            tag, payload = _recv(self._proc.stdout)
         except EOFError:
-            self._proc.join(5)
+            code = self._proc.wait(10)
             raise WorkerError(
-                f"The measurement process died (exit code {self._proc.exitcode}) before reporting; the runtime "
-                "crashed or ran out of memory.",
+                f"The measurement process died (exit code {code}) before reporting; the runtime crashed or ran "
+                "out of memory.",
                 "Re-run with --debug; try fewer or smaller models.",
             ) from None
         if tag == "error":
@@ -88,16 +110,25 @@ class WorkerClient:
         return payload
 
     def sample(self, order: list[int]) -> dict[int, float]:
-        self._conn.send(order)
+        _send(self._proc.stdin, order)
         return self._recv("samples")
 
     def close(self) -> None:
-        if self._proc.is_alive():
+        if self._proc.poll() is None:
             try:
-                self._conn.send(None)
+                _send(self._proc.stdin, None)
             except (BrokenPipeError, OSError):
                 pass  # already gone
-            self._proc.join(10)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-        self._conn.close()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            stream.close()
+
+
+if __name__ == "__main__":
+    # Frames go to the real stdout; anything a library prints goes to stderr instead.
+    frames_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    _serve(sys.stdin.buffer, frames_out)
