@@ -1,0 +1,209 @@
+"""Per-target latency lookup tables (ProxylessNAS / NetAdapt style).
+
+A network's latency is predicted as the sum of its layers' latencies, each measured once per target as a
+small standalone model, plus a constant for everything else (pooling, adds, concatenations), calibrated by
+measuring the whole original model. Runtimes fuse conv+bn+relu(+add), so additivity is an assumption:
+`check` measures how wrong it is.
+
+Layers in the table: Conv2d, Linear, and BatchNorm2d that cannot be folded into a preceding conv
+(pre-activation nets such as DenseNet run those as separate kernels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from squeeze.export.onnx import export_onnx
+from squeeze.measure.bench import InterleavedRun
+from squeeze.measure.cache import MeasurementCache
+from squeeze.measure.oracle import LatencyOracle, MeasuredOracle
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.runtimes import get_runtime
+from squeeze.model import LoadedModel
+from squeeze.target import Target
+
+__all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle"]
+
+# Standalone layers are measured in batches, one worker process per batch.
+_BATCH = 24
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    op: str  # "conv2d" | "linear" | "bn2d"
+    c_in: int
+    c_out: int
+    h: int = 1  # input height / width (1 for linear)
+    w: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    groups: int = 1
+
+    @property
+    def key(self) -> str:
+        """Readable and stable: `conv2d_in64x56x56_out128_k3x3_s2x2_p1x1_g1`."""
+        if self.op == "linear":
+            return f"linear_in{self.c_in}_out{self.c_out}"
+        if self.op == "bn2d":
+            return f"bn2d_relu_in{self.c_in}x{self.h}x{self.w}"
+        k, s, p = (f"{a}x{b}" for a, b in (self.kernel, self.stride, self.padding))
+        return f"conv2d_in{self.c_in}x{self.h}x{self.w}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
+
+    def build(self) -> tuple[nn.Module, tuple[int, ...]]:
+        """The layer as a tiny model (conv + ReLU: ORT fuses the activation into the conv kernel)."""
+        torch.manual_seed(0)
+        if self.op == "linear":
+            return nn.Sequential(nn.Linear(self.c_in, self.c_out)).eval(), (1, self.c_in)
+        if self.op == "bn2d":
+            return nn.Sequential(nn.BatchNorm2d(self.c_in), nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+        conv = nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, groups=self.groups)
+        return nn.Sequential(conv, nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+
+
+@dataclass(frozen=True)
+class LutEntry:
+    key: str
+    count: int  # timed samples
+    mean_ms: float
+    var_ms: float
+    median_ms: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    total_ms: float
+    layers_ms: float
+    constant_ms: float
+    per_layer_ms: dict[str, float]
+
+
+def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerConfig]:
+    """Module name -> its layer configuration, found by running the model once with forward hooks."""
+    configs: dict[str, LayerConfig] = {}
+    # A BN reading a conv's output folds into that conv. Weak references, because a freed tensor's id is
+    # reused by later tensors.
+    conv_outputs: dict[int, weakref.ref] = {}
+
+    def hook(name: str):
+        def fn(m: nn.Module, inputs, output) -> None:
+            x = inputs[0]
+            if isinstance(m, nn.Conv2d):
+                conv_outputs[id(output)] = weakref.ref(output)
+                configs[name] = LayerConfig("conv2d", m.in_channels, m.out_channels, x.shape[2], x.shape[3],
+                                            tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), m.groups)
+            elif isinstance(m, nn.Linear):
+                configs[name] = LayerConfig("linear", m.in_features, m.out_features)
+            elif isinstance(m, nn.BatchNorm2d) and ((ref := conv_outputs.get(id(x))) is None or ref() is not x):
+                configs[name] = LayerConfig("bn2d", m.num_features, m.num_features, x.shape[2], x.shape[3])
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    try:
+        with torch.no_grad():
+            module.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return configs
+
+
+class LatencyTable:
+    """Layer latencies for one target + protocol, stored in the measurement SQLite file; measured on demand."""
+
+    def __init__(self, target: Target, protocol: Protocol | None = None) -> None:
+        self.target = target
+        self.protocol = protocol or Protocol.for_target(target, repeat=10, warmup=3, min_repeat_ms=5)
+        runtime = get_runtime(target)
+        scope = json.dumps([target.model_dump(mode="json"), runtime.version(), self.protocol.model_dump()])
+        self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
+        self.path = MeasurementCache().path
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS lut (scope TEXT, key TEXT, count INTEGER, mean_ms REAL, "
+                       "var_ms REAL, median_ms REAL, created REAL, PRIMARY KEY (scope, key))")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def stored(self, keys: list[str]) -> dict[str, LutEntry]:
+        with self._connect() as db:
+            rows = db.execute(f"SELECT key, count, mean_ms, var_ms, median_ms FROM lut WHERE scope = ? AND key IN "
+                              f"({','.join('?' * len(keys))})", (self.scope, *keys)).fetchall()
+        return {r[0]: LutEntry(*r) for r in rows}
+
+    def measure(self, configs: list[LayerConfig], progress=None) -> list[LutEntry]:
+        """Measure the given layers (in batches, interleaved within a batch) and store them."""
+        entries = []
+        for start in range(0, len(configs), _BATCH):
+            batch = configs[start:start + _BATCH]
+            artifacts = []
+            for cfg in batch:
+                module, shape = cfg.build()
+                artifacts.append(export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript"))
+            with InterleavedRun(artifacts, self.target, self.protocol) as run:
+                for _ in range(self.protocol.repeat):
+                    run.round()
+            for cfg, m in zip(batch, run.measurements()):
+                s = m.stats
+                entries.append(LutEntry(cfg.key, s.n, s.mean_ms, (s.cv * s.mean_ms) ** 2, s.median_ms))
+            if progress:
+                progress(len(batch))
+        with self._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO lut VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(self.scope, e.key, e.count, e.mean_ms, e.var_ms, e.median_ms, time.time()) for e in entries])
+        return entries
+
+    def entries(self, configs: list[LayerConfig], progress=None) -> dict[str, LutEntry]:
+        """Entries for all configs, measuring only the ones not stored yet."""
+        unique = {c.key: c for c in configs}
+        have = self.stored(list(unique))
+        missing = [c for k, c in unique.items() if k not in have]
+        if missing:
+            have.update({e.key: e for e in self.measure(missing, progress)})
+        return have
+
+    def layers_ms(self, module: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
+        configs = layer_configs(module, example_input)
+        table = self.entries(list(configs.values()))
+        return {name: table[c.key].median_ms for name, c in configs.items()}
+
+    def to_json(self, keys: list[str]) -> list[dict]:
+        return [asdict(e) for e in self.stored(keys).values()]
+
+
+class TableOracle(LatencyOracle):
+    """Latency = sum of table entries + a constant calibrated on a measured reference model.
+
+    `recalibrate(model)` re-measures a model end to end and re-fits the constant to it, so a search can
+    correct the table's drift every few steps.
+    """
+
+    def __init__(self, table: LatencyTable, reference: LoadedModel, measured: MeasuredOracle | None = None) -> None:
+        self.target = table.target
+        self.table = table
+        self.measured = measured or MeasuredOracle(table.target)
+        self.constant_ms = 0.0
+        self.recalibrate(reference)
+
+    def recalibrate(self, model: LoadedModel) -> float:
+        measured_ms = self.measured.latency_ms(model)
+        self.constant_ms = measured_ms - sum(self.table.layers_ms(model.module, model.example_input()).values())
+        return measured_ms
+
+    def predict(self, model: LoadedModel) -> Prediction:
+        per_layer = self.table.layers_ms(model.module, model.example_input())
+        layers = sum(per_layer.values())
+        return Prediction(layers + self.constant_ms, layers, self.constant_ms, per_layer)
+
+    def latency_ms(self, model: LoadedModel) -> float:
+        return self.predict(model).total_ms

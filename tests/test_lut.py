@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
+from squeeze.measure.protocol import Protocol
+from squeeze.model import load_model
+from squeeze.target import load_target
+
+HOST = load_target("host-cpu")
+FAST = Protocol.for_target(HOST, repeat=5, warmup=2, min_repeat_ms=2)
+
+
+def test_layer_keys_are_stable_and_readable():
+    cfg = LayerConfig("conv2d", 64, 128, 56, 56, (3, 3), (2, 2), (1, 1), 1)
+    assert cfg.key == "conv2d_in64x56x56_out128_k3x3_s2x2_p1x1_g1"
+    assert LayerConfig("linear", 512, 1000).key == "linear_in512_out1000"
+    assert LayerConfig("bn2d", 96, 96, 28, 28).key == "bn2d_relu_in96x28x28"
+
+
+def test_layer_configs_of_digits_cnn():
+    m = load_model("zoo:digits-cnn")
+    cfgs = layer_configs(m.module, m.example_input())
+    assert [c.op for c in cfgs.values()] == ["conv2d"] * 5 + ["linear"]  # BN after a conv folds: not listed
+    assert cfgs["conv3.0"].key == "conv2d_in32x8x8_out64_k3x3_s1x1_p1x1_g1"
+
+
+def test_preactivation_bn_is_its_own_layer():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    cfgs = layer_configs(net, torch.zeros(1, 3, 10, 10))
+    assert [n for n, c in cfgs.items() if c.op == "bn2d"] == ["3"]  # "1" reads the conv output and folds
+
+
+def test_built_layer_matches_config():
+    cfg = LayerConfig("conv2d", 16, 16, 12, 12, (3, 3), (1, 1), (1, 1), 16)
+    module, shape = cfg.build()
+    (again,) = layer_configs(module, torch.zeros(shape)).values()
+    assert again == cfg
+
+
+def test_table_measures_once_and_reuses(monkeypatch):
+    table = LatencyTable(HOST, FAST)
+    cfgs = [LayerConfig("conv2d", 8, c, 8, 8, (3, 3), (1, 1), (1, 1), 1) for c in (8, 16)]
+    first = table.entries(cfgs)
+    assert set(first) == {c.key for c in cfgs} and all(e.count == 5 and e.median_ms > 0 for e in first.values())
+    monkeypatch.setattr(LatencyTable, "measure", lambda *a, **k: pytest.fail("re-measured a stored entry"))
+    assert LatencyTable(HOST, FAST).entries(cfgs) == first
+
+
+def test_table_orders_layer_costs():
+    table = LatencyTable(HOST, FAST)
+    small, big = (LayerConfig("conv2d", 16, c, 32, 32, (3, 3), (1, 1), (1, 1), 1) for c in (16, 256))
+    e = table.entries([small, big])
+    assert e[big.key].median_ms > 3 * e[small.key].median_ms
+
+
+def test_table_oracle_calibrates_on_reference():
+    ref = load_model("zoo:digits-cnn")
+    oracle = TableOracle(LatencyTable(HOST, FAST), ref)
+    measured = oracle.measured.latency_ms(ref)  # cached: the same measurement the constant was fitted to
+    p = oracle.predict(ref)
+    assert p.total_ms == pytest.approx(measured) and p.constant_ms == pytest.approx(measured - p.layers_ms)
+    assert set(p.per_layer_ms) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0", "fc"}
