@@ -16,9 +16,10 @@ from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, 
 from squeeze.measure.oracle import MeasuredOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
-from squeeze.model import LoadedModel, load_model
+from squeeze.model import LoadedModel, checkpoint_bytes, load_model
 from squeeze.outputs import check_out_dir, write_outputs
 from squeeze.passes import ModelState, PassContext, get_pass
+from squeeze.passes.builtin import ensure_artifact
 from squeeze.recipe import Recipe, load_recipe
 from squeeze.summary import ModelSummary, summarize
 from squeeze.target import Target, load_target
@@ -113,37 +114,75 @@ def gate(new_spec: str, target: Target, opts: ModelOptions, protocol: Protocol, 
     return run_gate(new, old, target, protocol, cfg)
 
 
-def run_recipe(recipe_ref: str, model_spec: str, out_dir: Path, opts: ModelOptions, *, target_name: str | None = None,
-               use_cache: bool = True) -> dict[str, Any]:
-    """Validate the recipe, load the model, run its stages, then write model.onnx + report.json to out_dir."""
-    recipe: Recipe = load_recipe(recipe_ref)
+def _compare(original: OnnxArtifact, final: OnnxArtifact, target: Target, protocol: Protocol,
+             use_cache: bool) -> dict[str, Any]:
+    """Original and final measured interleaved in one run: latencies and the speedup with its interval."""
+    if original.sha256 == final.sha256:
+        (m,) = measure([final], target, protocol, use_cache=use_cache)
+        return {"original": m.to_json(), "final": m.to_json(), "speedup": None}
+    m_orig, m_final = measure([original, final], target, protocol, use_cache=use_cache)
+    return {"original": m_orig.to_json(), "final": m_final.to_json(), "speedup": _speedup(m_orig, m_final).to_json()}
+
+
+def _accuracy(original: OnnxArtifact, final: OnnxArtifact, data) -> dict[str, Any] | None:
+    """Top-1 of the exported ONNX files themselves (what ships), on the test split (val if none)."""
+    if data is None:
+        return None
+    from squeeze.train import evaluate_onnx
+
+    split, ds = ("test", data.test) if data.test is not None else ("val", data.val)
+    before, after = evaluate_onnx(original, ds), evaluate_onnx(final, ds)
+    return {"split": split, "n": after.n, "original_top1": before.top1, "final_top1": after.top1,
+            "delta_pt": 100 * (after.top1 - before.top1)}
+
+
+def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: ModelOptions, *,
+               target_name: str | None = None, data_spec: str | None = None, use_cache: bool = True) -> dict[str, Any]:
+    """Validate the recipe, load model and data, run the stages, compare with the original, write outputs.
+
+    Writes model.onnx and report.json (and model.pt, a squeeze checkpoint, when a stage changed the
+    architecture) to out_dir, all or nothing.
+    """
+    recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     target = load_target(target_name or recipe.target or "host-cpu")
     check_out_dir(out_dir)
     get_runtime_check(target)
     protocol = Protocol.for_target(target, **recipe.measure.model_dump())
+    model = opts.load(model_spec)
+    data = None
+    if data_spec or recipe.data:
+        from squeeze.data import load_data
+
+        data = load_data(data_spec or recipe.data, input_shape=model.input_shape)
     ctx = PassContext(target, MeasuredOracle(target, protocol, use_cache), protocol, recipe.export, recipe.budget,
-                      use_cache=use_cache)
-    state = ModelState(opts.load(model_spec))
-    original = summarize(state.model)
+                      data=data, use_cache=use_cache)
+    state = ModelState(model)
+    original_artifact = export_onnx(model, exporter=recipe.export.exporter, atol=recipe.export.atol,
+                                    rtol=recipe.export.rtol, use_cache=use_cache)
     stages = []
     for stage in recipe.stages:
         t0 = time.perf_counter()
-        pass_ = get_pass(stage.method)(stage.typed_options())
-        state, record = pass_.run(state, ctx)
+        state, record = get_pass(stage.method)(stage.typed_options()).run(state, ctx)
         stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record})
-    if state.artifact is None:
-        state, _ = get_pass("export.onnx")(get_pass("export.onnx").Options()).run(state, ctx)
+    state = ensure_artifact(state, ctx)
+    original, final = summarize(model), summarize(state.model)
     report = {
         "recipe": recipe.name,
         "model": model_spec,
         "target": target.name,
+        "data": data.to_json() if data else None,
         "original": original.to_json(),
-        "final": summarize(state.model).to_json(),
-        "artifact": state.artifact.to_json(),
+        "final": final.to_json(),
+        "artifact": {**state.artifact.to_json(), "path": str(Path(out_dir) / "model.onnx")},
+        "latency": _compare(original_artifact, state.artifact, target, protocol, use_cache),
+        "accuracy": _accuracy(original_artifact, state.artifact, data),
         "measurements": {k: m.to_json() for k, m in state.measurements.items()},
         "stages": stages,
     }
-    report["artifact"]["path"] = str(Path(out_dir) / "model.onnx")
-    files = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
+    if original.macs and final.macs:
+        report["macs_reduction"] = original.macs / final.macs
+    files: dict[str, bytes | Path] = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
+    if state.model.plans:
+        files["model.pt"] = checkpoint_bytes(state.model)
     report["written"] = [str(p) for p in write_outputs(out_dir, files)]
     return report

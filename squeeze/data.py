@@ -1,16 +1,211 @@
-"""Built-in data: scikit-learn's 8x8 handwritten digits, upscaled, normalized and split once."""
+"""Datasets for calibration, fine-tuning and evaluation, resolved from one `--data` spec.
+
+Accepted specs (see `load_data`):
+  digits                   scikit-learn's 8x8 handwritten digits, resized to the model's HxW (16x16 by
+                           default), in a fixed stratified 60/20/20 train/val/test split
+  path/to/folder           class sub-folders of images, either split already
+                           (`root/train/<class>/*.png`, `root/val/<class>/...`, optional `root/test/`)
+                           or not (`root/<class>/...`, split 80/20 per class with a fixed seed)
+  package.module:function  a function returning (train, val[, test]) datasets, or a dict with those keys
+
+Images become (C, H, W) float32 tensors at the model's input size and channel count (grey <-> RGB as
+needed), then `(x - mean) / std` per channel on [0, 1] pixels. mean/std default to the statistics of a
+sample of the train split; "imagenet" takes ImageNet's constants. PNG is read without extra packages;
+other formats (JPEG, ...) need Pillow.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DigitsSplits", "digits_splits"]
+from squeeze.errors import DataError, first_line
+
+__all__ = [
+    "DigitsSplits",
+    "digits_splits",
+    "DataBundle",
+    "Normalization",
+    "load_data",
+    "ImageFolderDataset",
+    "read_image",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R BT.601 luma: how an RGB image (and RGB statistics) become one grey channel.
+_LUMA = (0.299, 0.587, 0.114)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# "auto": statistics of a train sample; "imagenet": ImageNet's constants; "none": raw [0, 1] pixels;
+# or explicit (mean, std), each one number or one per channel. None: the source's default (see load_data).
+Normalization = str | tuple[float | Sequence[float], float | Sequence[float]] | None
+
+_SPEC_FORMS = (
+    "`digits` (the built-in digits), a folder of class sub-folders of images (`root/train/<class>/*.png` "
+    "with `root/val/<class>/...`, or `root/<class>/...`), or `package.module:function` returning "
+    "(train, val) datasets"
+)
+_STATS_SAMPLE = 256  # images read to estimate mean/std of a train split
+_FOLDER_VAL_FRACTION = 0.2
+_DEFAULT_CACHE_BYTES = 256 << 20  # decoded images kept in memory per folder dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# What every spec resolves to.
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Datasets ready for a model: each sample is ((C, H, W) float32, int label)."""
+
+    spec: str
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    num_classes: int
+    input_shape: tuple[int, int, int, int]  # (1, C, H, W): one sample with a batch axis
+    mean: tuple[float, ...] | None  # per channel, of [0, 1] pixels; None: used as the source returned them
+    std: tuple[float, ...] | None
+    classes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "train_size": len(self.train),
+            "val_size": len(self.val),
+            "test_size": None if self.test is None else len(self.test),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+
+def load_data(
+    spec: str,
+    *,
+    input_shape: Sequence[int] | None = None,
+    normalization: Normalization = None,
+    seed: int = 0,
+) -> DataBundle:
+    """Resolve a `--data` spec (see the module docstring) for a model taking `input_shape` (N, C, H, W).
+
+    Without `input_shape`, digits are 1x16x16 and folder images keep the first image's size and
+    channels. `normalization=None` means: train statistics for digits and folders, none for
+    `module:function` datasets (used as returned). `seed` fixes the digits and single-folder splits.
+    `digits` always means the built-in set; write `./digits` for a folder of that name. A data function
+    is called without arguments.
+    """
+    chw = _sample_shape(input_shape)
+    if spec == "digits":
+        return _load_digits(spec, chw, normalization, seed)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(spec, path, chw, normalization, seed)
+    if path.exists():
+        raise DataError(f"--data `{spec}` is a file; a folder data set is a directory of class sub-folders.",
+                        f"Accepted forms: {_SPEC_FORMS}.")
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+        return _load_module(spec, chw, normalization)
+    if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
+        raise DataError(f"No folder at `{spec}` (--data).", f"Check the path. Accepted forms: {_SPEC_FORMS}.")
+    raise DataError(f"Unknown --data `{spec}`.", f"Accepted forms: {_SPEC_FORMS}.")
+
+
+def _sample_shape(input_shape: Sequence[int] | None) -> tuple[int, int, int] | None:
+    """(N, C, H, W) or (C, H, W) -> (C, H, W)."""
+    if input_shape is None:
+        return None
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3 or any(d <= 0 for d in shape):
+        raise DataError(
+            f"Image data needs a model input shape (N, C, H, W); got {tuple(input_shape)}.",
+            "Pass --input-shape batch first, e.g. --input-shape 1,3,224,224.",
+        )
+    return shape  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalization.
+
+
+def _resolve_normalization(
+    normalization: Normalization, channels: int, train_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """-> per-channel (mean, std) of [0, 1] pixels; `train_stats` is only called for "auto"."""
+    if isinstance(normalization, str):
+        choice = normalization.lower()
+        if choice == "auto":
+            mean, std = train_stats()
+            # A constant channel has std 0: leave it unscaled rather than divide by zero.
+            std = torch.where(std > 1e-12, std, torch.ones_like(std))
+            return tuple(mean.tolist()), tuple(std.tolist())
+        if choice == "imagenet":
+            if channels == 3:
+                return IMAGENET_MEAN, IMAGENET_STD
+            # A grey image is the luma of an RGB one, so its statistics are luma-weighted too.
+            grey_mean = sum(w * v for w, v in zip(_LUMA, IMAGENET_MEAN))
+            grey_std = sum(w * v for w, v in zip(_LUMA, IMAGENET_STD))
+            return (grey_mean,) * channels, (grey_std,) * channels
+        if choice == "none":
+            return (0.0,) * channels, (1.0,) * channels
+        raise DataError(
+            f"Unknown normalization `{normalization}`.",
+            "Use auto (train statistics), imagenet, none, or explicit (mean, std) values.",
+        )
+    try:
+        mean, std = (_per_channel(values, channels) for values in normalization)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"Normalization {normalization!r} is not (mean, std) with one value or {channels} per channel.",
+            "Give e.g. (0.5, 0.25) or ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).",
+        ) from exc
+    if any(s <= 0 for s in std):
+        raise DataError(f"Normalization std {std} must be positive.")
+    return mean, std
+
+
+def _per_channel(values: float | Sequence[float], channels: int) -> tuple[float, ...]:
+    values = (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise ValueError(f"{len(values)} values for {channels} channels")
+    return values
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) -> per-channel mean and (unbiased) std, each (C,)."""
+    per_channel = images.transpose(0, 1).reshape(images.shape[1], -1)
+    return per_channel.mean(dim=1), per_channel.std(dim=1)
+
+
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(..., C, H, W) -> (x - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype).view(-1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in digits.
 
 _TEST_FRACTION = 0.2
 # Of the remaining 80 %, a quarter is 20 % of the whole: train/val/test = 60/20/20.
@@ -30,44 +225,394 @@ class DigitsSplits:
     std: float
 
 
-@functools.lru_cache(maxsize=None)
-def digits_splits(image_size: int = 16, seed: int = 0) -> DigitsSplits:
-    """The 1797 digits as `image_size` x `image_size` images in a stratified 60/20/20 split.
-
-    Cached in-process: callers share the same tensors and must not modify them in place.
-    """
+@functools.cache
+def _digits_pixels(height: int, width: int, seed: int):
+    """-> images (N, 1, H, W) in [0, 1], labels (N,), and the (train, val, test) index arrays."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     # (N, 8, 8) with integer intensities 0..16 -> (N, 1, 8, 8) in [0, 1].
     pixels = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
     labels = torch.from_numpy(digits.target.astype(np.int64))
 
     indices = np.arange(len(labels))
-    rest, test = train_test_split(
-        indices, test_size=_TEST_FRACTION, stratify=digits.target, random_state=seed
-    )
+    rest, test = train_test_split(indices, test_size=_TEST_FRACTION, stratify=digits.target, random_state=seed)
     train, val = train_test_split(
         rest, test_size=_VAL_FRACTION_OF_REST, stratify=digits.target[rest], random_state=seed
     )
+    return images, labels, (torch.from_numpy(train), torch.from_numpy(val), torch.from_numpy(test))
 
-    # Statistics of the train split only, so val/test stay unseen.
-    train_images = images[torch.from_numpy(train)]
-    mean = float(train_images.mean())
-    std = float(train_images.std())
 
-    def subset(idx: np.ndarray) -> TensorDataset:
-        rows = torch.from_numpy(idx)
-        return TensorDataset((images[rows] - mean) / std, labels[rows])
+@functools.cache
+def digits_splits(image_size: int = 16, seed: int = 0) -> DigitsSplits:
+    """The 1797 digits as `image_size` x `image_size` images in a stratified 60/20/20 split.
 
+    Normalized with the train split's statistics, so val/test stay unseen. Cached in-process: callers
+    share the same tensors and must not modify them in place.
+    """
+    bundle = _load_digits("digits", (1, image_size, image_size), None, seed)
     return DigitsSplits(
-        train=subset(train),
-        val=subset(val),
-        test=subset(test),
-        num_classes=int(labels.max()) + 1,
-        input_shape=(1, 1, image_size, image_size),
-        mean=mean,
-        std=std,
+        train=bundle.train,
+        val=bundle.val,
+        test=bundle.test,
+        num_classes=bundle.num_classes,
+        input_shape=bundle.input_shape,
+        mean=bundle.mean[0],
+        std=bundle.std[0],
     )
+
+
+def _load_digits(
+    spec: str, chw: tuple[int, int, int] | None, normalization: Normalization, seed: int
+) -> DataBundle:
+    channels, height, width = chw or (1, 16, 16)
+    if channels not in (1, 3):
+        raise DataError(
+            f"The digits are grey images, fed as (1, {height}, {width}) or, repeated, as (3, {height}, "
+            f"{width}); the model takes ({channels}, {height}, {width}) per sample.",
+            "Use a model with 1 or 3 input channels, or a data set that fits it.",
+        )
+    images, labels, split_rows = _digits_pixels(height, width, seed)
+    if channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    train_rows = split_rows[0]
+    mean, std = _resolve_normalization(
+        normalization or "auto", channels, lambda: _channel_stats(images[train_rows])
+    )
+    train, val, test = (
+        TensorDataset(_normalize(images[rows], mean, std), labels[rows]) for rows in split_rows
+    )
+    return DataBundle(
+        spec=spec, train=train, val=val, test=test, num_classes=int(labels.max()) + 1,
+        input_shape=(1, channels, height, width), mean=mean, std=std, classes=tuple(str(d) for d in range(10)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders of class sub-folders.
+
+
+class ImageFolderDataset(Dataset):
+    """Images decoded on access, converted to (C, H, W) [0, 1] pixels, then normalized per channel.
+
+    Decoded pixels are kept in memory up to `cache_bytes`, so later epochs skip decoding.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        classes: Sequence[str],
+        chw: tuple[int, int, int],
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        cache_bytes: int = _DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.samples = list(samples)
+        self.classes = tuple(classes)
+        self.chw = tuple(chw)
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_free = cache_bytes
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The image at `index` as (C, H, W) float32 in [0, 1], before normalization."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        image = _fit_image(read_image(self.samples[index][0]), self.chw)
+        size = image.numel() * image.element_size()
+        if size <= self._cache_free:
+            self._cache[index] = image
+            self._cache_free -= size
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.pixels(index)
+        if self.mean is not None:
+            image = _normalize(image, self.mean, self.std)
+        return image, self.samples[index][1]
+
+
+def _fit_image(image: torch.Tensor, chw: tuple[int, int, int]) -> torch.Tensor:
+    """(c, h, w) with c in {1, 3} -> (C, H, W): grey <-> RGB, then bilinear resize (antialiased)."""
+    channels, height, width = chw
+    if image.shape[0] != channels:
+        if channels == 3:
+            image = image.expand(3, -1, -1)
+        else:
+            image = (torch.tensor(_LUMA).view(3, 1, 1) * image).sum(dim=0, keepdim=True)
+    if tuple(image.shape[1:]) != (height, width):
+        image = F.interpolate(
+            image[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+    return image.contiguous()
+
+
+def _load_folder(
+    spec: str, root: Path, chw: tuple[int, int, int] | None, normalization: Normalization, seed: int
+) -> DataBundle:
+    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+    if has_train != has_val:
+        present, missing = ("train", "val") if has_train else ("val", "train")
+        raise DataError(
+            f"{root} has a `{present}/` folder but no `{missing}/` folder.",
+            f"Add `{root / missing}/<class>/...`, or put the class folders directly in {root} to have "
+            "them split into train/val.",
+        )
+    if has_train:
+        train_files = _scan_classes(root / "train")
+        classes = sorted(train_files)
+        val_files = _scan_classes(root / "val")
+        test_files = _scan_classes(root / "test") if (root / "test").is_dir() else None
+        for name, split in (("val", val_files), ("test", test_files)):
+            unknown = sorted(set(split or ()) - set(classes))
+            if unknown:
+                raise DataError(
+                    f"{root / name} has classes that {root / 'train'} lacks: {', '.join(unknown)}.",
+                    "Every class folder of val/ and test/ needs a train/ folder of the same name.",
+                )
+    else:
+        train_files, val_files = _split_classes(root, _scan_classes(root), seed)
+        classes = sorted(train_files)
+        test_files = None
+
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    def samples(files: dict[str, list[Path]]) -> list[tuple[Path, int]]:
+        return [(path, label_of[name]) for name in sorted(files) for path in files[name]]
+
+    train_samples, val_samples = samples(train_files), samples(val_files)
+    if chw is None:
+        first = read_image(train_samples[0][0])
+        chw = (first.shape[0], first.shape[1], first.shape[2])
+    if chw[0] not in (1, 3):
+        raise DataError(
+            f"Folder images are fed as grey (1 channel) or RGB (3 channels); the model takes {chw[0]} "
+            f"channels (sample shape {chw}).",
+            "Use a model with 1 or 3 input channels, or a `package.module:function` data set that fits it.",
+        )
+
+    train = ImageFolderDataset(train_samples, classes, chw)
+    val = ImageFolderDataset(val_samples, classes, chw)
+    test = ImageFolderDataset(samples(test_files), classes, chw) if test_files else None
+    mean, std = _resolve_normalization(normalization or "auto", chw[0], lambda: _folder_stats(train, seed))
+    for dataset in (train, val, test):
+        if dataset is not None:
+            dataset.mean, dataset.std = mean, std
+    return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=len(classes),
+                      input_shape=(1, *chw), mean=mean, std=std, classes=tuple(classes))
+
+
+def _scan_classes(folder: Path) -> dict[str, list[Path]]:
+    """{class name: sorted image paths} for the sub-folders of `folder` (hidden entries skipped)."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"{folder} has no class sub-folders.",
+            "Lay the images out as <folder>/<class name>/<image>.png, one sub-folder per class.",
+        )
+    files = {
+        d.name: sorted(
+            p for p in d.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        for d in class_dirs
+    }
+    empty = [name for name, paths in files.items() if not paths]
+    if empty:
+        raise DataError(
+            f"{len(empty)} class folder(s) in {folder} hold no images: {', '.join(empty)}.",
+            f"Add images ({', '.join(IMAGE_SUFFIXES)}) or remove the empty folders.",
+        )
+    return files
+
+
+def _split_classes(
+    root: Path, files: dict[str, list[Path]], seed: int
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Per class, a seeded shuffle puts ~20 % (at least one image) in val: stratified and reproducible."""
+    rng = np.random.default_rng(seed)
+    train: dict[str, list[Path]] = {}
+    val: dict[str, list[Path]] = {}
+    for name in sorted(files):
+        paths = files[name]
+        if len(paths) < 2:
+            raise DataError(
+                f"Class `{name}` in {root} has {len(paths)} image; splitting off a validation set needs "
+                "at least 2 per class.",
+                f"Add images, or provide the split as {root}/train/<class>/ and {root}/val/<class>/.",
+            )
+        order = rng.permutation(len(paths))
+        n_val = min(len(paths) - 1, max(1, round(len(paths) * _FOLDER_VAL_FRACTION)))
+        val[name] = sorted(paths[i] for i in order[:n_val])
+        train[name] = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def _folder_stats(train: ImageFolderDataset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.permutation(len(train))[:_STATS_SAMPLE].tolist())
+    return _channel_stats(torch.stack([train.pixels(i) for i in picks]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `package.module:function`.
+
+
+def _load_module(spec: str, chw: tuple[int, int, int] | None, normalization: Normalization) -> DataBundle:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(
+            f"Cannot import the data function `{spec}`: {first_line(exc)}.",
+            "Check the `package.module:function` name and that the package is importable (on PYTHONPATH). "
+            f"Accepted forms: {_SPEC_FORMS}.",
+        ) from exc
+    try:
+        returned = function()
+    except Exception as exc:  # the user's code: any failure is reported as theirs, the trace kept for --debug
+        raise DataError(f"The data function `{spec}` raised {first_line(exc)}.",
+                        "Fix the function; --debug shows the full traceback.") from exc
+    splits, num_classes, classes = _unpack_returned(spec, returned)
+    train, val, test = splits
+
+    sample_shape = _check_samples(spec, splits, chw)
+    if num_classes is None:
+        labels = [label for ds in (train, val, test) if ds is not None for label in _labels_of(ds)]
+        num_classes = max(labels) + 1
+    if normalization is None:
+        mean = std = None
+    else:
+        channels = sample_shape[0]
+        mean, std = _resolve_normalization(normalization, channels, lambda: _dataset_stats(train))
+        train, val, test = (None if ds is None else _Normalized(ds, mean, std) for ds in (train, val, test))
+    return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=int(num_classes),
+                      input_shape=(1, *sample_shape), mean=mean, std=std, classes=classes)
+
+
+def _unpack_returned(spec: str, returned: Any):
+    """-> ((train, val, test or None), num_classes or None, class names)."""
+    num_classes = None
+    if isinstance(returned, dict):
+        missing = [key for key in ("train", "val") if key not in returned]
+        if missing:
+            raise DataError(f"The dict returned by `{spec}` lacks the key(s) {', '.join(missing)}.",
+                            "Return {'train': ..., 'val': ...} (optionally 'test' and 'num_classes').")
+        splits = (returned["train"], returned["val"], returned.get("test"))
+        num_classes = returned.get("num_classes")
+    elif isinstance(returned, (tuple, list)) and len(returned) in (2, 3):
+        splits = (returned[0], returned[1], returned[2] if len(returned) == 3 else None)
+    else:
+        raise DataError(
+            f"`{spec}` returned a {type(returned).__name__}; expected (train, val), (train, val, test) or "
+            "a dict with keys train and val.",
+            "Return torch Datasets yielding (image tensor (C, H, W), integer label).",
+        )
+    for name, ds in zip(("train", "val", "test"), splits):
+        if ds is None and name == "test":
+            continue
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise DataError(f"The {name} split from `{spec}` is a {type(ds).__name__}, not a dataset.",
+                            "Return map-style torch Datasets (with __len__ and __getitem__).")
+        if len(ds) == 0:
+            raise DataError(f"The {name} split from `{spec}` is empty.")
+    names = getattr(splits[0], "classes", None)
+    classes = tuple(str(c) for c in names) if isinstance(names, (list, tuple)) else ()
+    if num_classes is None and classes:
+        num_classes = len(classes)
+    return splits, num_classes, classes
+
+
+def _check_samples(spec: str, splits, chw: tuple[int, int, int] | None) -> tuple[int, ...]:
+    """Every split yields (tensor, label) of one shape, equal to the model's (C, H, W) when given."""
+    shapes = {}
+    for name, ds in zip(("train", "val", "test"), splits):
+        if ds is None:
+            continue
+        sample = ds[0]
+        if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)):
+            raise DataError(f"The {name} split from `{spec}` yields a {type(sample).__name__}, not (tensor, label).",
+                            "Each item must be (image tensor (C, H, W), integer label).")
+        shapes[name] = tuple(sample[0].shape)
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise DataError(f"The splits from `{spec}` yield samples of different shapes: {listed}.")
+    shape = shapes["train"]
+    if chw is not None and shape != tuple(chw):
+        raise DataError(
+            f"`{spec}` yields samples of shape {shape}, but the model takes {tuple(chw)} per sample "
+            f"(input shape {(1, *chw)}).",
+            "Make the data function return images at the model's channel count and size, or check --input-shape.",
+        )
+    if len(shape) != 3:
+        raise DataError(f"`{spec}` yields samples of shape {shape}; squeeze expects images (C, H, W).")
+    return shape
+
+
+def _labels_of(ds: Dataset) -> list[int]:
+    """Labels without reading images when the dataset exposes them; otherwise one pass over it."""
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        return [int(t) for t in targets]
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+        return ds.tensors[1].tolist()
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def _dataset_stats(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    picks = sorted(np.random.default_rng(0).permutation(len(ds))[:_STATS_SAMPLE].tolist())
+    return _channel_stats(torch.stack([ds[i][0].float() for i in picks]))
+
+
+class _Normalized(Dataset):
+    """A user's dataset with (x - mean) / std applied per channel."""
+
+    def __init__(self, base: Dataset, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.base, self.mean, self.std = base, tuple(mean), tuple(std)
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return _normalize(image.float(), self.mean, self.std), label
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading images (Pillow: PNG, JPEG and the other common formats).
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as (C, H, W) float32 in [0, 1]: C = 1 for grey images, 3 otherwise; alpha is dropped."""
+    array = _read_with_pillow(Path(path))  # (H, W, C)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _read_with_pillow(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16/32-bit grey
+                array = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+            elif image.mode in ("1", "L", "LA", "La"):
+                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable image ({first_line(exc)}).",
+                        "Remove or replace the file.") from exc
+    return array[:, :, None] if array.ndim == 2 else array

@@ -11,6 +11,7 @@ __all__ = [
     "RuntimeUnavailableError",
     "RecipeError",
     "ExportError",
+    "DataError",
     "first_line",
 ]
 
@@ -62,3 +63,7 @@ class RecipeError(SqueezeError):
 
 class ExportError(SqueezeError):
     pass
+
+
+class DataError(SqueezeError):
+    """A `--data` spec that cannot be resolved, or data that does not fit the model."""

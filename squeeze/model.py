@@ -34,6 +34,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "save_checkpoint",
+    "checkpoint_bytes",
     "parse_input_shape",
     "register_plan_kind",
     "module_fingerprint",
@@ -87,6 +88,8 @@ class LoadedModel:
 # Plans recorded in a checkpoint are replayed on the freshly built architecture before the state_dict
 # is loaded (a pruned model has other tensor shapes). Passes register the plan kinds they emit.
 _PLAN_APPLIERS: dict[str, Callable[[nn.Module, dict[str, Any], tuple[int, ...]], nn.Module]] = {}
+# Where each plan kind is registered, imported only when a checkpoint needs it (keeps loading light).
+_PLAN_MODULES = {"channels": "squeeze.prune"}
 
 
 def register_plan_kind(kind: str):
@@ -243,6 +246,8 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> LoadedModel:
     module = arch.build()
     plans = list(ckpt.get("plans", []))
     for plan in plans:
+        if plan.get("kind") not in _PLAN_APPLIERS and plan.get("kind") in _PLAN_MODULES:
+            importlib.import_module(_PLAN_MODULES[plan["kind"]])
         applier = _PLAN_APPLIERS.get(plan.get("kind"))
         if applier is None:
             raise ModelLoadError(
@@ -319,6 +324,10 @@ def _check_input_shape(loaded: LoadedModel, spec: str) -> None:
 
 def save_checkpoint(path: Path, loaded: LoadedModel) -> None:
     """Write a squeeze checkpoint atomically: re-loadable with weights_only=True, no pickled classes."""
+    atomic_write_bytes(Path(path), checkpoint_bytes(loaded))
+
+
+def checkpoint_bytes(loaded: LoadedModel) -> bytes:
     if loaded.arch is None or loaded.module is None:
         raise ModelLoadError(
             f"Cannot write a squeeze checkpoint for `{loaded.name}`: its architecture has no importable factory.",
@@ -335,4 +344,4 @@ def save_checkpoint(path: Path, loaded: LoadedModel) -> None:
     }
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return buf.getvalue()

@@ -80,6 +80,7 @@ class Recipe(_Strict):
     description: str = ""
     target: str | None = None
     budget: Budget | None = None
+    data: str | None = Field(None, description="data spec for stages that fine-tune or evaluate (--data overrides)")
     stages: list[Stage] = Field(min_length=1)
     export: ExportOptions = ExportOptions()
     measure: MeasureOverrides = MeasureOverrides()

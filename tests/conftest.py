@@ -9,6 +9,11 @@ from squeeze.cli.app import app
 
 
 def pytest_configure(config):
+    # Tests train and prune tiny models: one thread avoids oversubscribing the cores when the machine is
+    # busy (2 threads were 20x slower at load 5 on 2 cores). Latency is measured in worker processes.
+    import torch
+
+    torch.set_num_threads(1)
     # One cache for the whole run (exports, trained zoo weights, measurements), never the user's.
     if "SQUEEZE_TEST_KEEP_CACHE" not in os.environ:
         import tempfile

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
+from rich.logging import RichHandler
 
 from squeeze import __version__
-from squeeze.cli import bench, info, listing, run, targets
-from squeeze.cli.common import state
+from squeeze.cli import bench, info, listing, prune, run, targets
+from squeeze.cli.common import err, state
 
 app = typer.Typer(
     name="squeeze",
@@ -29,10 +32,16 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     state["debug"] = debug or state["debug"]
+    # Searches report progress through the "squeeze" loggers; show it on stderr (once per process).
+    logger = logging.getLogger("squeeze")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=err, show_path=False))
 
 
 app.command("info")(info.info)
 app.command("bench")(bench.bench)
+app.command("prune")(prune.prune)
 app.command("run")(run.run)
 app.command("validate")(run.validate)
 app.command("list")(listing.list_)

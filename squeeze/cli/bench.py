@@ -23,6 +23,7 @@ def bench(
     max_regression: str = typer.Option("5%", "--max-regression", help="Gate: allowed slowdown of NEW over OLD."),
     confidence: float = typer.Option(0.99, "--confidence", min=0.5, max=0.9999, help="Gate: confidence of the ratio interval."),
     max_time: float = typer.Option(60.0, "--max-time", min=1.0, help="Gate: seconds of sampling before an undecided gate passes as inconclusive."),
+    fail_on_inconclusive: bool = typer.Option(False, "--fail-on-inconclusive", help="Gate: exit 1 also when no verdict was reached (strict CI on a dedicated machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (with raw samples) to this file."),
     repeat: Optional[int] = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0),
@@ -62,5 +63,5 @@ def bench(
     out.print(gate_view(result))
     if json_out:
         write_json(json_out, result.to_json())
-    if result.failed:
+    if result.failed or (fail_on_inconclusive and result.verdict == "inconclusive"):
         raise typer.Exit(1)

@@ -18,6 +18,7 @@ def run(
     model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx and report.json (created)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Overrides the recipe's target."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data for stages that fine-tune or evaluate (overrides the recipe's)."),
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -27,7 +28,7 @@ def run(
     from squeeze.report.render import recipe_view
 
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, use_cache=not no_cache)
+    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, data_spec=data, use_cache=not no_cache)
     out.print(recipe_view(report))
 
 

@@ -5,7 +5,9 @@ interval of the paired median ratio NEW/OLD is computed. The gate passes as soon
 below 1 + threshold. Failing needs more evidence, because a burst of load from another process makes
 neighbouring pairs err together (the interval assumes they do not): at least `min_fail_rounds`, and both
 the whole run and its most recent half must lie above the threshold on their own. When the time budget
-runs out first, the gate passes as "inconclusive": a regression must be shown, not suspected.
+runs out first, the gate passes as "inconclusive": a regression must be shown, not suspected. On an
+overloaded machine (either model's robust CV above `max_noise`) no latency is trustworthy, so a FAIL
+becomes "inconclusive" with that reason.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GateConfig:
     check_every: int = 10
     max_rounds: int = 400
     max_time_s: float = 60.0
+    max_noise: float = 0.10  # robust CV above which a FAIL is not trusted
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class GateResult:
     new: Measurement
     old: Measurement
     mode: str
+    reason: str = ""
 
     @property
     def failed(self) -> bool:
@@ -58,6 +62,7 @@ class GateResult:
             "rounds": self.rounds,
             "elapsed_s": self.elapsed_s,
             "mode": self.mode,
+            "reason": self.reason,
             "new": self.new.to_json(),
             "old": self.old.to_json(),
         }
@@ -76,6 +81,14 @@ def _decide(old_ms: list[float], new_ms: list[float], cfg: GateConfig) -> tuple[
     return None, est
 
 
+def _noise_guard(verdict: Verdict, new: Measurement, old: Measurement, cfg: GateConfig) -> tuple[Verdict, str]:
+    noise = max(new.stats.robust_cv, old.stats.robust_cv)
+    if verdict == "fail" and noise > cfg.max_noise:
+        return "inconclusive", (f"the machine was too noisy to trust a FAIL (robust CV {100 * noise:.0f}% > "
+                                f"{100 * cfg.max_noise:.0f}%); re-run on a quiet machine")
+    return verdict, ""
+
+
 def run_gate(new: OnnxArtifact, old: OnnxArtifact, target, protocol: Protocol, cfg: GateConfig) -> GateResult:
     t0 = time.perf_counter()
     verdict: Verdict | None = None
@@ -88,7 +101,9 @@ def run_gate(new: OnnxArtifact, old: OnnxArtifact, target, protocol: Protocol, c
             if verdict is None and (rounds >= cfg.max_rounds or time.perf_counter() - t0 > cfg.max_time_s):
                 verdict = "inconclusive"
     old_m, new_m = run.measurements()
-    return GateResult(verdict, est, cfg.max_regression, rounds, time.perf_counter() - t0, new_m, old_m, "interleaved")
+    verdict, reason = _noise_guard(verdict, new_m, old_m, cfg)
+    return GateResult(verdict, est, cfg.max_regression, rounds, time.perf_counter() - t0, new_m, old_m, "interleaved",
+                      reason)
 
 
 def gate_against_baseline(new: OnnxArtifact, baseline: Measurement, target, protocol: Protocol,
@@ -102,5 +117,6 @@ def gate_against_baseline(new: OnnxArtifact, baseline: Measurement, target, prot
     est = unpaired_ratio(baseline.samples_ms, new_m.samples_ms, cfg.confidence)
     limit = 1.0 + cfg.max_regression
     verdict: Verdict = "fail" if est.low > limit else "pass" if est.high <= limit else "inconclusive"
+    verdict, reason = _noise_guard(verdict, new_m, baseline, cfg)
     return GateResult(verdict, est, cfg.max_regression, len(new_m.samples_ms), time.perf_counter() - t0, new_m,
-                      baseline, "baseline")
+                      baseline, "baseline", reason)

@@ -188,7 +188,7 @@ class TableOracle(LatencyOracle):
     correct the table's drift every few steps.
     """
 
-    def __init__(self, table: LatencyTable, reference: LoadedModel, measured: MeasuredOracle | None = None) -> None:
+    def __init__(self, table: LatencyTable, reference: LoadedModel, measured: LatencyOracle | None = None) -> None:
         self.target = table.target
         self.table = table
         self.measured = measured or MeasuredOracle(table.target)

@@ -12,10 +12,11 @@ from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.bench import Measurement, measure
 from squeeze.measure.protocol import Protocol
+from squeeze.measure.stats import paired_ratio
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LatencyOracle", "MeasuredOracle"]
+__all__ = ["LatencyOracle", "MeasuredOracle", "RelativeOracle"]
 
 
 class LatencyOracle(ABC):
@@ -38,3 +39,27 @@ class MeasuredOracle(LatencyOracle):
 
     def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
         return self.measurement(model).stats.median_ms
+
+
+class RelativeOracle(LatencyOracle):
+    """Latency as reference_ms x (model / reference), both measured interleaved in one run.
+
+    Absolute figures drift with machine load between runs; the ratio of two models timed back to back
+    does not. Searches that compare candidates against a budget set relative to the original use this.
+    """
+
+    def __init__(self, reference: LoadedModel, target: Target, protocol: Protocol | None = None,
+                 exporter: str = "torchscript") -> None:
+        self.target = target
+        self.protocol = protocol or Protocol.for_target(target)
+        self.exporter = exporter  # the faster exporter: candidates only need the same graph, not the shipped file
+        self.reference = export_onnx(reference, exporter=exporter)
+        (m,) = measure([self.reference], target, self.protocol, use_cache=False)
+        self.reference_ms = m.stats.median_ms
+
+    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
+        artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, exporter=self.exporter)
+        if artifact.sha256 == self.reference.sha256:
+            return self.reference_ms
+        ref, new = measure([self.reference, artifact], self.target, self.protocol, use_cache=False)
+        return self.reference_ms * paired_ratio(ref.samples_ms, new.samples_ms).ratio

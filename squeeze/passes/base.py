@@ -46,6 +46,7 @@ class PassContext:
     protocol: Protocol
     export: ExportOptions
     budget: Budget | None = None
+    data: Any = None  # a squeeze.data.DataBundle, for passes that fine-tune or evaluate
     seed: int = 0
     use_cache: bool = True
 

@@ -95,6 +95,8 @@ def gate_view(g: GateResult) -> Panel:
              f"OLD {g.old.stats.median_ms:.3f} ms   rounds {g.rounds}, {g.elapsed_s:.1f} s, mode {g.mode}"),
         Text(protocol_line(g.new), style="dim"),
     ]
+    if g.reason:
+        lines.append(Text(f"note: {g.reason}", style="yellow"))
     verdicts = {
         "pass": "PASS: no regression beyond the threshold.",
         "fail": "FAIL: NEW is slower than allowed, with confidence.",
@@ -103,28 +105,64 @@ def gate_view(g: GateResult) -> Panel:
     return Panel(Group(*lines, *_noise_warnings([g.new, g.old])), title=verdicts[g.verdict], border_style=style)
 
 
+def _fmt_ms(m: dict | None) -> str:
+    return f"{m['stats']['median_ms']:.3f}" if m else "—"
+
+
 def recipe_view(report: dict) -> Group:
-    t = Table(title=f"recipe {report['recipe']} on {report['target']}")
-    for col in ("", "params", "MACs", "size"):
-        t.add_column(col, justify="right" if col else "left")
+    lat, acc = report["latency"], report.get("accuracy")
+    t = Table(title=f"{report['recipe']}: {report['model']} on {report['target']}")
+    t.add_column("")
+    for col in ("params", "MACs", "size", "latency ms (median)", f"top-1 ({acc['split']}, ONNX)" if acc else "top-1"):
+        t.add_column(col, justify="right")
     for key in ("original", "final"):
         s = report[key]
-        t.add_row(key, fmt_count(s["params"]), fmt_count(s["macs"]), fmt_bytes(s["size_bytes"]))
+        top1 = f"{100 * acc[key + '_top1']:.2f}%" if acc else "—"
+        t.add_row(key, fmt_count(s["params"]), fmt_count(s["macs"]), fmt_bytes(s["size_bytes"]), _fmt_ms(lat[key]), top1)
+    lines = []
+    if lat["speedup"]:
+        sp = lat["speedup"]
+        line = f"measured speedup {sp['ratio']:.3f}x [{sp['low']:.3f}, {sp['high']:.3f}] (95% CI, interleaved)"
+        if report.get("macs_reduction"):
+            line += (f"; MACs reduction {report['macs_reduction']:.3f}x; speedup / MACs reduction "
+                     f"{sp['ratio'] / report['macs_reduction']:.2f}")
+        lines.append(Text(line))
+    if acc:
+        lines.append(Text(f"accuracy change {acc['delta_pt']:+.2f} pt on {acc['n']} {acc['split']} images"))
     st = Table(title="stages")
     for col in ("method", "seconds", "result"):
-        st.add_column(col)
+        st.add_column(col, overflow="fold")
     for s in report["stages"]:
-        rec = s["record"]
-        if "median_ms" in rec:
-            result = f"{rec['label']}: median {rec['median_ms']:.3f} ms"
-        elif "parity" in rec:
-            p = rec["parity"]
-            result = f"{rec['exporter']} export, parity max abs err {p['max_abs_err']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
-        else:
-            result = ", ".join(f"{k}={v}" for k, v in rec.items())[:120]
-        st.add_row(s["method"], f"{s['seconds']:.2f}", result)
-    written = Text("written: " + ", ".join(report["written"]), style="dim")
-    return Group(t, st, written)
+        st.add_row(s["method"], f"{s['seconds']:.1f}", _stage_result(s["record"]))
+    parts = [t, *lines, st]
+    widths = next((s["record"]["widths"] for s in report["stages"] if "widths" in s["record"]), None)
+    if widths:
+        wt = Table(title="widths (output channels per prunable layer)")
+        for col in ("layer", "before", "after"):
+            wt.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+        for name, (before, after) in widths.items():
+            wt.add_row(name, str(before), str(after) if after != before else "=")
+        parts.append(wt)
+    parts.append(Text(protocol_line(_measurement(lat["final"])), style="dim"))
+    parts.append(Text("written: " + ", ".join(report["written"]), style="dim"))
+    return Group(*parts)
+
+
+def _measurement(d: dict) -> Measurement:
+    return Measurement.from_json(d)
+
+
+def _stage_result(rec: dict) -> str:
+    if "median_ms" in rec:
+        return f"{rec['label']}: median {rec['median_ms']:.3f} ms"
+    if "parity" in rec:
+        p = rec["parity"]
+        return f"{rec['exporter']} export, parity max abs err {p['max_abs_err']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
+    if "search" in rec:
+        b = rec["budget"]
+        return (f"{rec['search']}: {b['resource']} {b['original']:.4g} -> {rec['final_measured']:.4g} "
+                f"(budget {b['target']:.4g}) in {len(rec['history'])} steps, {rec['search_seconds']:.0f} s")
+    return ", ".join(f"{k}={v}" for k, v in rec.items())[:120]
 
 
 def targets_view(targets: list[Target]) -> Table:

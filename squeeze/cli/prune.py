@@ -1,0 +1,70 @@
+"""`squeeze prune MODEL --target T --method netadapt --latency 0.5x --data digits --out DIR`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from squeeze import api
+from squeeze.cli.common import InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out
+from squeeze.errors import SqueezeError
+from squeeze.model import parse_input_shape
+
+METHODS = ("netadapt", "uniform")
+
+
+def parse_ratio(text: str, flag: str) -> float:
+    """'0.5x' / '0.5' / '50%' -> 0.5."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|%)?\s*", text)
+    if not m:
+        raise SqueezeError(f"{flag} `{text}` is not a ratio.", "Write it as 0.5x, 0.5 or 50% of the original.")
+    return float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+
+
+@handles_errors
+def prune(
+    model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.pt, model.onnx and report.json (created)."),
+    target: str = TargetOpt,
+    method: str = typer.Option("netadapt", "--method", "-m", help=f"Search: {', '.join(METHODS)}."),
+    latency: Optional[str] = typer.Option(None, "--latency", help="Latency budget as a ratio of the original's measured latency (0.5x)."),
+    latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Latency budget in milliseconds."),
+    macs: Optional[str] = typer.Option(None, "--macs", help="MACs budget as a ratio of the original (0.5x)."),
+    size_bytes: Optional[int] = typer.Option(None, "--size-bytes", help="Model size budget in bytes (fp32 weights)."),
+    data: Optional[str] = typer.Option(None, "--data", help="digits, a folder of class sub-folders, or package.module:function. Without data: latency-only pruning (no fine-tune, no accuracy)."),
+    importance: str = typer.Option("l1", "--importance", help="l1, l2, bn_scale or taylor."),
+    round_to: int = typer.Option(8, "--round-to", min=1, help="Widths are multiples of this."),
+    latency_source: str = typer.Option("auto", "--latency-source", help="auto, table, measured or table+recalibrate."),
+    select: str = typer.Option("accuracy", "--select", help="netadapt: accuracy or accuracy_per_latency."),
+    short_term_iters: int = typer.Option(100, "--short-term-iters", min=1, help="netadapt: fine-tune steps per proposal."),
+    long_term_epochs: int = typer.Option(10, "--long-term-epochs", min=1, help="Fine-tune epochs after the search."),
+    distill: bool = typer.Option(False, "--distill", help="Distil the long-term fine-tune from the unpruned model."),
+    input_shape: Optional[str] = InputShape,
+    weights: Optional[str] = Weights,
+    trust_model: bool = TrustModel,
+    no_cache: bool = NoCache,
+) -> None:
+    """Prune channels until a budget is met on the target, measured; writes the pruned model and a report."""
+    from squeeze.recipe import Budget, Recipe, Stage
+    from squeeze.report.render import recipe_view
+
+    if method not in METHODS:
+        raise SqueezeError(f"Unknown pruning method `{method}`.", f"Choose one of: {', '.join(METHODS)}.")
+    if not any(v is not None for v in (latency, latency_ms, macs, size_bytes)):
+        raise SqueezeError("No budget given.", "Pass one of --latency 0.5x, --latency-ms 12, --macs 0.5x, --size-bytes N.")
+    budget = Budget(latency_ratio=parse_ratio(latency, "--latency") if latency else None, latency_ms=latency_ms,
+                    macs_ratio=parse_ratio(macs, "--macs") if macs else None, size_bytes=size_bytes)
+    options = {"importance": importance, "round_to": round_to, "latency_source": latency_source, "distill": distill,
+               "long_term": {"optimizer": "sgd", "lr": 0.01, "epochs": long_term_epochs}}
+    if method == "netadapt":
+        options |= {"select": select, "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": short_term_iters}}
+    recipe = Recipe(name=f"prune-{method}", target=target, budget=budget, data=data,
+                    stages=[Stage(method=f"prune.{method}", options=options)])
+    for stage in recipe.stages:
+        stage.typed_options()  # option errors before any model is loaded
+    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
+    report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
+    out.print(recipe_view(report))

@@ -1,0 +1,202 @@
+"""NetAdapt (Yang et al., ECCV 2018): iterative, resource-driven channel pruning.
+
+Iteration i asks for resource R_i = R_{i-1} - r0 * R_0 * decay^i (never below the budget). Each prunable
+group proposes the largest width on the rounding grid whose network meets R_i (found by bisection: the
+resource is monotone in the width), keeping the channels the importance criterion ranks highest. With
+data, each proposal is fine-tuned briefly and evaluated on the held-out split, and the best one is kept
+(by accuracy, or by the smallest accuracy drop per unit of resource saved). Without data, the proposal
+that keeps the largest fraction of its group's original channels wins: the layer that gives up the
+fewest channels for the same saving. After the budget is met (measured, for latency), a long-term
+fine-tune follows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from squeeze.model import LoadedModel
+from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget
+from squeeze.prune.engine import apply_plan, make_plan
+from squeeze.prune.graph import prunable_layers
+from squeeze.prune.plan import ChannelPlan, compose_plans, plan_to_json, round_width
+
+if TYPE_CHECKING:
+    from squeeze.data import DataBundle
+    from squeeze.passes.prune import NetAdaptOptions
+
+__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "finish"]
+
+
+@dataclass
+class Candidate:
+    model: LoadedModel  # pruned module; model.plans holds the one plan composed on the original
+    plan: ChannelPlan | None
+    resource: float
+    layer: str | None = None
+    width: int | None = None
+    accuracy: float | None = None
+    score: float | None = None
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    target: float
+    layer: str
+    width_before: int
+    width_after: int
+    resource: float
+    measured: float | None
+    accuracy: float | None
+    proposals: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    model: LoadedModel
+    budget: ResolvedBudget
+    history: list[IterationRecord] = field(default_factory=list)
+    final_measured: float | None = None
+    search_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget": asdict(self.budget), "final_measured": self.final_measured,
+                "search_seconds": round(self.search_seconds, 2), "history": [asdict(h) for h in self.history]}
+
+
+def pruned_candidate(base: LoadedModel, base_plan: ChannelPlan | None, keep: dict[str, int] | float,
+                     importance: str, round_to: int, data_batch=None) -> tuple[LoadedModel, ChannelPlan]:
+    """`base` pruned to `keep`, as a LoadedModel whose plan is composed onto the original architecture."""
+    x = base.example_input()
+    plan = make_plan(base.module, x, keep, importance=importance, round_to=round_to, data=data_batch)
+    module = apply_plan(base.module, plan, x)
+    total = plan if base_plan is None else compose_plans(base_plan, plan)
+    model = LoadedModel(base.name, base.kind, base.input_shape, module, arch=base.arch, plans=[plan_to_json(total)],
+                        metadata=dict(base.metadata))
+    return model, total
+
+
+def _taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
+    if importance != "taylor":
+        return None
+    if data is None:
+        raise BudgetError("The taylor importance needs data.", "Pass --data, or use --importance l1.")
+    xs, ys = zip(*(data.train[i] for i in range(min(n, len(data.train)))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+class _Proposals:
+    """One NetAdapt iteration's proposals from the current model."""
+
+    def __init__(self, current: Candidate, original_widths: dict[str, int], resource: Resource,
+                 opts: NetAdaptOptions, data: DataBundle | None) -> None:
+        self.current, self.original_widths, self.resource, self.opts, self.data = (
+            current, original_widths, resource, opts, data)
+        self.batch = _taylor_batch(data, opts.importance)
+
+    def _candidate(self, layer: str, width: int) -> Candidate:
+        base_plan = self.current.plan
+        model, plan = pruned_candidate(self.current.model, base_plan, {layer: width}, self.opts.importance,
+                                       self.opts.round_to, self.batch)
+        return Candidate(model, plan, self.resource.of(model), layer, width)
+
+    def for_layer(self, layer, target: float) -> Candidate | None:
+        """The largest width on the grid whose network meets `target` (bisection over grid positions)."""
+        step = max(1, self.opts.round_to)
+        grid = sorted({round_width(w, layer.out_channels, self.opts.round_to, layer.channel_step)
+                       for w in range(step, layer.out_channels, step)})
+        grid = [w for w in grid if w < layer.out_channels]
+        best, lo, hi = None, 0, len(grid) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            cand = self._candidate(layer.name, grid[mid])
+            if cand.resource <= target:
+                best, lo = cand, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def evaluate(self, cand: Candidate) -> Candidate:
+        if self.data is None:
+            cand.score = cand.width / self.original_widths[cand.layer]
+            return cand
+        from squeeze.train import evaluate, fine_tune
+
+        fine_tune(cand.model.module, self.data.train, self.opts.short_term, progress=False)
+        cand.accuracy = evaluate(cand.model.module, self.data.val).top1
+        if self.opts.select == "accuracy":
+            cand.score = cand.accuracy
+        else:  # smallest accuracy drop per unit of resource saved
+            saved = max(self.current.resource - cand.resource, 1e-12)
+            cand.score = -(self.current.accuracy - cand.accuracy) / saved
+        return cand
+
+
+def _record(i: int, target: float, before: Candidate, best: Candidate, props: list[Candidate], measured,
+            layer_widths: dict[str, int], t0: float) -> IterationRecord:
+    return IterationRecord(
+        i, target, best.layer, layer_widths[best.layer], best.width, best.resource, measured, best.accuracy,
+        [{"layer": p.layer, "width": p.width, "resource": p.resource, "accuracy": p.accuracy, "score": p.score}
+         for p in props], round(time.perf_counter() - t0, 2))
+
+
+def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: NetAdaptOptions,
+             data: DataBundle | None = None, recalibrate: Callable[[LoadedModel], float] | None = None,
+             log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
+    """Prune `original` until `budget` is met; `recalibrate(model)` (table oracles) re-fits the table."""
+    t_start = time.perf_counter()
+    x = original.example_input()
+    original_widths = prunable_layers(original.module, x).widths()
+    current = Candidate(original, None, budget.original)
+    if data is not None:
+        from squeeze.train import evaluate
+
+        current.accuracy = evaluate(original.module, data.val).top1
+    result = SearchResult(original, budget)
+    for i in range(opts.max_iterations):
+        t0 = time.perf_counter()
+        step = opts.initial_reduction * budget.original * opts.decay ** i
+        target = max(current.resource - step, budget.target)
+        table = prunable_layers(current.model.module, x)
+        widths = table.widths()
+        proposals = _Proposals(current, original_widths, resource, opts, data)
+        props = [p for layer in table if layer.prunable and (p := proposals.for_layer(layer, target))]
+        if not props:
+            raise BudgetError(
+                f"NetAdapt cannot go below {current.resource:.4g} {budget.resource} (budget {budget.target:.4g}): "
+                "no layer can shrink further on the width grid.",
+                "Relax the budget, or lower --round-to.",
+            )
+        best = max((proposals.evaluate(p) for p in props), key=lambda c: (c.score, -c.resource))
+        measured = None
+        due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
+        if recalibrate is not None and (due or best.resource <= budget.target):
+            measured = recalibrate(best.model)
+            best.resource = measured
+        result.history.append(_record(i, target, current, best, props, measured, widths, t0))
+        log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
+            f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
+        current = best
+        if current.resource <= budget.target:
+            break
+    else:
+        raise BudgetError(f"NetAdapt stopped after {opts.max_iterations} iterations at {current.resource:.4g} "
+                          f"{budget.resource} (budget {budget.target:.4g}).", "Raise max_iterations or initial_reduction.")
+    result.model = current.model
+    result.search_seconds = time.perf_counter() - t_start
+    return result
+
+
+def finish(result: SearchResult, resource: Resource, opts, data: DataBundle | None, teacher=None) -> SearchResult:
+    """Long-term fine-tune (with data), then the measured/counted resource of the final model."""
+    if data is not None:
+        from squeeze.train import fine_tune
+
+        fine_tune(result.model.module, data.train, opts.long_term, teacher=teacher, progress=True)
+    result.final_measured = resource.confirm(result.model)
+    return result

@@ -1,0 +1,48 @@
+"""The baseline: the same keep ratio in every prunable layer (L1 by default), bisected to meet the budget."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from squeeze.model import LoadedModel
+from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget
+from squeeze.prune.netadapt import Candidate, IterationRecord, SearchResult, pruned_candidate
+
+if TYPE_CHECKING:
+    from squeeze.passes.prune import UniformOptions
+
+__all__ = ["uniform"]
+
+
+def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: UniformOptions,
+            recalibrate: Callable[[LoadedModel], float] | None = None,
+            log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
+    """Largest ratio whose pruned network meets the budget (confirmed by measurement for latency)."""
+    t_start = time.perf_counter()
+    lo, hi = opts.min_ratio, 1.0
+    best: Candidate | None = None
+    result = SearchResult(original, budget)
+    for i in range(opts.bisection_steps):
+        t0 = time.perf_counter()
+        ratio = (lo + hi) / 2
+        model, plan = pruned_candidate(original, None, ratio, opts.importance, opts.round_to)
+        cand = Candidate(model, plan, resource.of(model), "*", None, score=ratio)
+        measured = recalibrate(model) if recalibrate is not None and cand.resource <= budget.target else None
+        if measured is not None:
+            cand.resource = measured
+        ok = cand.resource <= budget.target
+        if ok:
+            best, lo = cand, ratio
+        else:
+            hi = ratio
+        result.history.append(IterationRecord(i, budget.target, "*", 0, 0, cand.resource, measured, None,
+                                              [{"ratio": ratio, "resource": cand.resource, "meets": ok}],
+                                              round(time.perf_counter() - t0, 2)))
+        log(f"ratio {ratio:.3f}: {budget.resource} {cand.resource:.4g} ({'meets' if ok else 'over'} {budget.target:.4g})")
+    if best is None:
+        raise BudgetError(f"Uniform pruning cannot meet {budget.resource} <= {budget.target:.4g} even at keep ratio "
+                          f"{opts.min_ratio}.", "Relax the budget.")
+    result.model = best.model
+    result.search_seconds = time.perf_counter() - t_start
+    return result
