@@ -54,10 +54,21 @@ def test_table_orders_layer_costs():
     assert e[big.key].median_ms > 3 * e[small.key].median_ms
 
 
-def test_table_oracle_calibrates_on_reference():
+def test_table_oracle_is_anchored_on_reference_and_recalibrates():
     ref = load_model("zoo:digits-cnn")
     oracle = TableOracle(LatencyTable(HOST, FAST), ref)
-    measured = oracle.measured.latency_ms(ref)  # cached: the same measurement the constant was fitted to
     p = oracle.predict(ref)
-    assert p.total_ms == pytest.approx(measured) and p.constant_ms == pytest.approx(measured - p.layers_ms)
+    assert p.total_ms == pytest.approx(oracle.reference_ms) and p.constant_ms == 0.0
     assert set(p.per_layer_ms) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0", "fc"}
+
+    class Fixed:  # a stand-in measurement: the half-width model is measured at 0.7x the original
+        def latency_ms(self, model):
+            return oracle.reference_ms * (1.0 if model is ref else 0.7)
+
+    from squeeze import zoo
+
+    half = load_model("zoo:digits-cnn")
+    half.module = zoo.digits_cnn(width=0.5).eval()
+    oracle.measured = Fixed()
+    assert oracle.recalibrate(half) == pytest.approx(0.7 * oracle.reference_ms)
+    assert oracle.latency_ms(half) == pytest.approx(0.7 * oracle.reference_ms)  # the fit reproduces the measurement

@@ -8,7 +8,7 @@ import typer
 from rich.logging import RichHandler
 
 from squeeze import __version__
-from squeeze.cli import bench, info, listing, prune, run, targets
+from squeeze.cli import bench, info, listing, lut, prune, run, targets
 from squeeze.cli.common import err, state
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ app.command("run")(run.run)
 app.command("validate")(run.validate)
 app.command("list")(listing.list_)
 app.add_typer(targets.app, name="targets")
+app.add_typer(lut.app, name="lut")
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Per-target latency lookup tables (ProxylessNAS / NetAdapt style).
 
-A network's latency is predicted as the sum of its layers' latencies, each measured once per target as a
-small standalone model, plus a constant for everything else (pooling, adds, concatenations), calibrated by
-measuring the whole original model. Runtimes fuse conv+bn+relu(+add), so additivity is an assumption:
-`check` measures how wrong it is.
+A network's latency is predicted from the sum of its layers' latencies, each measured once per target as
+a small standalone model, plus a constant for everything else (pooling, adds, concatenations), anchored on
+a measurement of the whole original model (see TableOracle). Runtimes fuse conv+bn+relu(+add), so
+additivity is an assumption: `squeeze lut check` measures how wrong it is.
 
 Layers in the table: Conv2d, Linear, and BatchNorm2d that cannot be folded into a preceding conv
 (pre-activation nets such as DenseNet run those as separate kernels).
@@ -24,8 +24,9 @@ from torch import nn
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.bench import InterleavedRun
 from squeeze.measure.cache import MeasurementCache
-from squeeze.measure.oracle import LatencyOracle, MeasuredOracle
+from squeeze.measure.oracle import LatencyOracle
 from squeeze.measure.protocol import Protocol
+from squeeze.measure.stats import paired_ratio
 from squeeze.measure.runtimes import get_runtime
 from squeeze.model import LoadedModel
 from squeeze.target import Target
@@ -67,6 +68,10 @@ class LayerConfig:
             return nn.Sequential(nn.BatchNorm2d(self.c_in), nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
         conv = nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, groups=self.groups)
         return nn.Sequential(conv, nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+
+
+# Measured in every batch so that entries from different runs share one time base.
+ANCHOR = LayerConfig("conv2d", 32, 32, 28, 28, (3, 3), (1, 1), (1, 1), 1)
 
 
 @dataclass(frozen=True)
@@ -141,26 +146,50 @@ class LatencyTable:
                               f"({','.join('?' * len(keys))})", (self.scope, *keys)).fetchall()
         return {r[0]: LutEntry(*r) for r in rows}
 
-    def measure(self, configs: list[LayerConfig], progress=None) -> list[LutEntry]:
-        """Measure the given layers (in batches, interleaved within a batch) and store them."""
-        entries = []
-        for start in range(0, len(configs), _BATCH):
-            batch = configs[start:start + _BATCH]
-            artifacts = []
-            for cfg in batch:
-                module, shape = cfg.build()
-                artifacts.append(export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript"))
-            with InterleavedRun(artifacts, self.target, self.protocol) as run:
-                for _ in range(self.protocol.repeat):
-                    run.round()
-            for cfg, m in zip(batch, run.measurements()):
-                s = m.stats
-                entries.append(LutEntry(cfg.key, s.n, s.mean_ms, (s.cv * s.mean_ms) ** 2, s.median_ms))
-            if progress:
-                progress(len(batch))
+    def _anchor_ms(self) -> float:
+        """The anchor layer's latency in this table's time base: its first measurement, stored."""
+        stored = self.stored([ANCHOR.key]).get(ANCHOR.key)
+        if stored is not None:
+            return stored.median_ms
+        (m,) = self._run([ANCHOR])
+        self._store([LutEntry(ANCHOR.key, m.stats.n, m.stats.mean_ms, (m.stats.cv * m.stats.mean_ms) ** 2,
+                              m.stats.median_ms)])
+        return m.stats.median_ms
+
+    def _run(self, configs: list[LayerConfig]):
+        artifacts = []
+        for cfg in configs:
+            module, shape = cfg.build()
+            artifacts.append(export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript"))
+        with InterleavedRun(artifacts, self.target, self.protocol) as run:
+            for _ in range(self.protocol.repeat):
+                run.round()
+        return run.measurements()
+
+    def _store(self, entries: list[LutEntry]) -> None:
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO lut VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(self.scope, e.key, e.count, e.mean_ms, e.var_ms, e.median_ms, time.time()) for e in entries])
+
+    def measure(self, configs: list[LayerConfig], progress=None) -> list[LutEntry]:
+        """Measure layers in batches, each interleaved with the anchor layer, and store them.
+
+        An entry is its median ratio to the anchor (paired samples of one run) times the anchor's stored
+        latency, so entries measured at different moments, under different load, stay comparable.
+        """
+        anchor_ms = self._anchor_ms()
+        entries = []
+        for start in range(0, len(configs), _BATCH):
+            batch = configs[start:start + _BATCH]
+            anchor, *measured = self._run([ANCHOR, *batch])
+            for cfg, m in zip(batch, measured):
+                scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
+                s = m.stats
+                entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
+                                        s.median_ms * scale))
+            if progress:
+                progress(len(batch))
+        self._store(entries)
         return entries
 
     def entries(self, configs: list[LayerConfig], progress=None) -> dict[str, LutEntry]:
@@ -182,28 +211,41 @@ class LatencyTable:
 
 
 class TableOracle(LatencyOracle):
-    """Latency = sum of table entries + a constant calibrated on a measured reference model.
+    """Latency predicted from the table as a ratio to a reference model, times its measured latency.
 
-    `recalibrate(model)` re-measures a model end to end and re-fits the constant to it, so a search can
-    correct the table's drift every few steps.
+        predicted(m) = reference_ms * (layers(m) + C) / (layers(ref) + C)
+
+    `layers` sums table entries (one time base); `reference_ms` is a measurement (another moment). Using
+    the table only for ratios keeps load drift between the two out of the prediction. C stands for what
+    the layers miss (pooling, adds, per-call overhead): 0 at first (the rest scales with the layers), then
+    fitted by `recalibrate(model)` to a measured ratio, so a search can correct the table every few steps.
     """
 
     def __init__(self, table: LatencyTable, reference: LoadedModel, measured: LatencyOracle | None = None) -> None:
+        from squeeze.measure.oracle import RelativeOracle
+
         self.target = table.target
         self.table = table
-        self.measured = measured or MeasuredOracle(table.target)
+        self.measured = measured or RelativeOracle(reference, table.target)
+        self.reference_ms = self.measured.latency_ms(reference)
+        self.reference_layers_ms = sum(table.layers_ms(reference.module, reference.example_input()).values())
         self.constant_ms = 0.0
-        self.recalibrate(reference)
 
     def recalibrate(self, model: LoadedModel) -> float:
+        """Measure `model`; fit C so that its predicted ratio equals the measured one. Returns the measurement."""
         measured_ms = self.measured.latency_ms(model)
-        self.constant_ms = measured_ms - sum(self.table.layers_ms(model.module, model.example_input()).values())
+        rho = measured_ms / self.reference_ms
+        layers = sum(self.table.layers_ms(model.module, model.example_input()).values())
+        if abs(rho - 1) > 0.02:  # closer to 1, the fit divides noise by noise
+            c = (layers - rho * self.reference_layers_ms) / (rho - 1)
+            self.constant_ms = min(max(c, -0.5 * self.reference_layers_ms), 10 * self.reference_layers_ms)
         return measured_ms
 
     def predict(self, model: LoadedModel) -> Prediction:
         per_layer = self.table.layers_ms(model.module, model.example_input())
         layers = sum(per_layer.values())
-        return Prediction(layers + self.constant_ms, layers, self.constant_ms, per_layer)
+        ratio = (layers + self.constant_ms) / (self.reference_layers_ms + self.constant_ms)
+        return Prediction(self.reference_ms * ratio, layers, self.constant_ms, per_layer)
 
     def latency_ms(self, model: LoadedModel) -> float:
         return self.predict(model).total_ms

@@ -1,0 +1,125 @@
+"""Building and checking a target's latency lookup table for a model's pruning search space.
+
+`build` measures the layer configurations a search will meet: every layer of the model at a sweep of
+uniform widths (and, with `single_layer`, every width of each group alone, which is NetAdapt's first
+iteration). `check` prunes the model to random plans, predicts each with the table and measures it end to
+end, interleaved with the original, and reports the prediction error.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
+from squeeze.measure.oracle import RelativeOracle
+from squeeze.model import LoadedModel
+from squeeze.prune.engine import apply_plan, make_plan
+from squeeze.prune.graph import prunable_layers
+from squeeze.prune.plan import round_width
+from squeeze.summary import summarize
+
+__all__ = ["BuildResult", "CheckRow", "CheckResult", "search_space_configs", "build_table", "check_table"]
+
+UNIFORM_SWEEP = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    configs: int
+    measured: int
+    reused: int
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    plan: int
+    macs: int
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error_pct(self) -> float:
+        return 100 * (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    rows: list[CheckRow]
+    reference_ms: float
+    constant_ms: float
+
+    @property
+    def abs_errors(self) -> list[float]:
+        return sorted(abs(r.error_pct) for r in self.rows)
+
+    @property
+    def median_abs_error_pct(self) -> float:
+        return statistics.median(self.abs_errors)
+
+    @property
+    def p90_abs_error_pct(self) -> float:
+        errs = self.abs_errors
+        return errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+
+    def to_json(self) -> dict:
+        return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms,
+                "median_abs_error_pct": self.median_abs_error_pct, "p90_abs_error_pct": self.p90_abs_error_pct,
+                "rows": [{**asdict(r), "error_pct": r.error_pct} for r in self.rows]}
+
+
+def _pruned(model: LoadedModel, keep) -> LoadedModel:
+    x = model.example_input()
+    module = apply_plan(model.module, make_plan(model.module, x, keep, round_to=1), x)
+    return LoadedModel(model.name, model.kind, model.input_shape, module, arch=model.arch)
+
+
+def search_space_configs(model: LoadedModel, round_to: int = 8, single_layer: bool = False) -> list[LayerConfig]:
+    """Distinct layer configurations of the model pruned to a sweep of widths (on the rounding grid)."""
+    x = model.example_input()
+    table = prunable_layers(model.module, x)
+    configs: dict[str, LayerConfig] = {}
+
+    def add(module) -> None:
+        configs.update({c.key: c for c in layer_configs(module, x).values()})
+
+    add(model.module)
+    for ratio in UNIFORM_SWEEP[1:]:
+        keep = {layer.name: round_width(int(layer.out_channels * ratio), layer.out_channels, round_to, layer.channel_step)
+                for layer in table if layer.prunable}
+        add(_pruned(model, keep).module)
+    if single_layer:
+        for layer in (g for g in table if g.prunable):
+            for w in range(round_to, layer.out_channels, round_to):
+                add(_pruned(model, {layer.name: round_width(w, layer.out_channels, round_to, layer.channel_step)}).module)
+    return list(configs.values())
+
+
+def build_table(model: LoadedModel, table: LatencyTable, round_to: int = 8, single_layer: bool = False,
+                progress: Callable[[int], None] | None = None) -> BuildResult:
+    configs = search_space_configs(model, round_to, single_layer)
+    have = table.stored([c.key for c in configs])
+    missing = [c for c in configs if c.key not in have]
+    if missing:
+        table.measure(missing, progress)
+    return BuildResult(len(configs), len(missing), len(configs) - len(missing))
+
+
+def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed: int = 0, round_to: int = 8,
+                min_ratio: float = 0.3, log: Callable[[str], None] = lambda _m: None) -> CheckResult:
+    """Random plans (each prunable group keeps a random fraction in [min_ratio, 1]), predicted vs measured."""
+    rng = random.Random(seed)
+    measured = RelativeOracle(model, table.target)
+    oracle = TableOracle(table, model, measured)  # never recalibrated here: this checks the table alone
+    layers = [g for g in prunable_layers(model.module, model.example_input()) if g.prunable]
+    rows = []
+    for i in range(n_plans):
+        keep = {g.name: round_width(max(1, int(g.out_channels * rng.uniform(min_ratio, 1.0))), g.out_channels,
+                                    round_to, g.channel_step) for g in layers}
+        candidate = _pruned(model, keep)
+        row = CheckRow(i, summarize(candidate).macs or 0, oracle.latency_ms(candidate), measured.latency_ms(candidate))
+        log(f"plan {i}: predicted {row.predicted_ms:.3f} ms, measured {row.measured_ms:.3f} ms ({row.error_pct:+.1f}%)")
+        rows.append(row)
+    return CheckResult(rows, measured.reference_ms, oracle.constant_ms)
