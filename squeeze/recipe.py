@@ -85,6 +85,13 @@ class Recipe(_Strict):
     export: ExportOptions = ExportOptions()
     measure: MeasureOverrides = MeasureOverrides()
 
+    @model_validator(mode="after")
+    def _budget_where_needed(self):
+        needing = [s.method for s in self.stages if get_pass(s.method).needs_budget]
+        if needing and self.budget is None:
+            raise ValueError(f"{', '.join(needing)} need a `budget:` (e.g. budget: {{latency_ratio: 0.5}})")
+        return self
+
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)

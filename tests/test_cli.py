@@ -45,7 +45,7 @@ def test_gate_cli_exit_codes(cli, tmp_path, fast):
     assert ok.exit_code == 0 and "PASS" in ok.stdout
     res = tmp_path / "gate.json"
     slow = cli("bench", "zoo:densenet121", "--against", "zoo:mobilenet_v2", *fast, "--max-regression", "10%",
-               "--json", res)
+               "--max-noise", "1000%", "--json", res)
     assert slow.exit_code == 1 and "FAIL" in slow.stdout
     d = json.loads(res.read_text())
     assert d["verdict"] == "fail" and d["ratio"]["low"] > 1.10 and d["max_regression"] == pytest.approx(0.10)
@@ -54,7 +54,7 @@ def test_gate_cli_exit_codes(cli, tmp_path, fast):
 def test_gate_baseline_file(cli, tmp_path, fast):
     base = tmp_path / "base.json"
     assert cli("bench", "zoo:mobilenet_v2", *fast, "--json", base).exit_code == 0
-    r = cli("bench", "zoo:densenet121", "--baseline", base, *fast)
+    r = cli("bench", "zoo:densenet121", "--baseline", base, *fast, "--max-noise", "1000%")
     assert r.exit_code == 1 and "baseline" in r.stdout
 
 

@@ -64,7 +64,7 @@ def test_gate_passes_identical_models():
 
 
 def test_gate_fails_clearly_slower_model():
-    cfg = GateConfig(max_regression=0.05, max_time_s=30)
+    cfg = GateConfig(max_regression=0.05, max_time_s=30, max_noise=10.0)  # the noise guard has its own test
     r = run_gate(_stack(12), _stack(4), HOST, FAST, cfg)
     assert r.verdict == "fail" and r.failed and r.ratio.low > 1.05 and r.ratio.ratio > 2
 

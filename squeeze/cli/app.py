@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 from rich.logging import RichHandler
@@ -31,7 +32,7 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    state["debug"] = debug or state["debug"]
+    state["debug"] = debug or bool(os.environ.get("SQUEEZE_DEBUG"))
     # Searches report progress through the "squeeze" loggers; show it on stderr (once per process).
     logger = logging.getLogger("squeeze")
     logger.setLevel(logging.INFO)

@@ -23,6 +23,7 @@ def bench(
     max_regression: str = typer.Option("5%", "--max-regression", help="Gate: allowed slowdown of NEW over OLD."),
     confidence: float = typer.Option(0.99, "--confidence", min=0.5, max=0.9999, help="Gate: confidence of the ratio interval."),
     max_time: float = typer.Option(60.0, "--max-time", min=1.0, help="Gate: seconds of sampling before an undecided gate passes as inconclusive."),
+    max_noise: str = typer.Option("10%", "--max-noise", help="Gate: above this robust CV of either model, a FAIL is reported as inconclusive (machine too noisy)."),
     fail_on_inconclusive: bool = typer.Option(False, "--fail-on-inconclusive", help="Gate: exit 1 also when no verdict was reached (strict CI on a dedicated machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (with raw samples) to this file."),
     repeat: Optional[int] = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's)."),
@@ -58,7 +59,8 @@ def bench(
         raise SqueezeError("Gate mode compares exactly one NEW model with either --against OLD or --baseline FILE.",
                            "Example: squeeze bench new.pt --against old.pt --target host-cpu --max-regression 5%.")
     threshold = parse_fraction(max_regression, "--max-regression")
-    cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time)
+    cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time,
+                     max_noise=parse_fraction(max_noise, "--max-noise"))
     result = api.gate(models[0], tgt, opts, protocol, cfg, old_spec=against, baseline=baseline)
     out.print(gate_view(result))
     if json_out:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_jso
 
 out = Console()
 err = Console(stderr=True)
-state = {"debug": bool(os.environ.get("SQUEEZE_DEBUG"))}
+state = {"debug": False}  # set by the root callback on every invocation (--debug or $SQUEEZE_DEBUG)
 
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,7 +21,11 @@ def parse_ratio(text: str, flag: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|%)?\s*", text)
     if not m:
         raise SqueezeError(f"{flag} `{text}` is not a ratio.", "Write it as 0.5x, 0.5 or 50% of the original.")
-    return float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+    value = float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+    if not 0 < value <= 1:
+        raise SqueezeError(f"{flag} `{text}` is not a ratio in (0, 1]: pruning makes models smaller.",
+                           "Write it as 0.5x, 0.5 or 50% of the original.")
+    return value
 
 
 @handles_errors
@@ -48,13 +52,38 @@ def prune(
     no_cache: bool = NoCache,
 ) -> None:
     """Prune channels until a budget is met on the target, measured; writes the pruned model and a report."""
-    from squeeze.recipe import Budget, Recipe, Stage
+    import pydantic
+
     from squeeze.report.render import recipe_view
 
+    from squeeze.prune.importance import get_importance
+
+    get_importance(importance)  # an unknown criterion fails before any model is loaded
     if method not in METHODS:
         raise SqueezeError(f"Unknown pruning method `{method}`.", f"Choose one of: {', '.join(METHODS)}.")
     if not any(v is not None for v in (latency, latency_ms, macs, size_bytes)):
         raise SqueezeError("No budget given.", "Pass one of --latency 0.5x, --latency-ms 12, --macs 0.5x, --size-bytes N.")
+    try:
+        recipe = _recipe(method, target, data, latency, latency_ms, macs, size_bytes, importance, round_to,
+                         latency_source, select, short_term_iters, long_term_epochs, distill)
+    except pydantic.ValidationError as exc:
+        bad = "; ".join(f"{_FLAGS.get(str(e['loc'][-1]), e['loc'][-1])} `{e['input']}`: {e['msg']}" for e in exc.errors())
+        raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze prune --help` for the accepted values.") from None
+    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
+    report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
+    out.print(recipe_view(report))
+
+
+# Schema field -> the flag a user typed, for error messages.
+_FLAGS = {"latency_ratio": "--latency", "latency_ms": "--latency-ms", "macs_ratio": "--macs", "size_bytes": "--size-bytes",
+          "select": "--select", "latency_source": "--latency-source", "round_to": "--round-to"}
+
+
+def _recipe(method, target, data, latency, latency_ms, macs, size_bytes, importance, round_to, latency_source, select,
+            short_term_iters, long_term_epochs, distill):
+    """The one-stage recipe `squeeze prune` runs (so `squeeze run` accepts the same as a stage)."""
+    from squeeze.recipe import Budget, Recipe, Stage
+
     budget = Budget(latency_ratio=parse_ratio(latency, "--latency") if latency else None, latency_ms=latency_ms,
                     macs_ratio=parse_ratio(macs, "--macs") if macs else None, size_bytes=size_bytes)
     options = {"importance": importance, "round_to": round_to, "latency_source": latency_source, "distill": distill,
@@ -65,6 +94,4 @@ def prune(
                     stages=[Stage(method=f"prune.{method}", options=options)])
     for stage in recipe.stages:
         stage.typed_options()  # option errors before any model is loaded
-    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
-    out.print(recipe_view(report))
+    return recipe

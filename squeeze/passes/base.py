@@ -55,6 +55,7 @@ class Pass(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[PassOptions]] = PassOptions
+    needs_budget: ClassVar[bool] = False  # recipes using this pass must give `budget:`
 
     def __init__(self, options: PassOptions) -> None:
         self.options = options

@@ -47,6 +47,7 @@ class NetAdaptPass(Pass):
     name = "prune.netadapt"
     summary = "NetAdapt: iterative per-layer channel pruning driven by measured/table latency, short fine-tunes."
     Options = NetAdaptOptions
+    needs_budget = True
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         return _run_search(state, ctx, self.options, "netadapt")
@@ -57,6 +58,7 @@ class UniformPass(Pass):
     name = "prune.uniform"
     summary = "Baseline: the same channel ratio in every layer, bisected to meet the budget."
     Options = UniformOptions
+    needs_budget = True
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         return _run_search(state, ctx, self.options, "uniform")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from squeeze.data import DataBundle
     from squeeze.passes.prune import NetAdaptOptions
 
-__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "finish"]
+__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "taylor_batch", "finish"]
 
 
 @dataclass
@@ -64,8 +64,13 @@ class SearchResult:
     final_measured: float | None = None
     search_seconds: float = 0.0
 
+    @property
+    def budget_met(self) -> bool | None:
+        """Within 2% of the budget: latency readings of the same model vary about that much."""
+        return None if self.final_measured is None else self.final_measured <= 1.02 * self.budget.target
+
     def to_json(self) -> dict[str, Any]:
-        return {"budget": asdict(self.budget), "final_measured": self.final_measured,
+        return {"budget": asdict(self.budget), "final_measured": self.final_measured, "budget_met": self.budget_met,
                 "search_seconds": round(self.search_seconds, 2), "history": [asdict(h) for h in self.history]}
 
 
@@ -76,12 +81,14 @@ def pruned_candidate(base: LoadedModel, base_plan: ChannelPlan | None, keep: dic
     plan = make_plan(base.module, x, keep, importance=importance, round_to=round_to, data=data_batch)
     module = apply_plan(base.module, plan, x)
     total = plan if base_plan is None else compose_plans(base_plan, plan)
-    model = LoadedModel(base.name, base.kind, base.input_shape, module, arch=base.arch, plans=[plan_to_json(total)],
-                        metadata=dict(base.metadata))
+    # Plans the input model already carried (a pruned checkpoint pruned again) are replayed first.
+    earlier = base.plans if base_plan is None else base.plans[:-1]
+    model = LoadedModel(base.name, base.kind, base.input_shape, module, arch=base.arch,
+                        plans=[*earlier, plan_to_json(total)], metadata=dict(base.metadata))
     return model, total
 
 
-def _taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
+def taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
     if importance != "taylor":
         return None
     if data is None:
@@ -97,7 +104,7 @@ class _Proposals:
                  opts: NetAdaptOptions, data: DataBundle | None) -> None:
         self.current, self.original_widths, self.resource, self.opts, self.data = (
             current, original_widths, resource, opts, data)
-        self.batch = _taylor_batch(data, opts.importance)
+        self.batch = taylor_batch(data, opts.importance)
 
     def _candidate(self, layer: str, width: int) -> Candidate:
         base_plan = self.current.plan
@@ -158,14 +165,19 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
 
         current.accuracy = evaluate(original.module, data.val).top1
     result = SearchResult(original, budget)
+    confirm = recalibrate or resource.confirm
     for i in range(opts.max_iterations):
         t0 = time.perf_counter()
-        step = opts.initial_reduction * budget.original * opts.decay ** i
-        target = max(current.resource - step, budget.target)
         table = prunable_layers(current.model.module, x)
         widths = table.widths()
         proposals = _Proposals(current, original_widths, resource, opts, data)
-        props = [p for layer in table if layer.prunable and (p := proposals.for_layer(layer, target))]
+        step = opts.initial_reduction * budget.original * opts.decay ** i
+        while True:  # a step no single layer can save is halved (down to 1% of it) before giving up
+            target = max(current.resource - step, budget.target)
+            props = [p for layer in table if layer.prunable and (p := proposals.for_layer(layer, target))]
+            if props or step < 0.01 * opts.initial_reduction * budget.original:
+                break
+            step /= 2
         if not props:
             raise BudgetError(
                 f"NetAdapt cannot go below {current.resource:.4g} {budget.resource} (budget {budget.target:.4g}): "
@@ -175,8 +187,10 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         best = max((proposals.evaluate(p) for p in props), key=lambda c: (c.score, -c.resource))
         measured = None
         due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
-        if recalibrate is not None and (due or best.resource <= budget.target):
-            measured = recalibrate(best.model)
+        if budget.resource == "latency_ms" and (due or best.resource <= budget.target):
+            # The reading that picked the winner is biased low (the minimum of noisy readings): measure again
+            # before believing the budget is met.
+            measured = confirm(best.model)
             best.resource = measured
         result.history.append(_record(i, target, current, best, props, measured, widths, t0))
         log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "

@@ -46,8 +46,11 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts, search: str) -
     if search == "netadapt":
         result = netadapt(original, budget, resource, opts, ctx.data, recalibrate, log.info)
     else:
-        result = uniform(original, budget, resource, opts, recalibrate, log.info)
+        result = uniform(original, budget, resource, opts, recalibrate, log.info, ctx.data)
     finish(result, resource, opts, ctx.data, teacher=original.module if opts.distill else None)
+    if not result.budget_met:
+        log.warning(f"the final measurement ({result.final_measured:.4g} {budget.resource}) is above the budget "
+                    f"({budget.target:.4g}); the report says so")
     x = original.example_input()
     widths_before = prunable_layers(original.module, x).widths()
     widths_after = prunable_layers(result.model.module, x).widths()

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Callable
 
 from squeeze.model import LoadedModel
 from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget
-from squeeze.prune.netadapt import Candidate, IterationRecord, SearchResult, pruned_candidate
+from squeeze.prune.netadapt import Candidate, IterationRecord, SearchResult, pruned_candidate, taylor_batch
 
 if TYPE_CHECKING:
+    from squeeze.data import DataBundle
     from squeeze.passes.prune import UniformOptions
 
 __all__ = ["uniform"]
@@ -17,18 +18,21 @@ __all__ = ["uniform"]
 
 def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: UniformOptions,
             recalibrate: Callable[[LoadedModel], float] | None = None,
-            log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
+            log: Callable[[str], None] = lambda _msg: None, data: DataBundle | None = None) -> SearchResult:
     """Largest ratio whose pruned network meets the budget (confirmed by measurement for latency)."""
     t_start = time.perf_counter()
     lo, hi = opts.min_ratio, 1.0
     best: Candidate | None = None
     result = SearchResult(original, budget)
+    batch = taylor_batch(data, opts.importance)
+    confirm = recalibrate or resource.confirm
     for i in range(opts.bisection_steps):
         t0 = time.perf_counter()
         ratio = (lo + hi) / 2
-        model, plan = pruned_candidate(original, None, ratio, opts.importance, opts.round_to)
+        model, plan = pruned_candidate(original, None, ratio, opts.importance, opts.round_to, batch)
         cand = Candidate(model, plan, resource.of(model), "*", None, score=ratio)
-        measured = recalibrate(model) if recalibrate is not None and cand.resource <= budget.target else None
+        latency_ok = budget.resource == "latency_ms" and cand.resource <= budget.target
+        measured = confirm(model) if latency_ok else None
         if measured is not None:
             cand.resource = measured
         ok = cand.resource <= budget.target

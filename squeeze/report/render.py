@@ -160,8 +160,9 @@ def _stage_result(rec: dict) -> str:
         return f"{rec['exporter']} export, parity max abs err {p['max_abs_err']:.2e} ({'ok' if p['passed'] else 'FAILED'})"
     if "search" in rec:
         b = rec["budget"]
+        met = "met" if rec["budget_met"] else "NOT met"
         return (f"{rec['search']}: {b['resource']} {b['original']:.4g} -> {rec['final_measured']:.4g} "
-                f"(budget {b['target']:.4g}) in {len(rec['history'])} steps, {rec['search_seconds']:.0f} s")
+                f"(budget {b['target']:.4g}, {met}) in {len(rec['history'])} steps, {rec['search_seconds']:.0f} s")
     return ", ".join(f"{k}={v}" for k, v in rec.items())[:120]
 
 
