@@ -8,6 +8,7 @@ counts match the usual reference implementations exactly (checked in tests/test_
 from __future__ import annotations
 
 import hashlib
+import logging
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from squeeze.cache import atomic_write_bytes, cache_dir
-from squeeze.errors import ModelLoadError
+from squeeze.errors import ModelLoadError, first_line
 from squeeze.train import train_classifier
 
 __all__ = [
@@ -123,8 +124,9 @@ def _trained_model(entry: ZooEntry, kwargs: dict) -> nn.Module:
             return model.eval()
         # A damaged file fails in many ways (unpickling, zip, shape mismatch); any of them means the
         # cache cannot be trusted, so train again and overwrite it.
-        except Exception:
-            pass
+        except Exception as exc:
+            logging.getLogger("squeeze.zoo").warning(f"cached weights {path} are unreadable ({first_line(exc)}); "
+                                                     "training again")
 
     from squeeze.data import digits_splits  # scikit-learn is only needed on first use
 

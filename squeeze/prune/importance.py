@@ -58,8 +58,8 @@ def get_importance(name: str) -> Criterion:
 class _TorchPruningCriterion(Criterion):
     """Delegates to one of torch-pruning's group importance classes."""
 
-    def _importance(self) -> tp.importance.Importance:
-        raise NotImplementedError
+    @abstractmethod
+    def _importance(self) -> tp.importance.Importance: ...
 
     def score(self, group) -> torch.Tensor | None:
         # normalizer=None: raw scores (ranking within a group is what matters; raw values stay readable)
