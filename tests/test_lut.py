@@ -61,14 +61,35 @@ def test_table_oracle_is_anchored_on_reference_and_recalibrates():
     assert p.total_ms == pytest.approx(oracle.reference_ms) and p.constant_ms == 0.0
     assert set(p.per_layer_ms) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0", "fc"}
 
-    class Fixed:  # a stand-in measurement: the half-width model is measured at 0.7x the original
-        def latency_ms(self, model):
-            return oracle.reference_ms * (1.0 if model is ref else 0.7)
-
     from squeeze import zoo
 
     half = load_model("zoo:digits-cnn")
     half.module = zoo.digits_cnn(width=0.5).eval()
+    # A stand-in measurement with a ratio the fit can reach: the one a constant equal to the layers gives.
+    q = oracle.predict(half).layers_ms / oracle.reference_layers_ms
+    rho = (q + 1) / 2
+
+    class Fixed:
+        def latency_ms(self, model):
+            return oracle.reference_ms * (1.0 if model is ref else rho)
+
     oracle.measured = Fixed()
-    assert oracle.recalibrate(half) == pytest.approx(0.7 * oracle.reference_ms)
-    assert oracle.latency_ms(half) == pytest.approx(0.7 * oracle.reference_ms)  # the fit reproduces the measurement
+    assert oracle.recalibrate(half) == pytest.approx(rho * oracle.reference_ms)
+    assert oracle.constant_ms == pytest.approx(oracle.reference_layers_ms)
+    assert oracle.latency_ms(half) == pytest.approx(rho * oracle.reference_ms)  # the fit reproduces the measurement
+
+
+def test_check_table_reports_table_and_recalibrated_errors():
+    import math
+
+    from squeeze.prune.tables import check_table, search_space_configs
+
+    model = load_model("zoo:digits-cnn")
+    assert len(search_space_configs(model)) > len(layer_configs(model.module, model.example_input()))
+    result = check_table(model, LatencyTable(HOST, FAST), n_plans=3, seed=1)
+    first, *rest = result.rows
+    assert first.recalibrated_ms is None and all(r.recalibrated_ms is not None for r in rest)
+    assert all(r.measured_ms > 0 and r.predicted_ms > 0 for r in result.rows)
+    (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
+    assert all(math.isfinite(v) for v in (med, p90, rmed, rp90)) and med <= p90
+    assert result.to_json()["rows"][1]["recalibrated_error_pct"] == rest[0].recalibrated_error_pct

@@ -73,11 +73,14 @@ def check(
         print(json.dumps(result.to_json(), indent=2))
         return
     t = Table(title=f"lookup table vs measurement: {loaded.name} on {table.target.name}")
-    for col in ("plan", "MACs", "predicted ms", "measured ms", "error"):
+    for col in ("plan", "MACs", "measured ms", "table ms", "error", "recalibrated ms", "error "):
         t.add_column(col, justify="right")
     for r in result.rows:
-        t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}", f"{r.error_pct:+.1f}%")
+        recal = ("(fit)", "") if r.recalibrated_ms is None else (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%")
+        t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}",
+                  f"{r.error_pct:+.1f}%", *recal)
     out.print(t)
-    out.print(f"median |error| {result.median_abs_error_pct:.1f}%, p90 {result.p90_abs_error_pct:.1f}% "
-              f"(original {result.reference_ms:.3f} ms; constant {result.constant_ms:+.3f} ms; measured = interleaved "
-              "with the original, scaled by its latency)")
+    (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
+    out.print(f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after fitting the constant on plan 0: median "
+              f"{rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved with the "
+              "original, scaled by its latency)")

@@ -3,7 +3,8 @@
 `build` measures the layer configurations a search will meet: every layer of the model at a sweep of
 uniform widths (and, with `single_layer`, every width of each group alone, which is NetAdapt's first
 iteration). `check` prunes the model to random plans, predicts each with the table and measures it end to
-end, interleaved with the original, and reports the prediction error.
+end, interleaved with the original, and reports the prediction error of the table alone and after
+fitting its constant on the first plan's measurement (what `table+recalibrate` searches do).
 """
 
 from __future__ import annotations
@@ -37,12 +38,19 @@ class BuildResult:
 class CheckRow:
     plan: int
     macs: int
-    predicted_ms: float
+    predicted_ms: float  # the table alone
     measured_ms: float
+    recalibrated_ms: float | None = None  # after fitting the constant on plan 0 (None for plan 0 itself)
 
     @property
     def error_pct(self) -> float:
         return 100 * (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def recalibrated_error_pct(self) -> float | None:
+        if self.recalibrated_ms is None:
+            return None
+        return 100 * (self.recalibrated_ms - self.measured_ms) / self.measured_ms
 
 
 @dataclass(frozen=True)
@@ -51,23 +59,21 @@ class CheckResult:
     reference_ms: float
     constant_ms: float
 
-    @property
-    def abs_errors(self) -> list[float]:
-        return sorted(abs(r.error_pct) for r in self.rows)
-
-    @property
-    def median_abs_error_pct(self) -> float:
-        return statistics.median(self.abs_errors)
-
-    @property
-    def p90_abs_error_pct(self) -> float:
-        errs = self.abs_errors
-        return errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+    def summary(self, recalibrated: bool = False) -> tuple[float, float]:
+        """(median, p90) of the absolute % error, of the table alone or after recalibration on plan 0."""
+        errs = sorted(abs(e) for r in self.rows
+                      if (e := (r.recalibrated_error_pct if recalibrated else r.error_pct)) is not None)
+        if not errs:
+            return float("nan"), float("nan")
+        return statistics.median(errs), errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
 
     def to_json(self) -> dict:
+        (med, p90), (rmed, rp90) = self.summary(), self.summary(recalibrated=True)
         return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms,
-                "median_abs_error_pct": self.median_abs_error_pct, "p90_abs_error_pct": self.p90_abs_error_pct,
-                "rows": [{**asdict(r), "error_pct": r.error_pct} for r in self.rows]}
+                "median_abs_error_pct": med, "p90_abs_error_pct": p90,
+                "recalibrated_median_abs_error_pct": rmed, "recalibrated_p90_abs_error_pct": rp90,
+                "rows": [{**asdict(r), "error_pct": r.error_pct, "recalibrated_error_pct": r.recalibrated_error_pct}
+                         for r in self.rows]}
 
 
 def _pruned(model: LoadedModel, keep) -> LoadedModel:
@@ -112,14 +118,24 @@ def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed
     """Random plans (each prunable group keeps a random fraction in [min_ratio, 1]), predicted vs measured."""
     rng = random.Random(seed)
     measured = RelativeOracle(model, table.target)
-    oracle = TableOracle(table, model, measured)  # never recalibrated here: this checks the table alone
+    oracle = TableOracle(table, model, measured)
     layers = [g for g in prunable_layers(model.module, model.example_input()) if g.prunable]
-    rows = []
+    rows, calibration = [], None
     for i in range(n_plans):
         keep = {g.name: round_width(max(1, int(g.out_channels * rng.uniform(min_ratio, 1.0))), g.out_channels,
                                     round_to, g.channel_step) for g in layers}
         candidate = _pruned(model, keep)
-        row = CheckRow(i, summarize(candidate).macs or 0, oracle.latency_ms(candidate), measured.latency_ms(candidate))
+        if calibration is None:  # plan 0: the table alone, then fit the constant to its measurement
+            table_ms = oracle.predict(candidate).total_ms
+            measured_ms = oracle.recalibrate(candidate)
+            calibration = oracle.constant_ms
+            row = CheckRow(i, summarize(candidate).macs or 0, table_ms, measured_ms)
+        else:
+            refit = oracle.predict(candidate).total_ms
+            oracle.constant_ms = 0.0
+            alone = oracle.predict(candidate).total_ms
+            oracle.constant_ms = calibration
+            row = CheckRow(i, summarize(candidate).macs or 0, alone, measured.latency_ms(candidate), refit)
         log(f"plan {i}: predicted {row.predicted_ms:.3f} ms, measured {row.measured_ms:.3f} ms ({row.error_pct:+.1f}%)")
         rows.append(row)
     return CheckResult(rows, measured.reference_ms, oracle.constant_ms)
