@@ -11,6 +11,7 @@ and the search wall time.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.06, help="NetAdapt reduction per iteration (fraction of R0)")
     ap.add_argument("--target", default="host-cpu")
     args = ap.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("squeeze").setLevel(logging.INFO)  # search progress on stderr
     long_term = {"optimizer": "sgd", "lr": 0.01, "epochs": args.long_term_epochs}
     with tempfile.TemporaryDirectory() as tmp:
         model = str(trained_model(Path(tmp)))

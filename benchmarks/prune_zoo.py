@@ -11,6 +11,7 @@ measured speedup divided by the MACs reduction (1.0: latency falls as fast as MA
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--step", type=float, default=0.05, help="NetAdapt reduction per iteration (fraction of R0)")
     ap.add_argument("--target", default="host-cpu")
     args = ap.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("squeeze").setLevel(logging.INFO)  # search progress on stderr
     print("model, method, budget, measured ratio (95% CI), within +-10%, parity max abs err, MACs reduction, "
           "speedup / MACs reduction, seconds")
     for model in args.models:
