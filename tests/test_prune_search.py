@@ -13,14 +13,12 @@ import pytest
 import torch
 
 from squeeze.data import load_data
-from squeeze.errors import ModelLoadError
 from squeeze.measure.oracle import LatencyOracle, MeasuredOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.model import LoadedModel, load_model, save_checkpoint
 from squeeze.passes.base import ModelState, PassContext
 from squeeze.passes.prune import NetAdaptOptions, UniformOptions
 from squeeze.prune import (
-    PruneError,
     apply_plan,
     plan_from_json,
     prunable_layers,
