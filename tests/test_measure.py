@@ -120,3 +120,20 @@ def test_noise_guard_downgrades_fail_on_an_overloaded_machine():
     verdict, reason = _noise_guard("fail", noisy, quiet, cfg)
     assert verdict == "inconclusive" and "too noisy" in reason
     assert _noise_guard("pass", noisy, quiet, cfg) == ("pass", "")
+
+
+def test_relative_oracle_reuses_one_worker():
+    from squeeze.measure.oracle import RelativeOracle
+
+    ref = load_model("testnets:conv_stack", input_shape=(1, 3, 24, 24))
+    oracle = RelativeOracle(ref, HOST, FAST)
+    worker = oracle.worker
+    bigger = load_model("testnets:conv_stack", input_shape=(1, 3, 24, 24))
+    import testnets
+
+    bigger.module = testnets.conv_stack(layers=8)
+    assert oracle.latency_ms(bigger) > 2 * oracle.reference_ms  # 8 conv layers vs 2
+    assert oracle.latency_ms(ref) == oracle.reference_ms
+    assert oracle.worker is worker and worker.alive  # the same process served every measurement
+    worker.close()
+    assert not worker.alive and oracle.worker is not worker  # a dead worker is replaced

@@ -55,14 +55,18 @@ class InterleavedRun:
 
     Rounds alternate the order (A B, then B A) so that neither model always runs right after the other.
     A sample loops the model `calls_per_sample` times so that it lasts at least `min_repeat_ms`.
-    Use as a context manager so the worker process is closed.
+    Use as a context manager: it closes its own worker, or drops its artifacts from a shared one.
     """
 
-    def __init__(self, artifacts: list[OnnxArtifact], target, protocol: Protocol) -> None:
+    def __init__(self, artifacts: list[OnnxArtifact], target, protocol: Protocol,
+                 worker: WorkerClient | None = None) -> None:
+        if worker is not None and worker.protocol != protocol:
+            raise ValueError("a shared measurement worker serves one protocol")
         self.artifacts, self.target, self.protocol = artifacts, target, protocol
-        self.worker = WorkerClient(artifacts, target, protocol)
-        self.calls: list[int] = self.worker.ready["calls"]
-        self.env: dict = self.worker.ready["environment"]
+        self._own = worker is None
+        self.worker = worker or WorkerClient(target, protocol)
+        self.ids, self.calls = self.worker.open(artifacts)
+        self.env: dict = self.worker.environment
         self.samples: list[list[float]] = [[] for _ in artifacts]
         self.run_id = uuid.uuid4().hex[:12]
 
@@ -70,14 +74,18 @@ class InterleavedRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.worker.close()
+        if self._own:
+            self.worker.close()
+        elif self.worker.alive:
+            self.worker.drop(self.ids)
 
     def round(self) -> None:
         order = list(range(len(self.artifacts)))
         if len(self.samples[0]) % 2:
             order.reverse()
-        for i, ms in self.worker.sample(order).items():
-            self.samples[i].append(ms)
+        got = self.worker.sample([self.ids[i] for i in order])
+        for i in order:
+            self.samples[i].append(got[self.ids[i]])
 
     def measurements(self) -> list[Measurement]:
         return [
@@ -90,8 +98,9 @@ def _key(artifact: OnnxArtifact, target, runtime_version: str, protocol: Protoco
     return measurement_key(artifact.sha256, target.model_dump_json(), runtime_version, json.dumps(protocol.model_dump()))
 
 
-def measure(artifacts: list[OnnxArtifact], target, protocol: Protocol, use_cache: bool = True) -> list[Measurement]:
-    """Measure all artifacts in one interleaved run.
+def measure(artifacts: list[OnnxArtifact], target, protocol: Protocol, use_cache: bool = True,
+            worker: WorkerClient | None = None) -> list[Measurement]:
+    """Measure all artifacts in one interleaved run (in `worker` when given, else in a fresh one).
 
     Cached results are used only when every artifact has one from the same run, so ratios between the
     returned measurements always come from one run.
@@ -104,7 +113,7 @@ def measure(artifacts: list[OnnxArtifact], target, protocol: Protocol, use_cache
         hits = [cache.get(k) for k in keys]
         if all(hits) and len({h["run_id"] for h in hits}) == 1:
             return [Measurement.from_json({**h, "cached": True}) for h in hits]
-    with InterleavedRun(artifacts, target, protocol) as run:
+    with InterleavedRun(artifacts, target, protocol, worker) as run:
         for _ in range(protocol.repeat):
             run.round()
     results = run.measurements()

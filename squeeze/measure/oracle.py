@@ -13,6 +13,7 @@ from squeeze.export.onnx import export_onnx
 from squeeze.measure.bench import Measurement, measure
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import paired_ratio
+from squeeze.measure.worker import WorkerClient
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
@@ -53,13 +54,21 @@ class RelativeOracle(LatencyOracle):
         self.target = target
         self.protocol = protocol or Protocol.for_target(target)
         self.exporter = exporter  # the faster exporter: candidates only need the same graph, not the shipped file
+        self._worker: WorkerClient | None = None
         self.reference = export_onnx(reference, exporter=exporter)
-        (m,) = measure([self.reference], target, self.protocol, use_cache=False)
+        (m,) = measure([self.reference], target, self.protocol, use_cache=False, worker=self.worker)
         self.reference_ms = m.stats.median_ms
+
+    @property
+    def worker(self) -> WorkerClient:
+        """One worker process for all of this oracle's measurements (restarted if a measurement killed it)."""
+        if self._worker is None or not self._worker.alive:
+            self._worker = WorkerClient(self.target, self.protocol)
+        return self._worker
 
     def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
         artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, exporter=self.exporter)
         if artifact.sha256 == self.reference.sha256:
             return self.reference_ms
-        ref, new = measure([self.reference, artifact], self.target, self.protocol, use_cache=False)
+        ref, new = measure([self.reference, artifact], self.target, self.protocol, use_cache=False, worker=self.worker)
         return self.reference_ms * paired_ratio(ref.samples_ms, new.samples_ms).ratio

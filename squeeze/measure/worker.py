@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,19 +61,34 @@ def _calibrate(session, warmup: int, min_repeat_ms: float) -> int:
 
 
 def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
-    artifacts, target, protocol = _recv(inp)
+    """Messages: ("open", artifacts) -> ids and calls per sample; ("sample", ids) -> ms per id;
+    ("drop", ids); None -> exit. The first message is (target, protocol)."""
+    target, protocol = _recv(inp)
     try:
         from squeeze.measure.environment import environment
         from squeeze.measure.runtimes import get_runtime
 
         runtime = get_runtime(target)
         runtime.configure_process(protocol)
-        sessions = [runtime.open(a, target, protocol) for a in artifacts]
-        calls = [_calibrate(s, protocol.warmup, protocol.min_repeat_ms) for s in sessions]
         env = environment(runtime.name, runtime.version(), runtime.providers(target), protocol.threads)
-        _send(out, ("ready", {"calls": calls, "environment": env}))
-        while (order := _recv(inp)) is not None:
-            _send(out, ("samples", {i: _sample(sessions[i], calls[i]) for i in order}))
+        _send(out, ("ready", {"environment": env}))
+        sessions: dict[int, tuple[Any, int]] = {}  # id -> (session, calls per sample)
+        next_id = 0
+        while (message := _recv(inp)) is not None:
+            verb, arg = message
+            if verb == "open":
+                ids = list(range(next_id, next_id + len(arg)))
+                next_id += len(arg)
+                for i, artifact in zip(ids, arg):
+                    session = runtime.open(artifact, target, protocol)
+                    sessions[i] = (session, _calibrate(session, protocol.warmup, protocol.min_repeat_ms))
+                _send(out, ("opened", {"ids": ids, "calls": [sessions[i][1] for i in ids]}))
+            elif verb == "sample":
+                _send(out, ("samples", {i: _sample(*sessions[i]) for i in arg}))
+            else:  # "drop"
+                for i in arg:
+                    sessions.pop(i, None)
+                _send(out, ("dropped", None))
     except (BrokenPipeError, EOFError):
         return  # the parent is gone: nobody to report to
     except BaseException as exc:  # everything else goes back to the parent, which raises it there
@@ -84,14 +100,24 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
 
 
 class WorkerClient:
-    def __init__(self, artifacts, target, protocol) -> None:
+    """A worker process for one target and protocol; artifacts are opened and dropped as needed, so one
+    worker can serve a whole search (its start costs about a second)."""
+
+    def __init__(self, target, protocol) -> None:
+        self.protocol = protocol
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])  # importable even when squeeze is not installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen([sys.executable, "-m", "squeeze.measure.worker"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env)
-        _send(self._proc.stdin, (artifacts, target, protocol))
-        self.ready: dict[str, Any] = self._recv("ready")
+        # An idle worker ends when its client is garbage-collected: it exits on end of input.
+        weakref.finalize(self, self._proc.stdin.close)
+        _send(self._proc.stdin, (target, protocol))
+        self.environment: dict[str, Any] = self._recv("ready")["environment"]
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None and not self._proc.stdin.closed
 
     def _recv(self, kind: str) -> Any:
         try:
@@ -109,9 +135,19 @@ class WorkerClient:
         assert tag == kind, f"worker protocol: expected {kind}, got {tag}"
         return payload
 
-    def sample(self, order: list[int]) -> dict[int, float]:
-        _send(self._proc.stdin, order)
+    def open(self, artifacts) -> tuple[list[int], list[int]]:
+        """Open and calibrate artifacts; returns their ids and calls per sample."""
+        _send(self._proc.stdin, ("open", list(artifacts)))
+        opened = self._recv("opened")
+        return opened["ids"], opened["calls"]
+
+    def sample(self, ids: list[int]) -> dict[int, float]:
+        _send(self._proc.stdin, ("sample", ids))
         return self._recv("samples")
+
+    def drop(self, ids: list[int]) -> None:
+        _send(self._proc.stdin, ("drop", ids))
+        self._recv("dropped")
 
     def close(self) -> None:
         if self._proc.poll() is None:
