@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_dir", "atomic_write_bytes", "sha256_bytes", "sha256_file"]
+__all__ = ["cache_dir", "atomic_write_bytes", "sha256_file"]
 
 
 def cache_dir(sub: str = "") -> Path:
@@ -33,10 +33,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

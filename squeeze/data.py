@@ -17,8 +17,6 @@ other formats (JPEG, ...) need Pillow.
 from __future__ import annotations
 
 import functools
-import importlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from squeeze.errors import DataError, first_line
+from squeeze.refs import import_ref, is_ref
 
 __all__ = [
     "DigitsSplits",
@@ -120,7 +119,7 @@ def load_data(
     if path.exists():
         raise DataError(f"--data `{spec}` is a file; a folder data set is a directory of class sub-folders.",
                         f"Accepted forms: {_SPEC_FORMS}.")
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+    if is_ref(spec):
         return _load_module(spec, chw, normalization)
     if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
         raise DataError(f"No folder at `{spec}` (--data).", f"Check the path. Accepted forms: {_SPEC_FORMS}.")
@@ -471,15 +470,7 @@ def _folder_stats(train: ImageFolderDataset, seed: int) -> tuple[torch.Tensor, t
 
 
 def _load_module(spec: str, chw: tuple[int, int, int] | None, normalization: Normalization) -> DataBundle:
-    module_name, _, function_name = spec.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise DataError(
-            f"Cannot import the data function `{spec}`: {first_line(exc)}.",
-            "Check the `package.module:function` name and that the package is importable (on PYTHONPATH). "
-            f"Accepted forms: {_SPEC_FORMS}.",
-        ) from exc
+    function = import_ref(spec, DataError, "data function", f"Accepted forms: {_SPEC_FORMS}.")
     try:
         returned = function()
     except Exception as exc:  # the user's code: any failure is reported as theirs, the trace kept for --debug

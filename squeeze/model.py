@@ -28,6 +28,7 @@ from torch import nn
 from squeeze import zoo
 from squeeze.cache import atomic_write_bytes
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
+from squeeze.refs import import_ref, is_ref
 
 __all__ = [
     "ArchRef",
@@ -132,14 +133,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _import_factory(ref: str) -> Callable[..., nn.Module]:
-    mod_name, _, fn_name = ref.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(
-            f"Cannot import the model factory `{ref}`: {exc}.",
-            "Check the `package.module:function` name and that the package is importable (on PYTHONPATH).",
-        ) from exc
+    fn = import_ref(ref, ModelLoadError, "model factory")
     if not callable(fn):
         raise ModelLoadError(f"`{ref}` is not callable.", "Point to a function that returns an nn.Module.")
     return fn
@@ -277,7 +271,7 @@ def load_model(
         if path.is_dir():
             raise ModelLoadError(f"{path} is a folder, not a model file.")
         loaded = _load_file(path, trust)
-    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+    elif is_ref(spec):
         arch = ArchRef(spec)
         module = arch.build()
         if not isinstance(module, nn.Module):

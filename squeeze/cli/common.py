@@ -51,12 +51,13 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def parse_fraction(text: str, what: str) -> float:
-    """'5%' -> 0.05, '0.05' -> 0.05."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", text)
+def parse_fraction(text: str, what: str, noun: str = "number",
+                   hint: str = "Write it as a percentage (5%) or a fraction (0.05).") -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05, '0.5x' -> 0.5."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|x)?\s*", text)
     if not m:
-        raise SqueezeError(f"{what} `{text}` is not a number.", "Write it as a percentage (5%) or a fraction (0.05).")
-    return float(m.group(1)) / (100 if m.group(2) else 1)
+        raise SqueezeError(f"{what} `{text}` is not a {noun}.", hint)
+    return float(m.group(1)) / (100 if m.group(2) == "%" else 1)
 
 
 def write_json(path: Path, data: Any) -> None:

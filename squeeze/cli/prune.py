@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from squeeze import api
-from squeeze.cli.common import InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out
+from squeeze.cli.common import (InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out,
+                                parse_fraction)
 from squeeze.errors import SqueezeError
 from squeeze.model import parse_input_shape
 
 METHODS = ("netadapt", "uniform")
 
 
+RATIO_HINT = "Write it as 0.5x, 0.5 or 50% of the original."
+
+
 def parse_ratio(text: str, flag: str) -> float:
-    """'0.5x' / '0.5' / '50%' -> 0.5."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|%)?\s*", text)
-    if not m:
-        raise SqueezeError(f"{flag} `{text}` is not a ratio.", "Write it as 0.5x, 0.5 or 50% of the original.")
-    value = float(m.group(1)) / (100 if m.group(2) == "%" else 1)
+    """'0.5x' / '0.5' / '50%' -> 0.5, in (0, 1]."""
+    value = parse_fraction(text, flag, "ratio", RATIO_HINT)
     if not 0 < value <= 1:
-        raise SqueezeError(f"{flag} `{text}` is not a ratio in (0, 1]: pruning makes models smaller.",
-                           "Write it as 0.5x, 0.5 or 50% of the original.")
+        raise SqueezeError(f"{flag} `{text}` is not a ratio in (0, 1]: pruning makes models smaller.", RATIO_HINT)
     return value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -36,29 +36,29 @@ class UniformOptions(_PruneOptions):
     bisection_steps: int = Field(10, ge=1)
 
 
-def _run_search(state: ModelState, ctx: PassContext, opts, search: str) -> tuple[ModelState, dict[str, Any]]:
-    from squeeze.prune.run import run_pruning_search
+class _SearchPass(Pass):
+    """A pruning search (squeeze.prune.run) as a pass; subclasses name the search."""
 
-    return run_pruning_search(state, ctx, opts, search)
+    search: ClassVar[str]
+    needs_budget = True
+
+    def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
+        from squeeze.prune.run import run_pruning_search
+
+        return run_pruning_search(state, ctx, self.options, self.search)
 
 
 @register_pass
-class NetAdaptPass(Pass):
+class NetAdaptPass(_SearchPass):
     name = "prune.netadapt"
     summary = "NetAdapt: iterative per-layer channel pruning driven by measured/table latency, short fine-tunes."
     Options = NetAdaptOptions
-    needs_budget = True
-
-    def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
-        return _run_search(state, ctx, self.options, "netadapt")
+    search = "netadapt"
 
 
 @register_pass
-class UniformPass(Pass):
+class UniformPass(_SearchPass):
     name = "prune.uniform"
     summary = "Baseline: the same channel ratio in every layer, bisected to meet the budget."
     Options = UniformOptions
-    needs_budget = True
-
-    def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
-        return _run_search(state, ctx, self.options, "uniform")
+    search = "uniform"

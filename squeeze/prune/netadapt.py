@@ -144,7 +144,7 @@ class _Proposals:
         return cand
 
 
-def _record(i: int, target: float, before: Candidate, best: Candidate, props: list[Candidate], measured,
+def _record(i: int, target: float, best: Candidate, props: list[Candidate], measured,
             layer_widths: dict[str, int], t0: float) -> IterationRecord:
     return IterationRecord(
         i, target, best.layer, layer_widths[best.layer], best.width, best.resource, measured, best.accuracy,
@@ -192,7 +192,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
             # before believing the budget is met.
             measured = confirm(best.model)
             best.resource = measured
-        result.history.append(_record(i, target, current, best, props, measured, widths, t0))
+        result.history.append(_record(i, target, best, props, measured, widths, t0))
         log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
             f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
         current = best

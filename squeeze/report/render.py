@@ -143,13 +143,9 @@ def recipe_view(report: dict) -> Group:
         for name, (before, after) in widths.items():
             wt.add_row(name, str(before), str(after) if after != before else "=")
         parts.append(wt)
-    parts.append(Text(protocol_line(_measurement(lat["final"])), style="dim"))
+    parts.append(Text(protocol_line(Measurement.from_json(lat["final"])), style="dim"))
     parts.append(Text("written: " + ", ".join(report["written"]), style="dim"))
     return Group(*parts)
-
-
-def _measurement(d: dict) -> Measurement:
-    return Measurement.from_json(d)
 
 
 def _stage_result(rec: dict) -> str:
