@@ -556,3 +556,25 @@ def test_grouped_conv_plan_must_keep_the_same_positions_per_group():
     odd = {"kind": "channels", "version": 1, "keep": {"conv1": 6}, "kept_indices": {"conv1": list(range(6))}}
     with pytest.raises(PlanError, match="is not a multiple of 4"):
         apply_plan(model, odd, x)
+
+
+# --- pricing a proposal without pruning ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", "densenet121", "grouped"])
+def test_width_effects_equal_the_layer_configs_of_the_pruned_model(name):
+    """The configurations a lookup table prices for "group at width w" are those of the model really
+    pruned to w, for residual adds (digits-cnn: a conv that reads the stream it adds to), depthwise convs,
+    concatenations (pre-activation BN) and grouped convs."""
+    from squeeze.measure.lut import layer_configs
+    from squeeze.prune.effects import WidthEffects
+
+    model = GroupedNet().eval() if name == "grouped" else zoo_net(name)
+    x = torch.randn(SHAPES.get(name, (1, 3, 16, 16)))
+    effects = WidthEffects(model, x)
+    table = prunable_layers(model, x)
+    layers = [layer for layer in table if layer.prunable]
+    for layer in layers[:: max(1, len(layers) // 6)]:  # a spread of groups: stem, middle, last
+        width = round_width(layer.out_channels // 2, layer.out_channels, 8, layer.channel_step)
+        pruned = apply_plan(model, make_plan(model, x, {layer.name: width}), x)
+        assert effects.configs_at(layer.name, width) == layer_configs(pruned, x), layer.name

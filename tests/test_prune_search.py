@@ -404,3 +404,51 @@ def test_repruning_a_pruned_checkpoint_reloads(digits_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded.module(x), second.module(x))
     assert widths(reloaded) == widths(second)
+
+
+# --- proposals priced from layer configurations (lookup tables) ------------------------------------
+
+
+class ConfigCostOracle(LatencyOracle):
+    """A deterministic stand-in for a lookup table: a model costs the sum of its layers' MAC-like costs."""
+
+    @staticmethod
+    def _cost(configs) -> float:
+        return sum(c.c_in // c.groups * c.c_out * c.kernel[0] * c.kernel[1] * c.h * c.w for c in configs.values())
+
+    def predict_configs(self, models):
+        from squeeze.measure.lut import Prediction
+
+        return [Prediction(self._cost(m), self._cost(m), 0.0, {}) for m in models]
+
+    def latency_ms(self, model) -> float:
+        from squeeze.measure.lut import layer_configs
+
+        return self._cost(layer_configs(model.module, model.example_input()))
+
+
+class BuildingOracle(ConfigCostOracle):
+    """The same costs, priced only from built models (no predict_configs): the slow path."""
+
+    predict_configs = None
+
+
+def test_priced_proposals_pick_what_building_each_proposal_picks(digits_model, monkeypatch):
+    import squeeze.prune.netadapt as na
+
+    builds = []
+    real = na.pruned_candidate
+    monkeypatch.setattr(na, "pruned_candidate", lambda *a, **k: builds.append(1) or real(*a, **k))
+    runs = {}
+    for name, oracle in (("priced", ConfigCostOracle()), ("built", BuildingOracle())):
+        builds.clear()
+        resource = Resource("latency_ms", oracle, oracle)
+        budget = resolve_budget(Budget(latency_ratio=0.5), digits_model, resource)
+        result = netadapt(digits_model, budget, resource, quick(initial_reduction=0.1))
+        runs[name] = (result, len(builds))
+    (priced, priced_builds), (built, built_builds) = runs["priced"], runs["built"]
+    assert [(h.layer, h.width_after, h.resource) for h in priced.history] == \
+           [(h.layer, h.width_after, h.resource) for h in built.history]
+    assert priced.history[-1].resource <= 0.5 * ConfigCostOracle().latency_ms(digits_model)
+    # Priced: only each iteration's winner is built; built: every bisection step of every layer.
+    assert priced_builds == len(priced.history) < built_builds

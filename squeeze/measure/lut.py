@@ -242,10 +242,18 @@ class TableOracle(LatencyOracle):
         return measured_ms
 
     def predict(self, model: LoadedModel) -> Prediction:
-        per_layer = self.table.layers_ms(model.module, model.example_input())
-        layers = sum(per_layer.values())
-        ratio = (layers + self.constant_ms) / (self.reference_layers_ms + self.constant_ms)
-        return Prediction(self.reference_ms * ratio, layers, self.constant_ms, per_layer)
+        return self.predict_configs([layer_configs(model.module, model.example_input())])[0]
+
+    def predict_configs(self, models: list[dict[str, LayerConfig]]) -> list[Prediction]:
+        """Predictions for models given as layer configurations; missing entries are measured in one go."""
+        table = self.table.entries([c for configs in models for c in configs.values()])
+        out = []
+        for configs in models:
+            per_layer = {name: table[c.key].median_ms for name, c in configs.items()}
+            layers = sum(per_layer.values())
+            ratio = (layers + self.constant_ms) / (self.reference_layers_ms + self.constant_ms)
+            out.append(Prediction(self.reference_ms * ratio, layers, self.constant_ms, per_layer))
+        return out
 
     def latency_ms(self, model: LoadedModel) -> float:
         return self.predict(model).total_ms

@@ -7,7 +7,7 @@ final word on a latency budget is always a measurement of the exported model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from squeeze.errors import SqueezeError
 from squeeze.measure.oracle import LatencyOracle
@@ -37,6 +37,17 @@ class Resource:
             return self.oracle.latency_ms(model)
         s = summarize(model)
         return float(s.macs if self.name == "macs" else s.size_bytes)
+
+    def width_predictor(self, model: LoadedModel) -> Callable[[list[tuple[str, int]]], list[float]] | None:
+        """Prices proposals (group name, width) of `model` without pruning it, where the oracle can: a
+        lookup table prices layer configurations. None: each proposal must be built and measured."""
+        predict = getattr(self.oracle, "predict_configs", None)
+        if self.name != "latency_ms" or predict is None:
+            return None
+        from squeeze.prune.effects import WidthEffects
+
+        effects = WidthEffects(model.module, model.example_input())
+        return lambda proposals: [p.total_ms for p in predict([effects.configs_at(n, w) for n, w in proposals])]
 
     def confirm(self, model: LoadedModel) -> float:
         """The value a report may claim: measured for latency, counted otherwise."""

@@ -105,33 +105,48 @@ class _Proposals:
         self.current, self.original_widths, self.resource, self.opts, self.data = (
             current, original_widths, resource, opts, data)
         self.batch = taylor_batch(data, opts.importance)
+        self.built: dict[tuple[str, int], Candidate] = {}
+        self.price = resource.width_predictor(current.model) or self._build_and_price
 
-    def _candidate(self, layer: str, width: int) -> Candidate:
-        base_plan = self.current.plan
-        model, plan = pruned_candidate(self.current.model, base_plan, {layer: width}, self.opts.importance,
-                                       self.opts.round_to, self.batch)
-        return Candidate(model, plan, self.resource.of(model), layer, width)
+    def candidate(self, layer: str, width: int) -> Candidate:
+        if (layer, width) not in self.built:
+            model, plan = pruned_candidate(self.current.model, self.current.plan, {layer: width},
+                                           self.opts.importance, self.opts.round_to, self.batch)
+            self.built[layer, width] = Candidate(model, plan, self.resource.of(model), layer, width)
+        return self.built[layer, width]
 
-    def for_layer(self, layer, target: float) -> Candidate | None:
-        """The largest width on the grid whose network meets `target` (bisection over grid positions)."""
+    def _build_and_price(self, proposals: list[tuple[str, int]]) -> list[float]:
+        return [self.candidate(layer, width).resource for layer, width in proposals]
+
+    def _grid(self, layer) -> list[int]:
         step = max(1, self.opts.round_to)
-        grid = sorted({round_width(w, layer.out_channels, self.opts.round_to, layer.channel_step)
-                       for w in range(step, layer.out_channels, step)})
-        grid = [w for w in grid if w < layer.out_channels]
-        best, lo, hi = None, 0, len(grid) - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            cand = self._candidate(layer.name, grid[mid])
-            if cand.resource <= target:
-                best, lo = cand, mid + 1
-            else:
-                hi = mid - 1
+        grid = {round_width(w, layer.out_channels, self.opts.round_to, layer.channel_step)
+                for w in range(step, layer.out_channels, step)}
+        return sorted(w for w in grid if w < layer.out_channels)
+
+    def largest_widths(self, layers, target: float) -> dict[str, tuple[int, float]]:
+        """Per layer, the largest width on the grid whose network meets `target`, and its resource.
+
+        Bisection over grid positions (the resource falls with the width), all layers in step, so that a
+        lookup table measures the entries one step misses in one batch.
+        """
+        grids = {layer.name: g for layer in layers if (g := self._grid(layer))}
+        bounds = {name: (0, len(g) - 1) for name, g in grids.items()}
+        best: dict[str, tuple[int, float]] = {}
+        while bounds:
+            mids = {name: (lo + hi) // 2 for name, (lo, hi) in bounds.items()}
+            values = self.price([(name, grids[name][mid]) for name, mid in mids.items()])
+            for (name, mid), value in zip(mids.items(), values):
+                lo, hi = bounds[name]
+                if value <= target:
+                    best[name], lo = (grids[name][mid], value), mid + 1
+                else:
+                    hi = mid - 1
+                bounds[name] = (lo, hi)
+            bounds = {name: b for name, b in bounds.items() if b[0] <= b[1]}
         return best
 
     def evaluate(self, cand: Candidate) -> Candidate:
-        if self.data is None:
-            cand.score = cand.width / self.original_widths[cand.layer]
-            return cand
         from squeeze.train import evaluate, fine_tune
 
         fine_tune(cand.model.module, self.data.train, self.opts.short_term, progress=False)
@@ -143,13 +158,30 @@ class _Proposals:
             cand.score = -(self.current.accuracy - cand.accuracy) / saved
         return cand
 
+    def choose(self, widths: dict[str, tuple[int, float]]) -> tuple[Candidate, list[dict[str, Any]]]:
+        """The winning proposal (built) and a record of every proposal.
 
-def _record(i: int, target: float, best: Candidate, props: list[Candidate], measured,
+        Without data, the proposal keeping the largest fraction of its group's original channels wins,
+        so only the winner is built; with data, each is built, fine-tuned briefly and evaluated.
+        """
+        if self.data is None:
+            scored = {name: (w / self.original_widths[name], -value) for name, (w, value) in widths.items()}
+            name = max(scored, key=scored.get)
+            best = self.candidate(name, widths[name][0])
+            best.score = scored[name][0]
+            records = [{"layer": n, "width": w, "resource": v, "accuracy": None, "score": scored[n][0]}
+                       for n, (w, v) in widths.items()]
+            return best, records
+        props = [self.evaluate(self.candidate(name, w)) for name, (w, _) in widths.items()]
+        best = max(props, key=lambda c: (c.score, -c.resource))
+        return best, [{"layer": p.layer, "width": p.width, "resource": p.resource, "accuracy": p.accuracy,
+                       "score": p.score} for p in props]
+
+
+def _record(i: int, target: float, best: Candidate, proposals: list[dict[str, Any]], measured,
             layer_widths: dict[str, int], t0: float) -> IterationRecord:
-    return IterationRecord(
-        i, target, best.layer, layer_widths[best.layer], best.width, best.resource, measured, best.accuracy,
-        [{"layer": p.layer, "width": p.width, "resource": p.resource, "accuracy": p.accuracy, "score": p.score}
-         for p in props], round(time.perf_counter() - t0, 2))
+    return IterationRecord(i, target, best.layer, layer_widths[best.layer], best.width, best.resource, measured,
+                           best.accuracy, proposals, round(time.perf_counter() - t0, 2))
 
 
 def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: NetAdaptOptions,
@@ -174,17 +206,17 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         step = opts.initial_reduction * budget.original * opts.decay ** i
         while True:  # a step no single layer can save is halved (down to 1% of it) before giving up
             target = max(current.resource - step, budget.target)
-            props = [p for layer in table if layer.prunable and (p := proposals.for_layer(layer, target))]
-            if props or step < 0.01 * opts.initial_reduction * budget.original:
+            widths_found = proposals.largest_widths([layer for layer in table if layer.prunable], target)
+            if widths_found or step < 0.01 * opts.initial_reduction * budget.original:
                 break
             step /= 2
-        if not props:
+        if not widths_found:
             raise BudgetError(
                 f"NetAdapt cannot go below {current.resource:.4g} {budget.resource} (budget {budget.target:.4g}): "
                 "no layer can shrink further on the width grid.",
                 "Relax the budget, or lower --round-to.",
             )
-        best = max((proposals.evaluate(p) for p in props), key=lambda c: (c.score, -c.resource))
+        best, records = proposals.choose(widths_found)
         measured = None
         due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
         if budget.resource == "latency_ms" and (due or best.resource <= budget.target):
@@ -192,7 +224,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
             # before believing the budget is met.
             measured = confirm(best.model)
             best.resource = measured
-        result.history.append(_record(i, target, best, props, measured, widths, t0))
+        result.history.append(_record(i, target, best, records, measured, widths, t0))
         log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
             f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
         current = best
