@@ -1,3 +1,5 @@
+import pytest
+
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.bench import measure
 from squeeze.measure.gate import GateConfig, gate_against_baseline, run_gate
@@ -138,3 +140,15 @@ def test_relative_oracle_reuses_one_worker():
     assert oracle.worker is worker and worker.alive  # the same process served every measurement
     worker.close()
     assert not worker.alive and oracle.worker is not worker  # a dead worker is replaced
+
+
+def test_a_runtime_failure_in_the_worker_arrives_as_a_clear_error(tmp_path):
+    from squeeze.export.artifact import OnnxArtifact
+    from squeeze.measure.worker import WorkerError
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    artifact = OnnxArtifact(broken, "0" * 64, "x", (1, 3, 8, 8), "onnx", None)
+    with pytest.raises(WorkerError, match=r"The measurement on `host-cpu` failed") as e:
+        measure([artifact], HOST, FAST, use_cache=False)
+    assert "--debug" in e.value.fix

@@ -167,4 +167,7 @@ if __name__ == "__main__":
     # Frames go to the real stdout; anything a library prints goes to stderr instead.
     frames_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    _serve(sys.stdin.buffer, frames_out)
+    # Through the package, not this __main__ module: errors pickled back must name squeeze.measure.worker.
+    from squeeze.measure.worker import _serve as serve
+
+    serve(sys.stdin.buffer, frames_out)
