@@ -9,7 +9,7 @@ import typer
 from rich.logging import RichHandler
 
 from squeeze import __version__
-from squeeze.cli import bench, info, listing, lut, prune, run, targets
+from squeeze.cli import bench, info, listing, lut, prune, quantize, run, targets
 from squeeze.cli.common import err, state
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def _root(
 app.command("info")(info.info)
 app.command("bench")(bench.bench)
 app.command("prune")(prune.prune)
+app.command("quantize")(quantize.quantize)
 app.command("run")(run.run)
 app.command("validate")(run.validate)
 app.command("list")(listing.list_)

@@ -1,0 +1,206 @@
+"""Per-layer time from ONNX Runtime's profiler, mapped back to torch layers.
+
+ORT fuses Conv+BN+Relu(+Add), converts QDQ groups into QLinearConv / QGemm, and renames nodes (`..._nchwc`,
+`..._token_3`), so profile events cannot be matched to layers by node name. They are matched through the
+weights: a node that reads a layer's weight or bias initializer (`conv1.0.weight`, or its quantized
+`conv1.0.weight_quantized`, directly or through a DequantizeLinear when ORT could not fuse the QDQ group
+and runs a float Conv on dequantized weights) is that layer. Where ORT re-laid a weight out (NCHWc `reorder` initializers)
+and the layer has no bias to recognize it by, the remaining layer nodes are matched in graph order.
+Nodes that are not layers (QuantizeLinear, Transpose, pooling, Add, ...) are charged to the layer whose
+output they consume, or, before the first layer, to the layer they feed: a quantized layer pays for the
+conversions it causes.
+
+Profiling itself slows a run about 2x, so these figures only rank layers against each other; end-to-end
+latency is always measured with profiling off, through squeeze.measure.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.runtimes import seeded_input
+from squeeze.quant.ptq import _layer_nodes
+
+__all__ = ["LayerProfile", "layer_identities", "profile_layers", "slower_layers"]
+
+_LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
+                  "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
+_QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Microseconds per torch layer (its kernels plus the conversions charged to it) in each profiled run."""
+
+    layer_runs_us: dict[str, list[float]]
+    other_us: float  # median per run of the nodes that could not be charged to any layer
+    runs: int
+
+    @property
+    def layer_us(self) -> dict[str, float]:
+        """Median per run."""
+        return {layer: float(np.median(v)) for layer, v in self.layer_runs_us.items()}
+
+    @property
+    def total_us(self) -> float:
+        return sum(self.layer_us.values()) + self.other_us
+
+
+def layer_identities(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """{layer: names of its weight and bias initializers} in a float model."""
+    inits = {i.name for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    return {layer: {i for i in by_name[node].input[1:] if i in inits}
+            for layer, node in _layer_nodes(model).items()}
+
+
+def _strip(name: str) -> str:
+    """`conv1.0.weight_bias_quantized_scale` -> `conv1.0.weight_bias`."""
+    stripped = None
+    while stripped != name:
+        stripped, name = name, name
+        for suffix in _QUANT_SUFFIXES:
+            name = name.removesuffix(suffix)
+    return name
+
+
+def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dict[str, str]:
+    """Optimized-graph node name -> torch layer, for every node (see the module docstring)."""
+    inits = {i.name for i in graph.initializer}
+    owner = {name: layer for layer, names in identities.items() for name in names}
+    producers = {out: n for n in graph.node for out in n.output}
+
+    def constants(node) -> list[str]:
+        """Initializers the node reads, directly or through a DequantizeLinear (a float Conv fed by a
+        dequantized weight: what ORT runs when it cannot fuse a QDQ group)."""
+        found = [i for i in node.input if i in inits]
+        for i in node.input:
+            p = producers.get(i)
+            if p is not None and p.op_type == "DequantizeLinear":
+                found += [j for j in p.input if j in inits]
+        return found
+
+    result: dict[str, str] = {}
+    unmatched_nodes = []
+    for node in graph.node:
+        if node.op_type not in _LAYER_KERNELS:
+            continue
+        names = constants(node)
+        hits = {owner[_strip(i)] for i in names if _strip(i) in owner}
+        if len(hits) == 1:
+            result[node.name] = hits.pop()
+        elif names:
+            unmatched_nodes.append(node.name)
+    unmatched_layers = [layer for layer in identities if layer not in set(result.values())]
+    result.update(zip(unmatched_nodes, unmatched_layers))
+
+    consumers = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+
+    def search(node, step) -> str | None:
+        seen, frontier = set(), [node]
+        while frontier:
+            current = frontier.pop(0)
+            if current.name in result and current is not node:
+                return result[current.name]
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            frontier.extend(step(current))
+        return None
+
+    upstream = lambda n: [producers[i] for i in n.input if i in producers]  # noqa: E731
+    downstream = lambda n: [c for o in n.output for c in consumers[o]]  # noqa: E731
+    for node in graph.node:
+        if node.name not in result:
+            layer = search(node, upstream) or search(node, downstream)
+            if layer is not None:
+                result[node.name] = layer
+    return result
+
+
+def _session(artifact: OnnxArtifact, providers: list[str], threads: int, folder: Path, tag: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    so.profile_file_prefix = str(folder / tag)
+    so.optimized_model_filepath = str(folder / f"{tag}-optimized.onnx")
+    return ort.InferenceSession(str(artifact.path), so, providers=providers)
+
+
+def _kernel_times(profile_path: str) -> dict[str, list[float]]:
+    """Node name -> kernel microseconds of each run, from ORT's Chrome-trace profile."""
+    times: dict[str, list[float]] = defaultdict(list)
+    for event in json.loads(Path(profile_path).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["name"].removesuffix("_kernel_time")].append(float(event["dur"]))
+    return times
+
+
+def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]], providers: list[str],
+                   protocol: Protocol, runs: int = 30) -> list[LayerProfile]:
+    """Profile the artifacts interleaved (one run of each per round, as squeeze.measure does) and return,
+    for each, the microseconds per torch layer in each of the `runs` runs after `protocol.warmup`."""
+    with tempfile.TemporaryDirectory(prefix="squeeze-profile-") as tmp:
+        folder = Path(tmp)
+        sessions = [_session(a, providers, protocol.threads, folder, f"m{i}") for i, a in enumerate(artifacts)]
+        feeds = [{a.input_name: seeded_input(a, protocol)} for a in artifacts]
+        warmup = max(protocol.warmup, 1)
+        for _ in range(warmup + runs):
+            for sess, feed in zip(sessions, feeds):
+                sess.run(None, feed)
+        profiles = []
+        for i, sess in enumerate(sessions):
+            times = _kernel_times(sess.end_profiling())
+            graph = onnx.load(str(folder / f"m{i}-optimized.onnx")).graph
+            node_layer = _node_layers(graph, identities)
+            layer_runs: dict[str, np.ndarray] = {}
+            other = np.zeros(runs)
+            for node, durations in times.items():
+                per_run = np.asarray(durations[-runs:])  # each node runs once per run; warm-up runs dropped
+                if len(per_run) < runs:
+                    continue  # a node that did not run every time (none in ORT's CPU kernels) is left out
+                if node in node_layer:
+                    layer = node_layer[node]
+                    layer_runs[layer] = layer_runs.get(layer, np.zeros(runs)) + per_run
+                else:
+                    other += per_run
+            profiles.append(LayerProfile({k: v.tolist() for k, v in layer_runs.items()}, float(np.median(other)),
+                                         runs))
+    return profiles
+
+
+def slower_layers(reference: LayerProfile, candidate: LayerProfile, layers: list[str],
+                  min_fraction: float = 0.8) -> list[tuple[str, float]]:
+    """(layer, median extra microseconds) for the `layers` slower in `candidate` than in `reference`,
+    slowest first.
+
+    The profiles' runs were interleaved, so run i of both is a pair: a layer is slower when it took
+    longer in at least `min_fraction` of the pairs. Per-node times of a few microseconds are noisy, and
+    a median difference alone would blame layers that did not change.
+    """
+    found = []
+    for layer in layers:
+        ref, cand = reference.layer_runs_us.get(layer), candidate.layer_runs_us.get(layer)
+        if ref is None or cand is None:
+            continue
+        diff = np.asarray(cand) - np.asarray(ref)
+        if np.mean(diff > 0) >= min_fraction:
+            found.append((layer, float(np.median(diff))))
+    return sorted(found, key=lambda t: -t[1])

@@ -1,0 +1,81 @@
+"""Terminal view of a quantization stage's record (printed under the recipe table by `squeeze quantize`);
+HAQ's records have their own view (squeeze.quant.haq.haq_view)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["quant_view"]
+
+
+def _ratio(r: dict | None) -> str:
+    return "—" if r is None else f"{r['ratio']:.3f}x [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def quant_view(report: dict) -> Group:
+    stage = next((s for s in report["stages"] if s["method"].startswith("quant.")), None)
+    if stage is None:
+        return Group()
+    if stage["method"] == "quant.haq":
+        from squeeze.quant.haq import haq_view
+
+        return haq_view(stage["record"])
+    rec = stage["record"]
+    parts: list = []
+    choice = rec.get("type_choice")
+    if choice:
+        t = Table(title=f"int8 types measured on {choice['measured_on']} (speedup over fp32, 95% CI, interleaved)")
+        for col in ("activations", "weights", "speedup", ""):
+            t.add_column(col, justify="right" if col == "speedup" else "left")
+        for c in choice["candidates"]:
+            chosen = (c["activation_type"], c["weight_type"]) == tuple(choice["chosen"].values())
+            t.add_row(c["activation_type"], c["weight_type"], _ratio(c["speedup"]), "chosen" if chosen else "")
+        parts.append(t)
+    auto = rec.get("auto_exclude")
+    if auto:
+        t = Table(title=f"auto-exclude (started at {_ratio(auto['start_speedup'])})")
+        for col in ("step", "blamed by the profile (extra µs when quantized)", "speedup after"):
+            t.add_column(col, overflow="fold")
+        for i, step in enumerate(auto["steps"], 1):
+            blamed = ", ".join(f"{layer} +{us:.0f}" for layer, us in step["blamed_us"].items())
+            t.add_row(str(i), blamed, _ratio(step["speedup"]) if step["speedup"] else "all layers float")
+        parts.append(t)
+    lines = []
+    for c in rec.get("confirmations", []):
+        lines.append(Text(f"second, fresh run: {c['config']}"
+                          + (f" with {len(c['float_layers'])} layer(s) float" if c["float_layers"] else "")
+                          + f" {_ratio(c['speedup'])}"))
+    if rec.get("fallback"):
+        lines.append(Text(f"fell back to {rec['fallback']}; model.onnx is the fp32 model", style="bold yellow"))
+    layers = rec.get("layers")
+    if layers:
+        counts: dict[str, int] = {}
+        for p in layers.values():
+            counts[p] = counts.get(p, 0) + 1
+        floats = [name for name, p in layers.items() if p == "fp32"]
+        lines.append(Text("layers: " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
+                          + (f" (float: {', '.join(floats)})" if floats and len(floats) < len(layers) else "")))
+    par = rec.get("output_parity")
+    if par:
+        lines.append(Text(f"parity vs fp32 ({par['n']} {par['split']} images, ONNX Runtime): top-1 agreement "
+                          f"{100 * par['top1_agreement']:.2f}%, SNR {par['snr_db']:.1f} dB"))
+    qat = rec.get("qat")
+    if qat:
+        tp = qat["torch_vs_onnx"]
+        lines.append(Text(f"QAT: torch fake-quant vs ORT int8: top-1 agreement {100 * tp['top1_agreement']:.2f}%, "
+                          f"SNR {tp['snr_db']:.1f} dB; fine-tune {qat['fine_tune']['iterations']} steps "
+                          f"in {qat['fine_tune']['seconds']:.0f} s"))
+    size = rec.get("size_bytes")
+    if size:
+        lines.append(Text(f"file size {size['fp32']:,} -> {size['final']:,} bytes "
+                          f"({size['fp32'] / size['final']:.2f}x smaller)"))
+    if rec.get("budget"):
+        b = rec["budget"]
+        limits = [f"latency {b['latency_ratio']:.3f}x of fp32"
+                  + (f" (<= {b['max_latency_ratio']:.3f}x)" if b["max_latency_ratio"] else "")]
+        if b["max_size_bytes"]:
+            limits.append(f"size {b['size_bytes']:,} <= {b['max_size_bytes']:,} bytes")
+        lines.append(Text("budget met: " + ", ".join(limits)))
+    return Group(*parts, *lines)

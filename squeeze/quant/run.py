@@ -1,0 +1,445 @@
+"""The quantization passes' orchestration: decide by measuring, never hand back a slower model, report.
+
+int8 (`run_int8`):
+  1. calibration samples from the data's train split;
+  2. the activation/weight type combinations the options allow are quantized and measured interleaved
+     with the fp32 model in one run on the target; the fastest is chosen (all ratios go in the report);
+  3. the chosen model must be faster than fp32 with confidence (the lower end of the speedup's 95%
+     interval above 1), in that run and again in a second, fresh run. If it is not: without
+     auto-exclusion, an error says so and nothing is written; with it, ORT's per-layer profiles of the
+     quantized and the fp32 model name the layers that got slower, their quantization is removed, and the
+     model is re-measured, until it is faster or no layer is left to blame, when the fp32 model is handed
+     back (and the report says so);
+  4. a budget (latency or size) is checked on the measured result;
+  5. parity with fp32 on the evaluation split: top-1 agreement and SNR.
+fp16 (`run_fp16`): for GPU targets; measured the same way. QAT (`squeeze.quant.qat`) reuses 1-3 to fix
+the precision plan, then fine-tunes under it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from squeeze.errors import DataError, SqueezeError, TargetError
+from squeeze.export.artifact import OnnxArtifact
+from squeeze.measure.stats import RatioEstimate, paired_ratio
+from squeeze.passes.base import ModelState, PassContext
+from squeeze.passes.builtin import ensure_artifact
+from squeeze.quant.calibrate import CalibrationData, calibration_data
+from squeeze.quant.ptq import (
+    QuantConfig,
+    compare_outputs,
+    layer_nodes,
+    layer_precisions,
+    onnx_outputs,
+    op_counts,
+    quantize_onnx,
+    to_fp16,
+)
+from squeeze.recipe import Budget
+from squeeze.target import Target
+
+__all__ = ["QuantTargetError", "MissingCalibrationDataError", "NotFasterError", "QuantBudgetError", "TYPE_CANDIDATES",
+           "check_target", "check_budget", "type_candidates", "rank_fastest", "is_faster", "ExclusionStep",
+           "exclusion_search", "run_int8", "run_fp16", "plan_int8", "Int8Plan"]
+
+log = logging.getLogger("squeeze.quant")
+
+# (activation, weight) element types ORT's CPU kernels take; which is fast is measured, not assumed.
+TYPE_CANDIDATES: tuple[tuple[str, str], ...] = (("uint8", "int8"), ("int8", "int8"), ("uint8", "uint8"))
+PARITY_SAMPLES = 512
+
+
+class QuantTargetError(TargetError):
+    """The target's runtime has no kernels for the asked precision."""
+
+
+class MissingCalibrationDataError(DataError):
+    pass
+
+
+class NotFasterError(SqueezeError):
+    """The quantized model is not faster than fp32: nothing is handed back."""
+
+    exit_code = 1
+
+
+class QuantBudgetError(SqueezeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a target can run.
+
+
+def _int8_unsupported(target: Target) -> str | None:
+    if target.runtime != "onnxruntime":
+        return (f"squeeze runs ONNX QDQ int8 models through ONNX Runtime only; target `{target.name}` uses the "
+                f"`{target.runtime}` runtime.")
+    first = target.providers[0] if target.providers else "CPUExecutionProvider"
+    if first in ("CPUExecutionProvider", "TensorrtExecutionProvider"):
+        return None
+    if first == "CUDAExecutionProvider":
+        return (f"Target `{target.name}` runs ONNX Runtime's CUDA execution provider, which has no int8 convolution "
+                "kernels: a QDQ model runs there as float convolutions plus extra QuantizeLinear/DequantizeLinear "
+                "work, slower than fp32. int8 on NVIDIA GPUs needs TensorRT.")
+    return f"squeeze has not verified int8 QDQ kernels on ONNX Runtime's {first} (target `{target.name}`)."
+
+
+def _fp16_unsupported(target: Target) -> str | None:
+    if target.runtime == "onnxruntime" and target.providers and target.providers[0] in (
+            "CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return None
+    if target.runtime != "onnxruntime":
+        return (f"squeeze runs fp16 models through ONNX Runtime's GPU providers only; target `{target.name}` uses the "
+                f"`{target.runtime}` runtime.")
+    return (f"Target `{target.name}` runs on {', '.join(target.providers)}: ONNX Runtime's CPU "
+            "execution provider has no fp16 convolution kernels on x86; it casts an fp16 model back to float32 "
+            "around every convolution (and loses its Conv+ReLU fusions), so the model gets slower, not faster. "
+            "fp16 pays off on GPUs.")
+
+
+def check_target(method: str, target: Target) -> None:
+    """Fail before any work when the target cannot run `method`'s precision fast."""
+    if method == "fp16":
+        reason = _fp16_unsupported(target)
+        fix = "Use a GPU target (--target cuda, ONNX Runtime CUDA EP), or --method int8 on this CPU."
+    else:
+        reason = _int8_unsupported(target)
+        fix = ("Use --target host-cpu, a target whose providers start with TensorrtExecutionProvider, or "
+               "--method fp16 on a GPU.")
+    if reason:
+        raise QuantTargetError(reason, fix)
+
+
+def require_data(ctx: PassContext, method: str):
+    if ctx.data is None:
+        raise MissingCalibrationDataError(
+            f"{method} quantization needs calibration data: static quantization measures each activation's "
+            "range on real samples, and accuracy is reported on held-out ones.",
+            "Pass --data (digits, a folder of class sub-folders, or package.module:function), or `data:` in "
+            "the recipe.")
+    return ctx.data
+
+
+def check_budget(budget: Budget | None, params: int, bytes_per_weight: int, method: str) -> None:
+    """Budgets quantization can never meet, refused before any work."""
+    if budget is None:
+        return
+    if budget.macs_ratio is not None:
+        raise QuantBudgetError("Quantization does not change the MACs; a --macs budget cannot be met by it.",
+                               "Give a latency (--latency 0.6x, --latency-ms N) or size (--size-bytes N) budget, "
+                               "or prune (squeeze prune) for MACs.")
+    if budget.size_bytes is not None and budget.size_bytes < params * bytes_per_weight:
+        raise QuantBudgetError(
+            f"The size budget ({budget.size_bytes:,} bytes) is below what {method} weights alone take: "
+            f"{params:,} parameters x {bytes_per_weight} byte(s) = {params * bytes_per_weight:,} bytes.",
+            "Relax --size-bytes, prune first (squeeze prune --size-bytes), or use --method haq for sub-8-bit "
+            "weights.")
+
+
+@dataclass(frozen=True)
+class _LatencyGoal:
+    """Accept a candidate when it is faster than fp32 with confidence and, with a latency budget, meets it."""
+
+    max_ratio: float | None  # candidate latency / fp32 latency; None without a latency budget
+
+    @classmethod
+    def of(cls, budget: Budget | None, fp32_ms: float) -> "_LatencyGoal":
+        if budget is None:
+            return cls(None)
+        ratios = [r for r in (budget.latency_ratio, budget.latency_ms / fp32_ms if budget.latency_ms else None)
+                  if r is not None]
+        return cls(min(ratios) if ratios else None)
+
+    def met(self, speedup: RatioEstimate) -> bool:
+        return is_faster(speedup) and (self.max_ratio is None or 1 / speedup.ratio <= self.max_ratio)
+
+
+def is_faster(speedup: RatioEstimate) -> bool:
+    """Faster with confidence: the whole 95% interval of fp32 latency / candidate latency is above 1."""
+    return speedup.low > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring candidates against fp32.
+
+
+def _measure_vs(reference: OnnxArtifact, candidates: list[OnnxArtifact], ctx: PassContext, fresh: bool = False):
+    """One interleaved run: (reference measurement, [speedup of each candidate = reference / candidate]).
+    `fresh`: a new run even when the cache holds one (a confirmation must be independent)."""
+    from squeeze.measure.bench import measure
+
+    ms = measure([reference, *candidates], ctx.target, ctx.protocol, use_cache=ctx.use_cache and not fresh)
+    return ms[0], [paired_ratio(m.samples_ms, ms[0].samples_ms) for m in ms[1:]]
+
+
+def type_candidates(activation_type: str, weight_type: str) -> list[tuple[str, str]]:
+    """The (activation, weight) combinations allowed by the options ("auto" allows all)."""
+    return [(a, w) for a, w in TYPE_CANDIDATES
+            if activation_type in ("auto", a) and weight_type in ("auto", w)]
+
+
+def rank_fastest(measured: list[tuple[QuantConfig, RatioEstimate]]) -> list[tuple[QuantConfig, RatioEstimate]]:
+    """Candidates by median speedup over fp32, fastest first (ties: the order listed)."""
+    return sorted(measured, key=lambda cs: -cs[1].ratio)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Auto-exclusion: remove quantization from the layers the profile blames, until faster.
+
+
+@dataclass
+class ExclusionStep:
+    blamed: dict[str, float]  # layer -> extra microseconds per run when quantized (profile)
+    excluded: list[str]  # all float layers after this step
+    speedup: RatioEstimate | None  # measured after this step; None when nothing was left to try
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blamed_us": self.blamed, "excluded": self.excluded,
+                "speedup": self.speedup.to_json() if self.speedup else None}
+
+
+def exclusion_search(config: QuantConfig, layers: list[str], accept: Callable[[RatioEstimate], bool],
+                     measure: Callable[[QuantConfig], RatioEstimate],
+                     blame: Callable[[QuantConfig], list[tuple[str, float]]],
+                     max_steps: int) -> tuple[QuantConfig | None, list[ExclusionStep]]:
+    """Exclude the layers `blame` names (those slower quantized than in fp32), re-`measure`, repeat.
+
+    Returns the first accepted config, or None (fall back to fp32) when no quantized layer is blamed any
+    more, every layer is float, or `max_steps` ran out. Pure given its callbacks, so testable on fakes.
+    """
+    steps: list[ExclusionStep] = []
+    current = config
+    for _ in range(max_steps):
+        floats = current.float_layers()
+        blamed = [(layer, us) for layer, us in blame(current) if layer not in floats]
+        if not blamed:
+            break
+        excluded = sorted(set(current.exclude) | {layer for layer, _ in blamed})
+        current = current.model_copy(update={"exclude": excluded})
+        if set(layers) <= current.float_layers():
+            steps.append(ExclusionStep(dict(blamed), excluded, None))
+            break
+        speedup = measure(current)
+        steps.append(ExclusionStep(dict(blamed), excluded, speedup))
+        log.info(f"auto-exclude: {', '.join(layer for layer, _ in blamed)} back to float -> "
+                 f"{speedup.ratio:.3f}x [{speedup.low:.3f}, {speedup.high:.3f}]")
+        if accept(speedup):
+            return current, steps
+    return None, steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8: the plan (types, exclusions) decided by measurement.
+
+
+@dataclass
+class Int8Plan:
+    """What `plan_int8` decided: the config (None: fall back to fp32), its artifact and the evidence."""
+
+    fp32: OnnxArtifact
+    calibration: CalibrationData
+    config: QuantConfig | None
+    artifact: OnnxArtifact
+    speedup: RatioEstimate | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _base_config(opts, activation: str, weight: str) -> QuantConfig:
+    return QuantConfig(activation_type=activation, weight_type=weight, per_channel=opts.per_channel,
+                       calibration=opts.calibration, exclude=sorted(opts.exclude))
+
+
+def _blame(fp32: OnnxArtifact, quantize: Callable[[QuantConfig], OnnxArtifact], ctx: PassContext, runs: int):
+    """config -> layers slower quantized than in fp32 (ORT's profiles of both, interleaved)."""
+    import onnx
+
+    from squeeze.quant.profile import layer_identities, profile_layers, slower_layers
+
+    identities = layer_identities(onnx.load(str(fp32.path)))
+    providers = ctx.target.providers
+
+    def blame(config: QuantConfig) -> list[tuple[str, float]]:
+        ref, cand = profile_layers([fp32, quantize(config)], identities, providers, ctx.protocol, runs)
+        return slower_layers(ref, cand, list(identities))
+
+    return blame
+
+
+def plan_int8(state: ModelState, ctx: PassContext, opts) -> Int8Plan:
+    """Steps 1-3 of the module docstring; raises NotFasterError when nothing faster is found and
+    auto-exclusion is off."""
+    data = require_data(ctx, "int8")
+    state = ensure_artifact(state, ctx)
+    fp32 = state.artifact
+    calibration = calibration_data(data, opts.samples, seed=ctx.seed)
+    layers = list(layer_nodes(fp32))
+
+    def quantize(config: QuantConfig) -> OnnxArtifact:
+        return quantize_onnx(fp32, calibration, config)
+
+    combos = type_candidates(opts.activation_type, opts.weight_type)
+    configs = [_base_config(opts, a, w) for a, w in combos]
+    fp32_m, speedups = _measure_vs(fp32, [quantize(c) for c in configs], ctx)
+    ranked = rank_fastest(list(zip(configs, speedups)))
+    chosen, speedup = ranked[0]
+    log.info("types: " + "; ".join(f"{c.label()} {s.ratio:.3f}x" for c, s in zip(configs, speedups))
+             + f" -> {chosen.label()}")
+    goal = _LatencyGoal.of(ctx.budget, fp32_m.stats.median_ms)
+    choice = {
+        "measured_on": ctx.target.name,
+        "fp32_median_ms": fp32_m.stats.median_ms,
+        "candidates": [{"activation_type": c.activation_type, "weight_type": c.weight_type,
+                        "speedup": s.to_json()} for c, s in zip(configs, speedups)],
+        "chosen": {"activation_type": chosen.activation_type, "weight_type": chosen.weight_type},
+        "by_measurement": len(configs) > 1,
+    }
+    record: dict[str, Any] = {"calibration": calibration.to_json(), "type_choice": choice}
+
+    def confirm(config: QuantConfig) -> RatioEstimate:
+        """A second, fresh interleaved run: one noisy run must not decide that a slower model is faster."""
+        _, (again,) = _measure_vs(fp32, [quantize(config)], ctx, fresh=True)
+        log.info(f"confirmation run: {config.label()} {again.ratio:.3f}x [{again.low:.3f}, {again.high:.3f}]")
+        record.setdefault("confirmations", []).append(
+            {"config": config.label(), "float_layers": sorted(config.float_layers()), "speedup": again.to_json()})
+        return again
+
+    # The fastest candidate that a second run confirms (a noisy first run may have ranked them wrongly).
+    for config, first in ranked:
+        if not goal.met(first):
+            break
+        again = confirm(config)
+        if goal.met(again):
+            choice["chosen"] = {"activation_type": config.activation_type, "weight_type": config.weight_type}
+            return Int8Plan(fp32, calibration, config, quantize(config), again, record)
+        if config is chosen:
+            speedup = again  # what the errors below report
+    if not opts.auto_exclude and is_faster(speedup):  # faster, but not enough for the latency budget
+        raise QuantBudgetError(
+            f"int8 quantization cannot meet the latency budget on this model: the fastest int8 model "
+            f"({chosen.label()}) runs at {1 / speedup.ratio:.3f}x of fp32 (measured), budget {goal.max_ratio:.3f}x.",
+            "Relax the budget, prune first (squeeze prune) and quantize the pruned model, or use --method haq.")
+    if not opts.auto_exclude:
+        raise NotFasterError(
+            f"The int8 model ({chosen.label()}) is not faster than fp32 on `{ctx.target.name}`: measured speedup "
+            f"{speedup.ratio:.3f}x [{speedup.low:.3f}, {speedup.high:.3f}] (95% interval, interleaved). Nothing was "
+            "written.",
+            "Re-run with --auto-exclude to keep the layers that quantize well and leave the others in float "
+            "(measured per layer), or let squeeze choose the types (--activation-type auto).")
+    start = speedup
+    final, steps = exclusion_search(
+        chosen, layers, goal.met, lambda c: _measure_vs(fp32, [quantize(c)], ctx)[1][0],
+        _blame(fp32, quantize, ctx, opts.profile_runs), opts.max_exclude_steps)
+    if final is not None:
+        speedup = confirm(final)
+        final = final if goal.met(speedup) else None
+    record["auto_exclude"] = {"start_speedup": start.to_json(), "steps": [s.to_json() for s in steps],
+                              "result": "quantized" if final else "fp32"}
+    if final is None:
+        log.warning("auto-exclude found no faster int8 model; handing back the fp32 model")
+        return Int8Plan(fp32, calibration, None, fp32, None, record)
+    return Int8Plan(fp32, calibration, final, quantize(final), speedup, record)
+
+
+def eval_inputs(data) -> tuple[str, np.ndarray]:
+    split, ds = ("test", data.test) if data.test is not None else ("val", data.val)
+    n = min(len(ds), PARITY_SAMPLES)
+    return split, np.stack([np.asarray(ds[i][0], dtype=np.float32) for i in range(n)])
+
+
+def output_parity(reference: OnnxArtifact, artifact: OnnxArtifact, data) -> dict[str, Any]:
+    """Top-1 agreement and SNR of `artifact` against `reference` (both through ORT) on the eval split."""
+    split, x = eval_inputs(data)
+    return {"split": split, **compare_outputs(onnx_outputs(reference, x), onnx_outputs(artifact, x)).to_json()}
+
+
+def check_result_budget(budget: Budget | None, speedup: RatioEstimate | None, fp32_ms: float,
+                        artifact: OnnxArtifact, method: str) -> dict[str, Any] | None:
+    """The measured result against the budget; QuantBudgetError when missed (nothing is written)."""
+    if budget is None:
+        return None
+    ratio = 1 / speedup.ratio if speedup else 1.0
+    size = artifact.path.stat().st_size
+    goal = _LatencyGoal.of(budget, fp32_ms)
+    missed = []
+    if goal.max_ratio is not None and ratio > goal.max_ratio:
+        missed.append(f"latency {ratio:.3f}x of fp32 (measured) > budget {goal.max_ratio:.3f}x")
+    if budget.size_bytes is not None and size > budget.size_bytes:
+        missed.append(f"size {size:,} bytes > budget {budget.size_bytes:,}")
+    if missed:
+        raise QuantBudgetError(
+            f"{method} quantization cannot meet the budget on this model: {'; '.join(missed)}.",
+            "Relax the budget, prune first (squeeze prune) and quantize the pruned model, or use --method haq.")
+    return {"latency_ratio": ratio, "max_latency_ratio": goal.max_ratio, "size_bytes": size,
+            "max_size_bytes": budget.size_bytes, "met": True}
+
+
+def run_summary(method: str, config: QuantConfig | None, speedup: RatioEstimate | None) -> str:
+    """One line for the stage table of the recipe view."""
+    if config is None:
+        return f"{method}: fell back to fp32 (no faster quantized model)"
+    floats = f", {len(config.float_layers())} layer(s) float" if config.float_layers() else ""
+    return f"{method} {config.label()}{floats}: {speedup.ratio:.3f}x vs fp32"
+
+
+def describe(artifact: OnnxArtifact, fp32: OnnxArtifact) -> dict[str, Any]:
+    return {"layers": layer_precisions(artifact.path), "op_counts": op_counts(artifact.path),
+            "size_bytes": {"fp32": fp32.path.stat().st_size, "final": artifact.path.stat().st_size}}
+
+
+def run_int8(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict[str, Any]]:
+    from squeeze.summary import summarize
+
+    check_target("int8", ctx.target)
+    check_budget(ctx.budget, summarize(state.model).params, 1, "int8")
+    plan = plan_int8(state, ctx, opts)
+    fp32_ms = plan.record["type_choice"]["fp32_median_ms"]
+    record = {
+        "summary": run_summary("int8", plan.config, plan.speedup),
+        "method": "int8",
+        "config": plan.config.model_dump() if plan.config else None,
+        "fallback": None if plan.config else "fp32: no int8 model was faster on the target",
+        **plan.record,
+        "speedup_vs_fp32": plan.speedup.to_json() if plan.speedup else None,
+        "budget": check_result_budget(ctx.budget, plan.speedup, fp32_ms, plan.artifact, "int8"),
+        **describe(plan.artifact, plan.fp32),
+        "output_parity": output_parity(plan.fp32, plan.artifact, ctx.data),
+    }
+    state.artifact = plan.artifact
+    return state, record
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp16.
+
+
+def run_fp16(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict[str, Any]]:
+    from squeeze.summary import summarize
+
+    check_target("fp16", ctx.target)
+    check_budget(ctx.budget, summarize(state.model).params, 2, "fp16")
+    state = ensure_artifact(state, ctx)
+    fp32 = state.artifact
+    fp16 = to_fp16(fp32)
+    fp32_m, (speedup,) = _measure_vs(fp32, [fp16], ctx)
+    if not _LatencyGoal.of(ctx.budget, fp32_m.stats.median_ms).met(speedup):
+        raise NotFasterError(
+            f"The fp16 model is not faster than fp32 on `{ctx.target.name}`: measured speedup {speedup.ratio:.3f}x "
+            f"[{speedup.low:.3f}, {speedup.high:.3f}] (95% interval, interleaved). Nothing was written.",
+            "Keep the fp32 model, or try --method int8 on a target with int8 kernels.")
+    record = {
+        "method": "fp16",
+        "speedup_vs_fp32": speedup.to_json(),
+        "budget": check_result_budget(ctx.budget, speedup, fp32_m.stats.median_ms, fp16, "fp16"),
+        "op_counts": op_counts(fp16.path),
+        "size_bytes": {"fp32": fp32.path.stat().st_size, "final": fp16.path.stat().st_size},
+        "output_parity": output_parity(fp32, fp16, ctx.data) if ctx.data is not None else None,
+    }
+    state.artifact = fp16
+    return state, record
