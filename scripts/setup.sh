@@ -9,4 +9,4 @@ fi
 . .venv/bin/activate
 # torch first, pinned: an unpinned torch (or a dependency asking for a newer one) pulls the CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,tvm]"

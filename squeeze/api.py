@@ -22,7 +22,7 @@ from squeeze.passes import ModelState, PassContext, get_pass
 from squeeze.passes.builtin import ensure_artifact
 from squeeze.recipe import Recipe, load_recipe
 from squeeze.summary import ModelSummary, summarize
-from squeeze.target import Target, load_target
+from squeeze.target import Target, load_target, refuse_emulated_latency
 
 __all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline"]
 
@@ -102,6 +102,7 @@ def load_baseline(path: Path) -> Measurement:
 
 def gate(new_spec: str, target: Target, opts: ModelOptions, protocol: Protocol, cfg: GateConfig, *,
          old_spec: str | None = None, baseline: Path | None = None) -> GateResult:
+    refuse_emulated_latency(target, "a latency gate")
     get_runtime_check(target)
     new = export_onnx(opts.load(new_spec), exporter=opts.exporter)
     if baseline is not None:
@@ -145,6 +146,8 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     """
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     target = load_target(target_name or recipe.target or "host-cpu")
+    if recipe.budget and (recipe.budget.latency_ms is not None or recipe.budget.latency_ratio is not None):
+        refuse_emulated_latency(target, "a latency budget")
     check_out_dir(out_dir)
     get_runtime_check(target)
     protocol = Protocol.for_target(target, **recipe.measure.model_dump())

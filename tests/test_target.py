@@ -35,9 +35,7 @@ def test_tvm_fields_are_in_the_schema(tmp_path):
     )
     t = load_target(str(p))
     assert t.tvm.runner == "rpc" and t.tvm.rpc.key == "rpi4" and t.tvm.target["mcpu"] == "cortex-a72"
-    # No tvm runtime is registered yet: the user is told so instead of a traceback.
-    with pytest.raises(RuntimeUnavailableError, match=r"`tvm` runtime.*squeeze\[tvm\]"):
-        get_runtime(t)
+    assert get_runtime(t).name == "tvm"  # registered; tests/test_tvm.py covers TVM missing (the install hint)
 
 
 def test_tvm_runtime_needs_tvm_section(tmp_path):

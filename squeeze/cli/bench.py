@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out,
-                                parse_fraction, write_json)
+from squeeze.cli.common import (InputShape, KeyOpt, NoCache, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
+                                handles_errors, out, parse_fraction, rpc_flags, write_json)
 from squeeze.errors import SqueezeError
 from squeeze.model import parse_input_shape
 
@@ -36,6 +36,9 @@ def bench(
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
+    rpc: Optional[str] = RpcOpt,
+    tracker: Optional[str] = TrackerOpt,
+    key: Optional[str] = KeyOpt,
 ) -> None:
     """Measure latency on a target (interleaved, one run), or gate a regression for CI (exit 1 on failure)."""
     from squeeze.measure.gate import GateConfig
@@ -45,7 +48,8 @@ def bench(
 
     if exporter not in ("dynamo", "torchscript"):
         raise SqueezeError(f"--exporter {exporter} is not known.", "Use dynamo or torchscript.")
-    tgt = load_target(target)
+    with rpc_flags(target, rpc, tracker, key):
+        tgt = load_target(target)
     protocol = Protocol.for_target(tgt, repeat=repeat, warmup=warmup, min_repeat_ms=min_repeat_ms, threads=threads,
                                    batch_size=batch_size)
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model, exporter)

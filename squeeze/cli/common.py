@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from squeeze.errors import SqueezeError
 
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
-           "TrustModel", "TargetOpt", "NoCache"]
+           "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags"]
 
 out = Console()
 err = Console(stderr=True)
@@ -34,7 +37,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SqueezeError as exc:
             if state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors chosen by the command itself
@@ -71,3 +74,48 @@ Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint
 TrustModel = typer.Option(False, "--trust-model", help="Allow loading a pickled nn.Module (unpickling runs code from the file).")
 TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
 NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")
+RpcOpt = typer.Option(None, "--rpc", help="TVM RPC targets: HOST:PORT of the board's rpc_server (overrides SQUEEZE_RPC_HOST/PORT and the target file).")
+TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of an rpc_tracker; use with --key.")
+KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")
+
+
+@contextlib.contextmanager
+def rpc_flags(target: str, rpc: str | None, tracker: str | None, key: str | None):
+    """--rpc/--tracker/--key set SQUEEZE_RPC_* for the duration of one command, so the board they name wins
+    over the environment and the target file (the precedence `load_target` applies)."""
+    if not (rpc or tracker or key):
+        yield
+        return
+    from squeeze.target import RPC_ENV, load_target, parse_host_port
+
+    if rpc and tracker:
+        raise SqueezeError("--rpc and --tracker are two ways to reach a board; give one.",
+                           "--rpc HOST:PORT for a board's rpc_server, or --tracker HOST:PORT --key KEY.")
+    tgt = load_target(target)
+    if tgt.tvm is None or tgt.tvm.runner != "rpc":
+        raise SqueezeError(f"--rpc/--tracker/--key apply to targets that run on a board over TVM RPC; `{tgt.name}` "
+                           "does not.", "Use them with such a target, e.g. --target arm-a72.")
+    values: dict[str, str | None] = {}
+    if rpc:
+        host, port = parse_host_port(rpc, "--rpc")
+        values.update(SQUEEZE_RPC_HOST=host, SQUEEZE_RPC_PORT=str(port), SQUEEZE_RPC_TRACKER=None)
+    if tracker:
+        parse_host_port(tracker, "--tracker")
+        values.update(SQUEEZE_RPC_TRACKER=tracker, SQUEEZE_RPC_HOST=None, SQUEEZE_RPC_PORT=None)
+    if key:
+        values["SQUEEZE_RPC_KEY"] = key
+    saved = {k: os.environ.get(k) for k in RPC_ENV}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        load_target(target)  # an inconsistent combination fails here, naming the flags
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

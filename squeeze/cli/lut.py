@@ -9,18 +9,20 @@ import typer
 from rich.table import Table
 
 from squeeze import api
-from squeeze.cli.common import InputShape, TargetOpt, TrustModel, Weights, handles_errors, out
+from squeeze.cli.common import (InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights, handles_errors,
+                                out, rpc_flags)
 from squeeze.model import parse_input_shape
 
 app = typer.Typer(help="Latency lookup tables: build them for a model's search space, check their error.",
                   no_args_is_help=True)
 
 
-def _setup(model: str, target: str, input_shape, weights, trust_model):
+def _setup(model: str, target: str, input_shape, weights, trust_model, board: tuple):
     from squeeze.measure.lut import LatencyTable
     from squeeze.target import load_target
 
-    tgt = load_target(target)
+    with rpc_flags(target, *board):
+        tgt = load_target(target)
     api.get_runtime_check(tgt)
     loaded = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model).load(model)
     return loaded, LatencyTable(tgt)
@@ -36,13 +38,16 @@ def build(
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
+    rpc: Optional[str] = RpcOpt,
+    tracker: Optional[str] = TrackerOpt,
+    key: Optional[str] = KeyOpt,
 ) -> None:
     """Measure the layer configurations a pruning search on MODEL meets; stored entries are reused."""
     from rich.progress import Progress
 
     from squeeze.prune.tables import build_table, search_space_configs
 
-    loaded, table = _setup(model, target, input_shape, weights, trust_model)
+    loaded, table = _setup(model, target, input_shape, weights, trust_model, (rpc, tracker, key))
     total = len(search_space_configs(loaded, round_to, single_layer))
     with Progress(console=out, transient=True) as bar:
         task = bar.add_task("measuring layers", total=total)
@@ -63,11 +68,14 @@ def check(
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
+    rpc: Optional[str] = RpcOpt,
+    tracker: Optional[str] = TrackerOpt,
+    key: Optional[str] = KeyOpt,
 ) -> None:
     """How wrong is `latency = sum of layers + constant` here? Random plans, predicted vs measured."""
     from squeeze.prune.tables import check_table
 
-    loaded, table = _setup(model, target, input_shape, weights, trust_model)
+    loaded, table = _setup(model, target, input_shape, weights, trust_model, (rpc, tracker, key))
     result = check_table(loaded, table, plans, seed, round_to)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))

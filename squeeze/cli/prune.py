@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, NoCache, TargetOpt, TrustModel, Weights, handles_errors, out,
-                                parse_fraction)
+from squeeze.cli.common import (InputShape, KeyOpt, NoCache, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
+                                handles_errors, out, parse_fraction, rpc_flags)
 from squeeze.errors import SqueezeError
 from squeeze.model import parse_input_shape
 
@@ -49,6 +49,9 @@ def prune(
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
+    rpc: Optional[str] = RpcOpt,
+    tracker: Optional[str] = TrackerOpt,
+    key: Optional[str] = KeyOpt,
 ) -> None:
     """Prune channels until a budget is met on the target, measured; writes the pruned model and a report."""
     import pydantic
@@ -69,7 +72,8 @@ def prune(
         bad = "; ".join(f"{_FLAGS.get(str(e['loc'][-1]), e['loc'][-1])} `{e['input']}`: {e['msg']}" for e in exc.errors())
         raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze prune --help` for the accepted values.") from None
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
+    with rpc_flags(target, rpc, tracker, key):
+        report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
     out.print(recipe_view(report))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -21,6 +22,14 @@ class Session(ABC):
     @abstractmethod
     def run(self) -> None: ...
 
+    def sample(self, calls: int) -> float:
+        """Mean milliseconds per call over `calls` back-to-back calls. Runtimes that time on the device
+        (TVM's time_evaluator; over RPC a host-side loop would time the network) override this."""
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            self.run()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
 
 class Runtime(ABC):
     name: str
@@ -34,6 +43,10 @@ class Runtime(ABC):
 
     def configure_process(self, protocol: Protocol) -> None:
         """Process-wide set-up, called once in a fresh measurement worker before any `open`."""
+
+    def labels(self, target: Target) -> dict:
+        """Facts every measurement on `target` must carry in its environment (e.g. untuned, emulated)."""
+        return {}
 
     @abstractmethod
     def open(self, artifact: OnnxArtifact, target: Target, protocol: Protocol) -> Session: ...
@@ -125,3 +138,7 @@ class OrtRuntime(Runtime):
                 "Check that a GPU and its driver are visible (nvidia-smi), or use --target host-cpu.",
             )
         return _OrtSession(sess, {artifact.input_name: seeded_input(artifact, protocol)})
+
+
+# Registers "tvm"; the module imports TVM only when a TVM target is used.
+from squeeze.measure import tvm as _tvm  # noqa: E402,F401

@@ -14,7 +14,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 import traceback
 import weakref
 from pathlib import Path
@@ -46,10 +45,7 @@ def _recv(stream: IO[bytes]) -> Any:
 
 
 def _sample(session, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        session.run()
-    return (time.perf_counter() - t0) * 1e3 / calls
+    return session.sample(calls)
 
 
 def _calibrate(session, warmup: int, min_repeat_ms: float) -> int:
@@ -71,6 +67,7 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
         runtime = get_runtime(target)
         runtime.configure_process(protocol)
         env = environment(runtime.name, runtime.version(), runtime.providers(target), protocol.threads)
+        env.update(runtime.labels(target))
         _send(out, ("ready", {"environment": env}))
         sessions: dict[int, tuple[Any, int]] = {}  # id -> (session, calls per sample)
         next_id = 0

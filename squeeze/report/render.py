@@ -55,11 +55,18 @@ def info_view(s: ModelSummary, max_layers: int = 200) -> Group:
     return Group(*parts)
 
 
+def latency_labels(env: dict) -> list[str]:
+    """What a figure is not: untuned TVM CPU code is not the target's latency, an emulated board not ARM's."""
+    return [label for flag, label in (("untuned", "untuned (not the target's tuned latency)"),
+                                      ("emulated", "emulated (not ARM latency)")) if env.get(flag)]
+
+
 def protocol_line(m: Measurement) -> str:
     p, e = m.protocol, m.environment
+    labels = "".join(f" | {label}" for label in latency_labels(e))
     return (f"{e['runtime']} {e['runtime_version']} on {', '.join(e['providers'])} | {e['cpu']} | "
             f"threads {p['threads']}, batch {p['batch_size']}, warm-up {p['warmup']}, {m.stats.n} samples of "
-            f">= {p['min_repeat_ms']:g} ms, interleaved | load avg {e['load_avg_1m']}")
+            f">= {p['min_repeat_ms']:g} ms, interleaved | load avg {e['load_avg_1m']}{labels}")
 
 
 def _noise_warnings(ms: list[Measurement]) -> list[Text]:
@@ -72,7 +79,8 @@ def _noise_warnings(ms: list[Measurement]) -> list[Text]:
 
 
 def bench_view(rows, target: Target) -> Group:
-    t = Table(title=f"latency on {target.name}")
+    labels = latency_labels(rows[0].measurement.environment)
+    t = Table(title=f"latency on {target.name}" + (f": {', '.join(labels)}" if labels else ""))
     t.add_column("model", overflow="fold")
     for col in ("params", "MACs", "median ms", "p90 ms", "MAD ms", "speedup (95% CI)"):
         t.add_column(col, justify="right")
