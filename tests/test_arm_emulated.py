@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ START_TIMEOUT_S = 1200  # a cold start on a slow mirror
 EM_AARCH64 = 183  # ELF e_machine
 
 
-def _script(*args: str, env: dict | None = None, user: int | None = None, timeout: float = 120):
-    cmd = ["bash", str(SCRIPT), *args]
+def _script(*args: str, env: dict | None = None, user: int | None = None, timeout: float = 120,
+            script: Path = SCRIPT):
+    cmd = ["bash", str(script), *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -143,7 +145,12 @@ def test_script_refuses_a_user_who_is_not_root(tmp_path):
     if not shutil.which("setpriv") and os.geteuid() == 0:
         pytest.skip("needs setpriv (util-linux) to drop root")
     env = {**os.environ, "SQUEEZE_ARM64_EMULATOR_WORKDIR": str(tmp_path)}
-    r = _script("start", env=env, user=65534 if os.geteuid() == 0 else None)
+    with tempfile.TemporaryDirectory() as readable:
+        script = SCRIPT
+        if os.geteuid() == 0:  # the checkout may sit in a folder only root can read (mktemp -d): copy it out
+            Path(readable).chmod(0o755)
+            script = Path(shutil.copy(SCRIPT, readable))
+        r = _script("start", env=env, user=65534 if os.geteuid() == 0 else None, script=script)
     if not Path("/etc/debian_version").exists():
         assert r.returncode == 1 and "not Debian-based" in r.stderr
         return
