@@ -32,6 +32,16 @@ def cli():
     return invoke
 
 
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """digits-cnn as a squeeze checkpoint on disk: the input file that bad commands must leave alone."""
+    from squeeze.model import load_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("input") / "digits.pt"
+    save_checkpoint(path, load_model("zoo:digits-cnn"))
+    return path
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

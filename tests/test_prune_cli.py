@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from squeeze.cli.app import app
 from squeeze.data import load_data
-from squeeze.model import load_model, save_checkpoint
+from squeeze.model import load_model
 
 DIGITS_MACS = 5_936_384
 DIGITS_PARAMS = 135_674
@@ -30,14 +30,6 @@ def pruned(tmp_path_factory):
                                  *FAST_PRUNE])
     assert r.exit_code == 0, (r.stdout, r.stderr)
     return {"out": out, "stdout": r.stdout, "report": json.loads((out / "report.json").read_text())}
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """digits-cnn as a squeeze checkpoint on disk: the input file that bad commands must leave alone."""
-    path = tmp_path_factory.mktemp("input") / "digits.pt"
-    save_checkpoint(path, load_model("zoo:digits-cnn"))
-    return path
 
 
 # --- a successful prune ----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from conftest import file_digest
 from test_cli import assert_clean_error
 
 from squeeze.measure.stats import RatioEstimate
-from squeeze.model import load_model, save_checkpoint
 from squeeze.quant import run as qrun
 from squeeze.quant.ptq import layer_precisions, op_counts
 
@@ -34,13 +33,6 @@ def quantized(tmp_path_factory):
                                  "--samples", "64"])
     assert r.exit_code == 0, (r.stdout, r.stderr)
     return {"out": out, "stdout": r.stdout, "report": json.loads((out / "report.json").read_text())}
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("input") / "digits.pt"
-    save_checkpoint(path, load_model("zoo:digits-cnn"))
-    return path
 
 
 def test_quantize_writes_a_faster_int8_model(quantized):
