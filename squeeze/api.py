@@ -174,15 +174,16 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         "model": model_spec,
         "target": target.name,
         "data": data.to_json() if data else None,
-        "original": original.to_json(),
-        "final": final.to_json(),
+        # size_bytes: the torch model's fp32 weights; onnx_bytes: the file shipped (what quantization shrinks)
+        "original": {**original.to_json(), "onnx_bytes": original_artifact.path.stat().st_size},
+        "final": {**final.to_json(), "onnx_bytes": state.artifact.path.stat().st_size},
         "artifact": {**state.artifact.to_json(), "path": str(Path(out_dir) / "model.onnx")},
         "latency": _compare(original_artifact, state.artifact, target, protocol, use_cache),
         "accuracy": _accuracy(original_artifact, state.artifact, data),
         "measurements": {k: m.to_json() for k, m in state.measurements.items()},
         "stages": stages,
     }
-    if original.macs and final.macs:
+    if original.macs and final.macs and original.macs != final.macs:  # pruning; quantization keeps the MACs
         report["macs_reduction"] = original.macs / final.macs
     files: dict[str, bytes | Path] = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
     if state.model.plans:

@@ -46,6 +46,9 @@ def test_quantize_writes_a_faster_int8_model(quantized):
     counts = op_counts(out / "model.onnx")
     assert counts["QuantizeLinear"] == 11 and counts == rec["op_counts"]
     assert rec["size_bytes"]["final"] == (out / "model.onnx").stat().st_size < rec["size_bytes"]["fp32"] / 3
+    # The run's summary shows the shipped file's size, and no MACs reduction for a model whose MACs stay.
+    assert rep["final"]["onnx_bytes"] == rec["size_bytes"]["final"] < rep["original"]["onnx_bytes"] / 3
+    assert "macs_reduction" not in rep and "MACs reduction" not in quantized["stdout"]
     assert rec["calibration"]["samples"] == 64 and rec["calibration"]["source"].startswith("digits train split")
 
 

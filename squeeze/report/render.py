@@ -121,12 +121,12 @@ def recipe_view(report: dict) -> Group:
     lat, acc = report["latency"], report.get("accuracy")
     t = Table(title=f"{report['recipe']}: {report['model']} on {report['target']}")
     t.add_column("")
-    for col in ("params", "MACs", "size", "latency ms (median)", f"top-1 ({acc['split']}, ONNX)" if acc else "top-1"):
+    for col in ("params", "MACs", "model.onnx", "latency ms (median)", f"top-1 ({acc['split']}, ONNX)" if acc else "top-1"):
         t.add_column(col, justify="right")
     for key in ("original", "final"):
         s = report[key]
         top1 = f"{100 * acc[key + '_top1']:.2f}%" if acc else "—"
-        t.add_row(key, fmt_count(s["params"]), fmt_count(s["macs"]), fmt_bytes(s["size_bytes"]), _fmt_ms(lat[key]), top1)
+        t.add_row(key, fmt_count(s["params"]), fmt_count(s["macs"]), fmt_bytes(s["onnx_bytes"]), _fmt_ms(lat[key]), top1)
     lines = []
     if lat["speedup"]:
         sp = lat["speedup"]
