@@ -306,3 +306,21 @@ def test_haq_size_budget_takes_low_bits_and_simulates_them(digits):
         w = inits[f"{name}.weight_quantized"]
         levels = 2 ** rows[name]["weight_bits"] - 1
         assert all(len(np.unique(ch)) <= levels for ch in w.reshape(w.shape[0], -1))
+
+
+def test_cli_episode_flags_reach_the_search_and_only_haq(cli, tmp_path, monkeypatch):
+    from squeeze.errors import SqueezeError
+    from squeeze.passes.haq import HAQPass
+
+    seen = {}
+
+    def capture(self, state, ctx):
+        seen.update(episodes=self.options.episodes, warmup=self.options.warmup)
+        raise SqueezeError("stopped by the test.", "-")
+
+    monkeypatch.setattr(HAQPass, "run", capture)
+    r = cli("quantize", "zoo:digits-cnn", "--method", "haq", "--latency", "0.6x", "--data", "digits",
+            "--episodes", 7, "--warmup-episodes", 2, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "stopped by the test" in r.stderr and seen == {"episodes": 7, "warmup": 2}
+    r = cli("quantize", "zoo:digits-cnn", "--data", "digits", "--episodes", 7, "--out", tmp_path / "out2")
+    assert r.exit_code == 2 and "--episodes does not apply to --method int8" in r.stderr

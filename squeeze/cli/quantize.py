@@ -63,6 +63,8 @@ def quantize(
     qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", min=1, help="qat: fine-tune epochs (default 2)."),
     qat_lr: Optional[float] = typer.Option(None, "--qat-lr", help="qat: peak learning rate (default 0.001)."),
     activation_ranges: Optional[str] = typer.Option(None, "--activation-ranges", help="qat: learned (default) or calibrated."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="haq: search episodes (default 100)."),
+    warmup_episodes: Optional[int] = typer.Option(None, "--warmup-episodes", min=0, help="haq: first episodes with random actions (default 20)."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Latency budget as a ratio of the fp32 model's measured latency (0.6x)."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Latency budget in milliseconds."),
     size_bytes: Optional[int] = typer.Option(None, "--size-bytes", help="Model size budget in bytes."),
@@ -104,6 +106,7 @@ def quantize(
         "exclude": ("--exclude", [n.strip() for n in exclude.split(",") if n.strip()] if exclude else None),
         "auto_exclude": ("--auto-exclude", auto_exclude), "fine_tune": ("--qat-epochs/--qat-lr", fine_tune),
         "activation_ranges": ("--activation-ranges", activation_ranges),
+        "episodes": ("--episodes", episodes), "warmup": ("--warmup-episodes", warmup_episodes),
     })
     budget = None
     if any(v is not None for v in (latency, latency_ms, size_bytes)):
