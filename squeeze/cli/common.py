@@ -79,6 +79,15 @@ TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of
 KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")
 
 
+def _set_env(values: dict[str, str | None]) -> None:
+    """Set each variable; None unsets it."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def rpc_flags(target: str, rpc: str | None, tracker: str | None, key: str | None):
     """--rpc/--tracker/--key set SQUEEZE_RPC_* for the duration of one command, so the board they name wins
@@ -106,16 +115,8 @@ def rpc_flags(target: str, rpc: str | None, tracker: str | None, key: str | None
         values["SQUEEZE_RPC_KEY"] = key
     saved = {k: os.environ.get(k) for k in RPC_ENV}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(values)
         load_target(target)  # an inconsistent combination fails here, naming the flags
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(saved)
