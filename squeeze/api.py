@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,21 @@ from squeeze.model import LoadedModel, checkpoint_bytes, load_model
 from squeeze.outputs import check_out_dir, write_outputs
 from squeeze.passes import ModelState, PassContext, get_pass
 from squeeze.passes.builtin import ensure_artifact
+from squeeze.preprocessing import Preprocessing
 from squeeze.recipe import Recipe, load_recipe
 from squeeze.summary import ModelSummary, summarize
 from squeeze.target import Target, load_target, refuse_emulated_latency
 
 __all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline"]
+
+log = logging.getLogger("squeeze")
+
+# An original scoring at most this many times chance top-1 is being fed wrongly (normalization, labels): a
+# "gain" over it measures the fine-tune learning the new preprocessing, not the compression.
+NEAR_CHANCE_FACTOR = 1.5
+# Pruning or quantizing then fine-tuning on the same data recovers accuracy; it does not add this many points
+# unless the original was fed differently from how it was trained and the fine-tune learned the new feeding.
+SUSPECT_GAIN_PT = 10.0
 
 
 @dataclass(frozen=True)
@@ -125,26 +136,89 @@ def _compare(original: OnnxArtifact, final: OnnxArtifact, target: Target, protoc
     return {"original": m_orig.to_json(), "final": m_final.to_json(), "speedup": _speedup(m_orig, m_final).to_json()}
 
 
-def _accuracy(original: OnnxArtifact, final: OnnxArtifact, data) -> dict[str, Any] | None:
+def _eval_split(data) -> tuple[str, Any]:
+    """Accuracy is reported on the test split, val where the data has none."""
+    return ("test", data.test) if data.test is not None else ("val", data.val)
+
+
+def _load_run_data(recipe: Recipe, model: LoadedModel, data_spec: str | None,
+                   preprocessing: Preprocessing | None) -> tuple[Any, str | None]:
+    """The run's data and where its normalization came from: `given` (flags, recipe), `model` (recorded in
+    its checkpoint) or `default` (neither: squeeze's default for the data source)."""
+    section = recipe.data
+    spec = data_spec or (section.spec if section else None)
+    if spec is None:
+        return None, None
+    from squeeze.data import load_data
+
+    asked = (preprocessing or Preprocessing()).over(section.preprocessing() if section else None)
+    recorded = model.preprocessing
+    data = load_data(spec, input_shape=model.input_shape, preprocessing=asked.over(recorded))
+    source = "given" if asked.normalize else "model" if recorded and recorded.normalize else "default"
+    return data, source
+
+
+def _original_top1(original: OnnxArtifact, data) -> float | None:
+    """The original's top-1 on the data, before any pass runs, so a mis-fed model is flagged at once."""
+    if data is None:
+        return None
+    from squeeze.train import evaluate_onnx
+
+    top1 = evaluate_onnx(original, _eval_split(data)[1]).top1
+    warning = _near_chance_warning(top1, data)
+    if warning:
+        log.warning(warning)
+    return top1
+
+
+def _near_chance_warning(top1: float, data) -> str | None:
+    chance = 1 / data.num_classes
+    if top1 > NEAR_CHANCE_FACTOR * chance:
+        return None
+    return (f"the original scores {100 * top1:.1f}% top-1 on --data {data.spec}, near chance ({100 * chance:.0f}% for "
+            f"{data.num_classes} classes): the preprocessing ({data.preprocessing.describe()}) or the labels are "
+            "probably wrong; pass --normalize with what the model was trained with (e.g. --normalize 0.5,0.5)")
+
+
+def _accuracy(original_top1: float | None, final: OnnxArtifact, data) -> dict[str, Any] | None:
     """Top-1 of the exported ONNX files themselves (what ships), on the test split (val if none)."""
     if data is None:
         return None
     from squeeze.train import evaluate_onnx
 
-    split, ds = ("test", data.test) if data.test is not None else ("val", data.val)
-    before, after = evaluate_onnx(original, ds), evaluate_onnx(final, ds)
-    return {"split": split, "n": after.n, "original_top1": before.top1, "final_top1": after.top1,
-            "delta_pt": 100 * (after.top1 - before.top1)}
+    split, ds = _eval_split(data)
+    after = evaluate_onnx(final, ds)
+    delta_pt = 100 * (after.top1 - original_top1)
+    near_chance = _near_chance_warning(original_top1, data)
+    warning = near_chance or (_gain_warning(delta_pt, data) if delta_pt > SUSPECT_GAIN_PT else None)
+    if warning and not near_chance:  # the near-chance one was logged before the passes ran
+        log.warning(warning)
+    # No delta over a near-chance original: it would read as a gain the compression never made.
+    return {"split": split, "n": after.n, "original_top1": original_top1, "final_top1": after.top1,
+            "delta_pt": None if near_chance else delta_pt, "original_near_chance": near_chance is not None,
+            "warning": warning}
+
+
+def _gain_warning(delta_pt: float, data) -> str:
+    return (f"the compressed model scores {delta_pt:+.1f} pt above the original on --data {data.spec}: compression "
+            f"does not add that much; the fine-tune most likely learned this preprocessing "
+            f"({data.preprocessing.describe()}), which the original was not trained with; pass --normalize with the "
+            "original's (e.g. --normalize 0.5,0.5)")
 
 
 def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: ModelOptions, *,
-               target_name: str | None = None, data_spec: str | None = None, use_cache: bool = True) -> dict[str, Any]:
+               target_name: str | None = None, data_spec: str | None = None,
+               preprocessing: Preprocessing | None = None, use_cache: bool = True) -> dict[str, Any]:
     """Validate the recipe, load model and data, run the stages, compare with the original, write outputs.
 
-    Writes model.onnx and report.json (and model.pt, a squeeze checkpoint, when a stage changed the
-    architecture) to out_dir, all or nothing.
+    `data_spec` and `preprocessing` win over the recipe's `data:`, which wins over what the model's
+    checkpoint recorded. Writes model.onnx and report.json (and model.pt, a squeeze checkpoint recording
+    the preprocessing, when a stage changed the architecture) to out_dir, all or nothing.
     """
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
+    if preprocessing is not None and not (data_spec or recipe.data):
+        raise SqueezeError("--normalize/--resize say how --data is fed to the model, but no data is given.",
+                           "Pass --data (digits, a folder, package.module:function), or leave them out.")
     target = load_target(target_name or recipe.target or "host-cpu")
     if recipe.budget and (recipe.budget.latency_ms is not None or recipe.budget.latency_ratio is not None):
         refuse_emulated_latency(target, "a latency budget")
@@ -152,16 +226,13 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     get_runtime_check(target)
     protocol = Protocol.for_target(target, **recipe.measure.model_dump())
     model = opts.load(model_spec)
-    data = None
-    if data_spec or recipe.data:
-        from squeeze.data import load_data
-
-        data = load_data(data_spec or recipe.data, input_shape=model.input_shape)
+    data, preprocessing_source = _load_run_data(recipe, model, data_spec, preprocessing)
     ctx = PassContext(target, MeasuredOracle(target, protocol, use_cache), protocol, recipe.export, recipe.budget,
                       data=data, use_cache=use_cache)
     state = ModelState(model)
     original_artifact = export_onnx(model, exporter=recipe.export.exporter, atol=recipe.export.atol,
                                     rtol=recipe.export.rtol, use_cache=use_cache)
+    original_top1 = _original_top1(original_artifact, data)
     stages = []
     for stage in recipe.stages:
         t0 = time.perf_counter()
@@ -173,13 +244,13 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         "recipe": recipe.name,
         "model": model_spec,
         "target": target.name,
-        "data": data.to_json() if data else None,
+        "data": {**data.to_json(), "preprocessing_source": preprocessing_source} if data else None,
         # size_bytes: the torch model's fp32 weights; onnx_bytes: the file shipped (what quantization shrinks)
         "original": {**original.to_json(), "onnx_bytes": original_artifact.path.stat().st_size},
         "final": {**final.to_json(), "onnx_bytes": state.artifact.path.stat().st_size},
         "artifact": {**state.artifact.to_json(), "path": str(Path(out_dir) / "model.onnx")},
         "latency": _compare(original_artifact, state.artifact, target, protocol, use_cache),
-        "accuracy": _accuracy(original_artifact, state.artifact, data),
+        "accuracy": _accuracy(original_top1, state.artifact, data),
         "measurements": {k: m.to_json() for k, m in state.measurements.items()},
         "stages": stages,
     }
@@ -187,6 +258,8 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         report["macs_reduction"] = original.macs / final.macs
     files: dict[str, bytes | Path] = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
     if state.model.plans:
+        # The weights were fine-tuned and evaluated on data fed this way: a later --data reuses it.
+        state.model.preprocessing = data.preprocessing if data else model.preprocessing
         files["model.pt"] = checkpoint_bytes(state.model)
     report["written"] = [str(p) for p in write_outputs(out_dir, files)]
     return report

@@ -9,9 +9,11 @@ Accepted specs (see `load_data`):
   package.module:function  a function returning (train, val[, test]) datasets, or a dict with those keys
 
 Images become (C, H, W) float32 tensors at the model's input size and channel count (grey <-> RGB as
-needed), then `(x - mean) / std` per channel on [0, 1] pixels. mean/std default to the statistics of a
-sample of the train split; "imagenet" takes ImageNet's constants. PNG is read without extra packages;
-other formats (JPEG, ...) need Pillow.
+needed; the resize mode is part of the preprocessing), then `(x - mean) / std` per channel on [0, 1]
+pixels. The preprocessing (squeeze.preprocessing.Preprocessing, `--normalize` / `--resize`) defaults to
+the train split's statistics and bilinear resizing for digits and folders, and to no normalization for
+`package.module:function` data; the complete spec used is on the bundle, to be recorded. Images are read
+with Pillow.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from squeeze.errors import DataError, first_line
+from squeeze.preprocessing import Preprocessing
 from squeeze.refs import import_ref, is_ref
 
 __all__ = [
     "DigitsSplits",
     "digits_splits",
     "DataBundle",
-    "Normalization",
     "load_data",
     "ImageFolderDataset",
     "read_image",
@@ -50,9 +52,10 @@ _LUMA = (0.299, 0.587, 0.114)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-# "auto": statistics of a train sample; "imagenet": ImageNet's constants; "none": raw [0, 1] pixels;
-# or explicit (mean, std), each one number or one per channel. None: the source's default (see load_data).
-Normalization = str | tuple[float | Sequence[float], float | Sequence[float]] | None
+# What digits and folders get where the user and the model decide nothing.
+_IMAGE_DEFAULTS = Preprocessing(normalize="data", resize="bilinear")
+# A data function's samples are used as returned: the user's code did its own preprocessing.
+_MODULE_DEFAULTS = Preprocessing(normalize="none", resize="none")
 
 _SPEC_FORMS = (
     "`digits` (the built-in digits), a folder of class sub-folders of images (`root/train/<class>/*.png` "
@@ -78,9 +81,16 @@ class DataBundle:
     test: Dataset | None
     num_classes: int
     input_shape: tuple[int, int, int, int]  # (1, C, H, W): one sample with a batch axis
-    mean: tuple[float, ...] | None  # per channel, of [0, 1] pixels; None: used as the source returned them
-    std: tuple[float, ...] | None
+    preprocessing: Preprocessing  # complete: mean/std per channel of [0, 1] pixels
     classes: tuple[str, ...] = ()
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,8 +100,7 @@ class DataBundle:
             "test_size": None if self.test is None else len(self.test),
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
-            "mean": None if self.mean is None else list(self.mean),
-            "std": None if self.std is None else list(self.std),
+            "preprocessing": self.preprocessing.to_json(),
         }
 
 
@@ -99,28 +108,29 @@ def load_data(
     spec: str,
     *,
     input_shape: Sequence[int] | None = None,
-    normalization: Normalization = None,
+    preprocessing: Preprocessing | None = None,
     seed: int = 0,
 ) -> DataBundle:
     """Resolve a `--data` spec (see the module docstring) for a model taking `input_shape` (N, C, H, W).
 
     Without `input_shape`, digits are 1x16x16 and folder images keep the first image's size and
-    channels. `normalization=None` means: train statistics for digits and folders, none for
-    `module:function` datasets (used as returned). `seed` fixes the digits and single-folder splits.
+    channels. What `preprocessing` leaves undecided takes the source's default (see the module
+    docstring). `seed` fixes the digits and single-folder splits.
     `digits` always means the built-in set; write `./digits` for a folder of that name. A data function
     is called without arguments.
     """
     chw = _sample_shape(input_shape)
+    asked = preprocessing or Preprocessing()
     if spec == "digits":
-        return _load_digits(spec, chw, normalization, seed)
+        return _load_digits(spec, chw, asked.over(_IMAGE_DEFAULTS), seed)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(spec, path, chw, normalization, seed)
+        return _load_folder(spec, path, chw, asked.over(_IMAGE_DEFAULTS), seed)
     if path.exists():
         raise DataError(f"--data `{spec}` is a file; a folder data set is a directory of class sub-folders.",
                         f"Accepted forms: {_SPEC_FORMS}.")
     if is_ref(spec):
-        return _load_module(spec, chw, normalization)
+        return _load_module(spec, chw, asked)
     if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
         raise DataError(f"No folder at `{spec}` (--data).", f"Check the path. Accepted forms: {_SPEC_FORMS}.")
     raise DataError(f"Unknown --data `{spec}`.", f"Accepted forms: {_SPEC_FORMS}.")
@@ -146,43 +156,41 @@ def _sample_shape(input_shape: Sequence[int] | None) -> tuple[int, int, int] | N
 
 
 def _resolve_normalization(
-    normalization: Normalization, channels: int, train_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """-> per-channel (mean, std) of [0, 1] pixels; `train_stats` is only called for "auto"."""
-    if isinstance(normalization, str):
-        choice = normalization.lower()
-        if choice == "auto":
-            mean, std = train_stats()
-            # A constant channel has std 0: leave it unscaled rather than divide by zero.
-            std = torch.where(std > 1e-12, std, torch.ones_like(std))
-            return tuple(mean.tolist()), tuple(std.tolist())
-        if choice == "imagenet":
-            if channels == 3:
-                return IMAGENET_MEAN, IMAGENET_STD
-            # A grey image is the luma of an RGB one, so its statistics are luma-weighted too.
-            grey_mean = sum(w * v for w, v in zip(_LUMA, IMAGENET_MEAN))
-            grey_std = sum(w * v for w, v in zip(_LUMA, IMAGENET_STD))
-            return (grey_mean,) * channels, (grey_std,) * channels
-        if choice == "none":
-            return (0.0,) * channels, (1.0,) * channels
-        raise DataError(
-            f"Unknown normalization `{normalization}`.",
-            "Use auto (train statistics), imagenet, none, or explicit (mean, std) values.",
-        )
-    try:
-        mean, std = (_per_channel(values, channels) for values in normalization)  # type: ignore[union-attr]
-    except (TypeError, ValueError) as exc:
-        raise DataError(
-            f"Normalization {normalization!r} is not (mean, std) with one value or {channels} per channel.",
-            "Give e.g. (0.5, 0.25) or ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).",
-        ) from exc
-    if any(s <= 0 for s in std):
-        raise DataError(f"Normalization std {std} must be positive.")
-    return mean, std
+    pre: Preprocessing, channels: int, train_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> Preprocessing:
+    """-> `pre` with per-channel mean/std of [0, 1] pixels; `train_stats` is only called for "data"."""
+    if pre.mean is not None:  # given values, or resolved before (a checkpoint's record)
+        try:
+            return pre.model_copy(update={"mean": _per_channel(pre.mean, channels),
+                                          "std": _per_channel(pre.std, channels)})
+        except ValueError:
+            raise DataError(
+                f"--normalize gives {len(pre.mean)} means/stds, but the model takes {channels} input channels.",
+                f"Give one value for all channels (MEAN,STD) or {channels} per channel (M1,...:S1,...).",
+            ) from None
+    if pre.normalize == "data":
+        mean, std = train_stats()
+        # A constant channel has std 0: leave it unscaled rather than divide by zero.
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))
+        values = tuple(mean.tolist()), tuple(std.tolist())
+    elif pre.normalize == "imagenet":
+        values = _imagenet(channels)
+    else:  # "none"
+        values = (0.0,) * channels, (1.0,) * channels
+    return pre.model_copy(update={"mean": values[0], "std": values[1]})
 
 
-def _per_channel(values: float | Sequence[float], channels: int) -> tuple[float, ...]:
-    values = (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
+def _imagenet(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    # A grey image is the luma of an RGB one, so its statistics are luma-weighted too.
+    grey_mean = sum(w * v for w, v in zip(_LUMA, IMAGENET_MEAN))
+    grey_std = sum(w * v for w, v in zip(_LUMA, IMAGENET_STD))
+    return (grey_mean,) * channels, (grey_std,) * channels
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
     if len(values) == 1:
         return values * channels
     if len(values) != channels:
@@ -225,7 +233,7 @@ class DigitsSplits:
 
 
 @functools.cache
-def _digits_pixels(height: int, width: int, seed: int):
+def _digits_pixels(height: int, width: int, resize: str, seed: int):
     """-> images (N, 1, H, W) in [0, 1], labels (N,), and the (train, val, test) index arrays."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -233,7 +241,7 @@ def _digits_pixels(height: int, width: int, seed: int):
     digits = load_digits()
     # (N, 8, 8) with integer intensities 0..16 -> (N, 1, 8, 8) in [0, 1].
     pixels = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
+    images = _resize(pixels, (height, width), resize, "The digits")
     labels = torch.from_numpy(digits.target.astype(np.int64))
 
     indices = np.arange(len(labels))
@@ -251,7 +259,7 @@ def digits_splits(image_size: int = 16, seed: int = 0) -> DigitsSplits:
     Normalized with the train split's statistics, so val/test stay unseen. Cached in-process: callers
     share the same tensors and must not modify them in place.
     """
-    bundle = _load_digits("digits", (1, image_size, image_size), None, seed)
+    bundle = _load_digits("digits", (1, image_size, image_size), _IMAGE_DEFAULTS, seed)
     return DigitsSplits(
         train=bundle.train,
         val=bundle.val,
@@ -263,9 +271,7 @@ def digits_splits(image_size: int = 16, seed: int = 0) -> DigitsSplits:
     )
 
 
-def _load_digits(
-    spec: str, chw: tuple[int, int, int] | None, normalization: Normalization, seed: int
-) -> DataBundle:
+def _load_digits(spec: str, chw: tuple[int, int, int] | None, pre: Preprocessing, seed: int) -> DataBundle:
     channels, height, width = chw or (1, 16, 16)
     if channels not in (1, 3):
         raise DataError(
@@ -273,20 +279,35 @@ def _load_digits(
             f"{width}); the model takes ({channels}, {height}, {width}) per sample.",
             "Use a model with 1 or 3 input channels, or a data set that fits it.",
         )
-    images, labels, split_rows = _digits_pixels(height, width, seed)
+    images, labels, split_rows = _digits_pixels(height, width, pre.resize, seed)
     if channels == 3:
         images = images.repeat(1, 3, 1, 1)
     train_rows = split_rows[0]
-    mean, std = _resolve_normalization(
-        normalization or "auto", channels, lambda: _channel_stats(images[train_rows])
-    )
+    pre = _resolve_normalization(pre, channels, lambda: _channel_stats(images[train_rows]))
     train, val, test = (
-        TensorDataset(_normalize(images[rows], mean, std), labels[rows]) for rows in split_rows
+        TensorDataset(_normalize(images[rows], pre.mean, pre.std), labels[rows]) for rows in split_rows
     )
     return DataBundle(
         spec=spec, train=train, val=val, test=test, num_classes=int(labels.max()) + 1,
-        input_shape=(1, channels, height, width), mean=mean, std=std, classes=tuple(str(d) for d in range(10)),
+        input_shape=(1, channels, height, width), preprocessing=pre, classes=tuple(str(d) for d in range(10)),
     )
+
+
+def _resize(images: torch.Tensor, size_hw: tuple[int, int], mode: str, what: str) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, H, W) with a `--resize` mode; antialiased like PIL, so shrinking does not alias."""
+    if tuple(images.shape[-2:]) == tuple(size_hw):
+        return images
+    if mode == "none":
+        h, w = images.shape[-2:]
+        raise DataError(
+            f"{what} are {h}x{w} images, the model takes {size_hw[0]}x{size_hw[1]}, and --resize none keeps "
+            "images at their size.",
+            "Pass --resize bilinear (or bicubic, nearest) to fit them to the model, or check --input-shape.",
+        )
+    if mode == "nearest":
+        return F.interpolate(images, size=size_hw, mode="nearest-exact")
+    resized = F.interpolate(images, size=size_hw, mode=mode, align_corners=False, antialias=True)
+    return resized.clamp_(0.0, 1.0) if mode == "bicubic" else resized  # bicubic overshoots, as PIL clamps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,11 +328,13 @@ class ImageFolderDataset(Dataset):
         *,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        resize: str = "bilinear",
         cache_bytes: int = _DEFAULT_CACHE_BYTES,
     ) -> None:
         self.samples = list(samples)
         self.classes = tuple(classes)
         self.chw = tuple(chw)
+        self.resize = resize
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
         self._cache: dict[int, torch.Tensor] = {}
@@ -329,7 +352,8 @@ class ImageFolderDataset(Dataset):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        image = _fit_image(read_image(self.samples[index][0]), self.chw)
+        path = self.samples[index][0]
+        image = _fit_image(read_image(path), self.chw, self.resize, str(path))
         size = image.numel() * image.element_size()
         if size <= self._cache_free:
             self._cache[index] = image
@@ -343,24 +367,18 @@ class ImageFolderDataset(Dataset):
         return image, self.samples[index][1]
 
 
-def _fit_image(image: torch.Tensor, chw: tuple[int, int, int]) -> torch.Tensor:
-    """(c, h, w) with c in {1, 3} -> (C, H, W): grey <-> RGB, then bilinear resize (antialiased)."""
+def _fit_image(image: torch.Tensor, chw: tuple[int, int, int], resize: str, what: str) -> torch.Tensor:
+    """(c, h, w) with c in {1, 3} -> (C, H, W): grey <-> RGB, then the `resize` mode."""
     channels, height, width = chw
     if image.shape[0] != channels:
         if channels == 3:
             image = image.expand(3, -1, -1)
         else:
             image = (torch.tensor(_LUMA).view(3, 1, 1) * image).sum(dim=0, keepdim=True)
-    if tuple(image.shape[1:]) != (height, width):
-        image = F.interpolate(
-            image[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
-        )[0]
-    return image.contiguous()
+    return _resize(image[None], (height, width), resize, what)[0].contiguous()
 
 
-def _load_folder(
-    spec: str, root: Path, chw: tuple[int, int, int] | None, normalization: Normalization, seed: int
-) -> DataBundle:
+def _load_folder(spec: str, root: Path, chw: tuple[int, int, int] | None, pre: Preprocessing, seed: int) -> DataBundle:
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
     if has_train != has_val:
         present, missing = ("train", "val") if has_train else ("val", "train")
@@ -402,15 +420,15 @@ def _load_folder(
             "Use a model with 1 or 3 input channels, or a `package.module:function` data set that fits it.",
         )
 
-    train = ImageFolderDataset(train_samples, classes, chw)
-    val = ImageFolderDataset(val_samples, classes, chw)
-    test = ImageFolderDataset(samples(test_files), classes, chw) if test_files else None
-    mean, std = _resolve_normalization(normalization or "auto", chw[0], lambda: _folder_stats(train, seed))
+    train = ImageFolderDataset(train_samples, classes, chw, resize=pre.resize)
+    val = ImageFolderDataset(val_samples, classes, chw, resize=pre.resize)
+    test = ImageFolderDataset(samples(test_files), classes, chw, resize=pre.resize) if test_files else None
+    pre = _resolve_normalization(pre, chw[0], lambda: _folder_stats(train, seed))
     for dataset in (train, val, test):
         if dataset is not None:
-            dataset.mean, dataset.std = mean, std
+            dataset.mean, dataset.std = pre.mean, pre.std
     return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=len(classes),
-                      input_shape=(1, *chw), mean=mean, std=std, classes=tuple(classes))
+                      input_shape=(1, *chw), preprocessing=pre, classes=tuple(classes))
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
@@ -469,7 +487,7 @@ def _folder_stats(train: ImageFolderDataset, seed: int) -> tuple[torch.Tensor, t
 # `package.module:function`.
 
 
-def _load_module(spec: str, chw: tuple[int, int, int] | None, normalization: Normalization) -> DataBundle:
+def _load_module(spec: str, chw: tuple[int, int, int] | None, asked: Preprocessing) -> DataBundle:
     function = import_ref(spec, DataError, "data function", f"Accepted forms: {_SPEC_FORMS}.")
     try:
         returned = function()
@@ -483,14 +501,13 @@ def _load_module(spec: str, chw: tuple[int, int, int] | None, normalization: Nor
     if num_classes is None:
         labels = [label for ds in (train, val, test) if ds is not None for label in _labels_of(ds)]
         num_classes = max(labels) + 1
-    if normalization is None:
-        mean = std = None
-    else:
-        channels = sample_shape[0]
-        mean, std = _resolve_normalization(normalization, channels, lambda: _dataset_stats(train))
-        train, val, test = (None if ds is None else _Normalized(ds, mean, std) for ds in (train, val, test))
+    # The samples already have the model's size (checked above): nothing is resized, whatever was asked.
+    pre = asked.over(_MODULE_DEFAULTS).model_copy(update={"resize": "none"})
+    pre = _resolve_normalization(pre, sample_shape[0], lambda: _dataset_stats(train))
+    if pre.normalize != "none":
+        train, val, test = (None if ds is None else _Normalized(ds, pre.mean, pre.std) for ds in (train, val, test))
     return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=int(num_classes),
-                      input_shape=(1, *sample_shape), mean=mean, std=std, classes=classes)
+                      input_shape=(1, *sample_shape), preprocessing=pre, classes=classes)
 
 
 def _unpack_returned(spec: str, returned: Any):

@@ -28,6 +28,7 @@ from torch import nn
 from squeeze import zoo
 from squeeze.cache import atomic_write_bytes
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
+from squeeze.preprocessing import Preprocessing
 from squeeze.refs import import_ref, is_ref
 
 __all__ = [
@@ -70,6 +71,8 @@ class LoadedModel:
     arch: ArchRef | None = None
     plans: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # How data was fed when the weights were last trained or evaluated here; reused for --data on reload.
+    preprocessing: Preprocessing | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -251,7 +254,19 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> LoadedModel:
         module = applier(module, plan, input_shape)
     _load_state(module, ckpt["state_dict"], str(path))
     name = ckpt.get("metadata", {}).get("name", path.stem)
-    return LoadedModel(name, "checkpoint", input_shape, module.eval(), None, arch, plans, dict(ckpt.get("metadata", {})))
+    return LoadedModel(name, "checkpoint", input_shape, module.eval(), None, arch, plans, dict(ckpt.get("metadata", {})),
+                       _recorded_preprocessing(ckpt, path))
+
+
+def _recorded_preprocessing(ckpt: dict[str, Any], path: Path) -> Preprocessing | None:
+    recorded = ckpt.get("preprocessing")
+    if recorded is None:  # written before squeeze recorded it, or never evaluated on data
+        return None
+    try:
+        return Preprocessing.model_validate(recorded)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ModelLoadError(f"{path} records a preprocessing squeeze cannot read ({first_line(exc, 160)}).",
+                             "Re-save the checkpoint, or pass --normalize and --resize to decide it.") from exc
 
 
 def load_model(
@@ -335,6 +350,8 @@ def checkpoint_bytes(loaded: LoadedModel) -> bytes:
         "state_dict": {k: v.detach().cpu() for k, v in loaded.module.state_dict().items()},
         "input_shape": list(loaded.input_shape),
         "metadata": {"name": loaded.name, **loaded.metadata},
+        # Plain JSON (str, float, None): weights_only loading accepts it.
+        "preprocessing": None if loaded.preprocessing is None else loaded.preprocessing.to_json(),
     }
     buf = io.BytesIO()
     torch.save(ckpt, buf)

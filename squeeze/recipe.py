@@ -4,6 +4,7 @@ A recipe is YAML:
     name: bench-host
     target: host-cpu            # optional; --target overrides
     budget: {latency_ratio: 0.5}
+    data: digits                # or {spec: digits, normalize: "0.5,0.5", resize: bilinear}; --data overrides
     stages:
       - method: export.onnx
       - method: measure.latency
@@ -21,12 +22,14 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from squeeze.errors import RecipeError
+from squeeze.errors import RecipeError, SqueezeError
 from squeeze.passes import PassOptions, get_pass, list_passes
+from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize, parse_resize
 from squeeze.resources import data_dir
 from squeeze.yamlio import format_validation_error, load_yaml_model
 
-__all__ = ["Budget", "Stage", "ExportOptions", "MeasureOverrides", "Recipe", "load_recipe", "resolve_recipe_path"]
+__all__ = ["Budget", "Stage", "ExportOptions", "MeasureOverrides", "DataSection", "Recipe", "load_recipe",
+           "resolve_recipe_path"]
 
 
 class _Strict(BaseModel):
@@ -75,12 +78,48 @@ class MeasureOverrides(_Strict):
     batch_size: int | None = Field(None, ge=1)
 
 
+class DataSection(_Strict):
+    """`data:`: a --data spec, and how its pixels become model inputs (squeeze.preprocessing's forms)."""
+
+    spec: str
+    normalize: str | None = Field(None, description="data, imagenet, none, MEAN,STD or M1,M2,M3:S1,S2,S3")
+    resize: str | None = Field(None, description="bilinear, bicubic, nearest or none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_spec(cls, value: Any) -> Any:
+        return {"spec": value} if isinstance(value, str) else value  # `data: digits`
+
+    @field_validator("normalize")
+    @classmethod
+    def _normalize_form(cls, v: str | None) -> str | None:
+        return _checked(parse_normalize, v, "normalize")
+
+    @field_validator("resize")
+    @classmethod
+    def _resize_mode(cls, v: str | None) -> str | None:
+        return _checked(parse_resize, v, "resize")
+
+    def preprocessing(self) -> Preprocessing:
+        return from_flags(self.normalize, self.resize)
+
+
+def _checked(parse, value: str | None, key: str) -> str | None:
+    """A value the CLI parser accepts; its message (naming the accepted forms) as a validation error."""
+    if value is not None:
+        try:
+            parse(value, key)
+        except SqueezeError as exc:
+            raise ValueError(exc.message) from None
+    return value
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
     target: str | None = None
     budget: Budget | None = None
-    data: str | None = Field(None, description="data spec for stages that fine-tune or evaluate (--data overrides)")
+    data: DataSection | None = Field(None, description="data for stages that fine-tune or evaluate (--data overrides)")
     stages: list[Stage] = Field(min_length=1)
     export: ExportOptions = ExportOptions()
     measure: MeasureOverrides = MeasureOverrides()

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from squeeze.data import IMAGENET_MEAN, digits_splits, load_data, read_image
+from squeeze.preprocessing import Preprocessing, parse_normalize
 from squeeze.errors import DataError
 
 N_DIGITS = 1797
@@ -107,32 +108,38 @@ def test_digits_follow_the_model_input_shape():
 
 
 def test_digits_normalization_choices():
-    raw = load_data("digits", normalization="none")
+    raw = load_data("digits", preprocessing=parse_normalize("none"))
     assert raw.mean == (0.0,) and raw.std == (1.0,)
     assert float(raw.train.tensors[0].min()) >= 0.0 and float(raw.train.tensors[0].max()) <= 1.0
 
-    imagenet = load_data("digits", normalization="imagenet")
+    imagenet = load_data("digits", preprocessing=parse_normalize("imagenet"))
     # One grey channel gets the luma-weighted ImageNet statistics.
     grey_mean = 0.299 * IMAGENET_MEAN[0] + 0.587 * IMAGENET_MEAN[1] + 0.114 * IMAGENET_MEAN[2]
     assert imagenet.mean == pytest.approx((grey_mean,))
     expected = (raw.val.tensors[0] - imagenet.mean[0]) / imagenet.std[0]
     torch.testing.assert_close(imagenet.val.tensors[0], expected)
-    assert load_data("digits", input_shape=(1, 3, 16, 16), normalization="imagenet").mean == IMAGENET_MEAN
+    assert load_data("digits", input_shape=(1, 3, 16, 16), preprocessing=parse_normalize("imagenet")).mean == IMAGENET_MEAN
 
-    explicit = load_data("digits", normalization=(0.5, 0.25))
+    explicit = load_data("digits", preprocessing=parse_normalize("0.5,0.25"))
     torch.testing.assert_close(explicit.test.tensors[0], (raw.test.tensors[0] - 0.5) / 0.25)
 
 
 @pytest.mark.parametrize(
-    "normalization, words",
-    [("fancy", ["fancy", "auto", "imagenet", "none"]), ((0.5, 0.0), ["std", "positive"]),
-     ((0.5, (1.0, 2.0)), ["mean, std", "per channel"])],
+    "text, words",
+    [("fancy", ["`fancy`", "data", "imagenet", "none", "MEAN,STD", "M1,M2,M3:S1,S2,S3"]),
+     ("0.5,0", ["std must be positive"]), ("0.5", ["Accepted forms"]), ("0.5,0.5,0.5", ["Accepted forms"]),
+     ("a:b", ["Accepted forms"]), ("0.1,0.2:0.3,0.4,0.5", ["2 means but 3 stds"])],
 )
-def test_bad_normalization_is_named(normalization, words):
+def test_bad_normalize_text_is_named(text, words):
     with pytest.raises(DataError) as info:
-        load_data("digits", normalization=normalization)
+        parse_normalize(text)
     for word in words:
         assert word in str(info.value)
+
+
+def test_normalize_values_must_fit_the_channels():
+    with pytest.raises(DataError, match="2 means/stds, but the model takes 3 input channels"):
+        load_data("digits", input_shape=(1, 3, 16, 16), preprocessing=parse_normalize("0.1,0.2:0.3,0.4"))
 
 
 def test_digits_refuse_other_channel_counts():
@@ -225,7 +232,7 @@ def test_split_folder_layout_with_test_split(tmp_path):
     make_folder(tmp_path / "train", {name: 3 for name in CLASSES})
     make_folder(tmp_path / "val", {"apple": 1, "cherry": 1})  # val may lack a class
     make_folder(tmp_path / "test", {"banana": 2})
-    bundle = load_data(str(tmp_path), input_shape=(1, 1, 10, 12), normalization="none")
+    bundle = load_data(str(tmp_path), input_shape=(1, 1, 10, 12), preprocessing=parse_normalize("none"))
     assert _labels_of(bundle.val) == [0, 2] and _labels_of(bundle.test) == [1, 1]
     # normalization "none": raw pixels, and no resize at the images' own size.
     expected = torch.from_numpy(_image(1, 0, (10, 12), rgb=False)[:, :, 0] / 255.0).float()
@@ -254,7 +261,7 @@ def test_single_folder_is_split_deterministically_per_class(tmp_path):
 
 def test_folder_images_follow_the_model_channels(tmp_path):
     make_folder(tmp_path / "rgb", {"apple": 2, "banana": 2}, rgb=True, size=(5, 5))
-    grey_model = load_data(str(tmp_path / "rgb"), input_shape=(1, 1, 5, 5), normalization="none")
+    grey_model = load_data(str(tmp_path / "rgb"), input_shape=(1, 1, 5, 5), preprocessing=parse_normalize("none"))
     x, _ = grey_model.train[0]
     # A grey model sees the BT.601 luma of the RGB pixels.
     rgb = read_image(grey_model.train.samples[0][0])
@@ -263,7 +270,7 @@ def test_folder_images_follow_the_model_channels(tmp_path):
     torch.testing.assert_close(x[0], luma)
 
     make_folder(tmp_path / "grey", {"apple": 2, "banana": 2}, size=(5, 5))
-    rgb_model = load_data(str(tmp_path / "grey"), input_shape=(1, 3, 5, 5), normalization="imagenet")
+    rgb_model = load_data(str(tmp_path / "grey"), input_shape=(1, 3, 5, 5), preprocessing=parse_normalize("imagenet"))
     x, _ = rgb_model.val[0]
     assert x.shape == (3, 5, 5) and rgb_model.mean == IMAGENET_MEAN
     raw = x * torch.tensor(rgb_model.std).view(3, 1, 1) + torch.tensor(rgb_model.mean).view(3, 1, 1)
@@ -370,12 +377,14 @@ def test_module_function_pair(data_module):
     bundle = load_data(f"{data_module}:pair", input_shape=(1, 1, 8, 8))
     assert (len(bundle.train), len(bundle.val), bundle.test) == (20, 8, None)
     assert bundle.num_classes == 4  # from the labels 0..3
-    assert bundle.input_shape == (1, 1, 8, 8) and bundle.mean is None  # used as returned
+    assert bundle.input_shape == (1, 1, 8, 8)
+    # Used as returned, and recorded so: no normalization, no resize.
+    assert bundle.preprocessing == Preprocessing(normalize="none", mean=(0.0,), std=(1.0,), resize="none")
     assert load_data(f"{data_module}:pair").input_shape == (1, 1, 8, 8)  # shape taken from the samples
 
 
 def test_module_function_dict_and_normalization(data_module):
-    bundle = load_data(f"{data_module}:mapping", normalization=(0.5, 0.5))
+    bundle = load_data(f"{data_module}:mapping", preprocessing=parse_normalize("0.5,0.5"))
     assert bundle.num_classes == 7 and len(bundle.test) == 4
     assert bundle.mean == (0.5, 0.5, 0.5)
     raw = load_data(f"{data_module}:mapping")

@@ -17,7 +17,8 @@ from rich.markup import escape
 from squeeze.errors import SqueezeError
 
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
-           "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags"]
+           "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags", "NormalizeOpt",
+           "ResizeOpt", "preprocessing_flags"]
 
 out = Console()
 err = Console(stderr=True)
@@ -77,6 +78,22 @@ NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure inste
 RpcOpt = typer.Option(None, "--rpc", help="TVM RPC targets: HOST:PORT of the board's rpc_server (overrides SQUEEZE_RPC_HOST/PORT and the target file).")
 TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of an rpc_tracker; use with --key.")
 KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")
+NormalizeOpt = typer.Option(
+    None, "--normalize", help="How --data pixels in [0, 1] are normalized, as the model was trained: data (the train "
+    "split's mean/std; digits and folders default), imagenet, none (data functions default), MEAN,STD for all channels "
+    "(0.5,0.5) or per channel M1,M2,M3:S1,S2,S3. Default: what the model's checkpoint recorded, else the default.")
+ResizeOpt = typer.Option(
+    None, "--resize", help="How digits and folder images are fitted to the model's HxW: bilinear (default), bicubic, "
+    "nearest or none (images must have the model's size). Default: the model's record, else bilinear.")
+
+
+def preprocessing_flags(normalize: str | None, resize: str | None):
+    """--normalize/--resize as a Preprocessing (None when neither is given); a bad value fails here, exit 2."""
+    if normalize is None and resize is None:
+        return None
+    from squeeze.preprocessing import from_flags
+
+    return from_flags(normalize, resize)
 
 
 def _set_env(values: dict[str, str | None]) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, KeyOpt, NoCache, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
-                                handles_errors, out, parse_fraction, rpc_flags)
+from squeeze.cli.common import (InputShape, KeyOpt, NoCache, NormalizeOpt, ResizeOpt, RpcOpt, TargetOpt, TrackerOpt,
+                                TrustModel, Weights, handles_errors, out, parse_fraction, preprocessing_flags, rpc_flags)
 from squeeze.errors import SqueezeError
 from squeeze.model import parse_input_shape
 
@@ -38,6 +38,8 @@ def prune(
     macs: Optional[str] = typer.Option(None, "--macs", help="MACs budget as a ratio of the original (0.5x)."),
     size_bytes: Optional[int] = typer.Option(None, "--size-bytes", help="Model size budget in bytes (fp32 weights)."),
     data: Optional[str] = typer.Option(None, "--data", help="digits, a folder of class sub-folders, or package.module:function. Without data: latency-only pruning (no fine-tune, no accuracy)."),
+    normalize: Optional[str] = NormalizeOpt,
+    resize: Optional[str] = ResizeOpt,
     importance: str = typer.Option("l1", "--importance", help="l1, l2, bn_scale or taylor."),
     round_to: int = typer.Option(8, "--round-to", min=1, help="Widths are multiples of this."),
     latency_source: str = typer.Option("auto", "--latency-source", help="auto, table, measured or table+recalibrate."),
@@ -61,6 +63,7 @@ def prune(
     from squeeze.prune.importance import get_importance
 
     get_importance(importance)  # an unknown criterion fails before any model is loaded
+    preprocessing = preprocessing_flags(normalize, resize)
     if method not in METHODS:
         raise SqueezeError(f"Unknown pruning method `{method}`.", f"Choose one of: {', '.join(METHODS)}.")
     if not any(v is not None for v in (latency, latency_ms, macs, size_bytes)):
@@ -73,7 +76,7 @@ def prune(
         raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze prune --help` for the accepted values.") from None
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
     with rpc_flags(target, rpc, tracker, key):
-        report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
+        report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache)
     out.print(recipe_view(report))
 
 

@@ -11,11 +11,15 @@ from squeeze import api
 from squeeze.cli.common import (
     InputShape,
     NoCache,
+    NormalizeOpt,
+    ResizeOpt,
     TargetOpt,
     TrustModel,
     Weights,
     handles_errors,
     out,
+    parse_fraction,
+    preprocessing_flags,
 )
 from squeeze.cli.prune import parse_ratio
 from squeeze.errors import SqueezeError
@@ -52,12 +56,18 @@ def quantize(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx and report.json (created)."),
     target: str = TargetOpt,
     data: Optional[str] = typer.Option(None, "--data", help="Calibration and evaluation data: digits, a folder of class sub-folders, or package.module:function."),
+    normalize: Optional[str] = NormalizeOpt,
+    resize: Optional[str] = ResizeOpt,
     method: str = typer.Option("int8", "--method", "-m", help="int8, fp16, qat or haq (squeeze list methods: quant.*)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="minmax (default), entropy or percentile."),
     per_channel: Optional[bool] = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales per output channel (default) or per tensor."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration samples from the train split (default 256)."),
     activation_type: Optional[str] = typer.Option(None, "--activation-type", help="auto (default: measured on the target), uint8 or int8."),
     weight_type: Optional[str] = typer.Option(None, "--weight-type", help="auto (default: measured), int8 or uint8."),
+    reduce_range: Optional[str] = typer.Option(None, "--reduce-range", help="7-bit int8 weights: auto (tried too where the CPU has no int8 dot product, VNNI), on or off."),
+    min_agreement: Optional[str] = typer.Option(None, "--min-agreement", help="Accuracy floor: least top-1 agreement with fp32 on held-out images (default 99%)."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", min=0.0, help="Accuracy floor: most top-1 points lost against fp32 (default 1)."),
+    min_snr_db: Optional[float] = typer.Option(None, "--min-snr-db", help="Accuracy floor: least SNR of the logits against fp32 in dB (default: not checked)."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Comma-separated torch layer names to leave in float."),
     auto_exclude: Optional[bool] = typer.Option(None, "--auto-exclude/--no-auto-exclude", help="When int8 is not faster, put the layers the per-layer profile blames back to float until it is (else fp32)."),
     qat_epochs: Optional[int] = typer.Option(None, "--qat-epochs", min=1, help="qat: fine-tune epochs (default 2)."),
@@ -85,6 +95,7 @@ def quantize(
     from squeeze.target import load_target
 
     method_pass = _pass_for(method)
+    preprocessing = preprocessing_flags(normalize, resize)
     if method in ("int8", "fp16", "qat"):
         from squeeze.quant.run import check_target
 
@@ -102,7 +113,10 @@ def quantize(
     options = _options(method_pass, {
         "calibration": ("--calibration", calibration), "per_channel": ("--per-channel/--per-tensor", per_channel),
         "samples": ("--samples", samples), "activation_type": ("--activation-type", activation_type),
-        "weight_type": ("--weight-type", weight_type),
+        "weight_type": ("--weight-type", weight_type), "reduce_range": ("--reduce-range", reduce_range),
+        "min_agreement": ("--min-agreement",
+                          parse_fraction(min_agreement, "--min-agreement") if min_agreement else None),
+        "max_accuracy_drop": ("--max-accuracy-drop", max_accuracy_drop), "min_snr_db": ("--min-snr-db", min_snr_db),
         "exclude": ("--exclude", [n.strip() for n in exclude.split(",") if n.strip()] if exclude else None),
         "auto_exclude": ("--auto-exclude", auto_exclude), "fine_tune": ("--qat-epochs/--qat-lr", fine_tune),
         "activation_ranges": ("--activation-ranges", activation_ranges),
@@ -121,6 +135,6 @@ def quantize(
         bad = "; ".join(f"{'.'.join(map(str, e['loc']))} `{e['input']}`: {e['msg']}" for e in exc.errors())
         raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze quantize --help` for the accepted values.") from None
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, use_cache=not no_cache)
+    report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache)
     out.print(recipe_view(report))
     out.print(quant_view(report))

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import InputShape, NoCache, TrustModel, Weights, handles_errors, out
+from squeeze.cli.common import (InputShape, NoCache, NormalizeOpt, ResizeOpt, TrustModel, Weights, handles_errors, out,
+                                preprocessing_flags)
 from squeeze.model import parse_input_shape
 
 
@@ -19,6 +20,8 @@ def run(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.onnx and report.json (created)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Overrides the recipe's target."),
     data: Optional[str] = typer.Option(None, "--data", help="Data for stages that fine-tune or evaluate (overrides the recipe's)."),
+    normalize: Optional[str] = NormalizeOpt,
+    resize: Optional[str] = ResizeOpt,
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -28,7 +31,8 @@ def run(
     from squeeze.report.render import recipe_view
 
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, data_spec=data, use_cache=not no_cache)
+    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, data_spec=data,
+                            preprocessing=preprocessing_flags(normalize, resize), use_cache=not no_cache)
     out.print(recipe_view(report))
 
 

@@ -9,6 +9,7 @@ from rich.text import Text
 
 from squeeze.measure.bench import Measurement
 from squeeze.measure.gate import GateResult
+from squeeze.preprocessing import Preprocessing
 from squeeze.summary import ModelSummary
 from squeeze.target import Target
 
@@ -94,6 +95,15 @@ def bench_view(rows, target: Target) -> Group:
     return Group(t, Text(protocol_line(ms[0]) + cached, style="dim"), *_noise_warnings(ms))
 
 
+def _gate_title(g: GateResult) -> str:
+    if g.verdict == "pass":
+        return "PASS: no regression beyond the threshold."
+    if g.verdict == "fail":
+        return "FAIL: NEW is slower than allowed, with confidence."
+    # The reason says what the gate still lacked when it stopped, e.g. not "straddles" when the interval was above.
+    return f"PASS (inconclusive): {g.reason or 'no verdict was reached'}; a regression was not shown."
+
+
 def gate_view(g: GateResult) -> Panel:
     style = {"pass": "green", "fail": "red", "inconclusive": "yellow"}[g.verdict]
     r = g.ratio
@@ -103,14 +113,11 @@ def gate_view(g: GateResult) -> Panel:
              f"OLD {g.old.stats.median_ms:.3f} ms   rounds {g.rounds}, {g.elapsed_s:.1f} s, mode {g.mode}"),
         Text(protocol_line(g.new), style="dim"),
     ]
-    if g.reason:
+    if g.protocol and "round_statistic" in g.protocol:
+        lines.append(Text(f"gate: {g.protocol['order']}, {g.protocol['round_statistic']}; {r.method}", style="dim"))
+    if g.reason and g.verdict == "fail":
         lines.append(Text(f"note: {g.reason}", style="yellow"))
-    verdicts = {
-        "pass": "PASS: no regression beyond the threshold.",
-        "fail": "FAIL: NEW is slower than allowed, with confidence.",
-        "inconclusive": "PASS (inconclusive): the interval straddles the threshold; a regression was not shown.",
-    }
-    return Panel(Group(*lines, *_noise_warnings([g.new, g.old])), title=verdicts[g.verdict], border_style=style)
+    return Panel(Group(*lines, *_noise_warnings([g.new, g.old])), title=_gate_title(g), border_style=style)
 
 
 def _fmt_ms(m: dict | None) -> str:
@@ -135,8 +142,10 @@ def recipe_view(report: dict) -> Group:
             line += (f"; MACs reduction {report['macs_reduction']:.3f}x; speedup / MACs reduction "
                      f"{sp['ratio'] / report['macs_reduction']:.2f}")
         lines.append(Text(line))
+    if report.get("data"):
+        lines.append(_preprocessing_line(report["data"]))
     if acc:
-        lines.append(Text(f"accuracy change {acc['delta_pt']:+.2f} pt on {acc['n']} {acc['split']} images"))
+        lines += _accuracy_lines(acc)
     st = Table(title="stages")
     for col in ("method", "seconds", "result"):
         st.add_column(col, overflow="fold")
@@ -154,6 +163,31 @@ def recipe_view(report: dict) -> Group:
     parts.append(Text(protocol_line(Measurement.from_json(lat["final"])), style="dim"))
     parts.append(Text("written: " + ", ".join(report["written"]), style="dim"))
     return Group(*parts)
+
+
+_PREPROCESSING_SOURCES = {
+    "given": "as given",
+    "model": "as the model's checkpoint recorded",
+    "default": "squeeze's default; the model records none: pass --normalize if it was trained otherwise",
+}
+
+
+def _preprocessing_line(data: dict) -> Text:
+    pre = Preprocessing.model_validate(data["preprocessing"])
+    source = _PREPROCESSING_SOURCES.get(data.get("preprocessing_source"), "")
+    return Text(f"data {data['spec']}: {pre.describe()}" + (f" ({source})" if source else ""))
+
+
+def _accuracy_lines(acc: dict) -> list[Text]:
+    """The accuracy change, or, over a mis-fed original, why it is no gain (a near-chance one: no figure)."""
+    change = None if acc.get("delta_pt") is None else f"accuracy change {acc['delta_pt']:+.2f} pt"
+    if not acc.get("warning"):
+        return [Text(f"{change} on {acc['n']} {acc['split']} images")]
+    if change is None:
+        verdict = "accuracy change not shown: the original was not fed the way it was trained"
+    else:
+        verdict = f"{change}: not a gain from compression (see the warning)"
+    return [Text(f"warning: {acc['warning']}", style="bold yellow"), Text(verdict, style="yellow")]
 
 
 def _stage_result(rec: dict) -> str:
