@@ -300,7 +300,7 @@ def _resize(images: torch.Tensor, size_hw: tuple[int, int], mode: str, what: str
     if mode == "none":
         h, w = images.shape[-2:]
         raise DataError(
-            f"{what} are {h}x{w} images, the model takes {size_hw[0]}x{size_hw[1]}, and --resize none keeps "
+            f"{what}: the images are {h}x{w}, the model takes {size_hw[0]}x{size_hw[1]}, and --resize none keeps "
             "images at their size.",
             "Pass --resize bilinear (or bicubic, nearest) to fit them to the model, or check --input-shape.",
         )

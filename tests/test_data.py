@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from squeeze.data import IMAGENET_MEAN, digits_splits, load_data, read_image
-from squeeze.preprocessing import Preprocessing, parse_normalize
+from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize
 from squeeze.errors import DataError
 
 N_DIGITS = 1797
@@ -399,3 +399,12 @@ def test_module_function_errors(data_module):
     assert "disk on fire" in _data_error(f"{data_module}:broken")
     assert "Cannot import" in _data_error(f"{data_module}:missing")
     assert "Cannot import" in _data_error("no_such_package_xyz.data:fn")
+
+
+def test_folder_resize_none_keeps_the_size_or_names_the_image(tmp_path):
+    make_folder(tmp_path, {"apple": 2, "banana": 2}, size=(6, 6))
+    keep = from_flags("none", "none")
+    assert load_data(str(tmp_path), input_shape=(1, 1, 6, 6), preprocessing=keep).train[0][0].shape == (1, 6, 6)
+    bigger = load_data(str(tmp_path), input_shape=(1, 1, 8, 8), preprocessing=keep)
+    with pytest.raises(DataError, match=r"\.png: the images are 6x6, the model takes 8x8, and --resize none"):
+        bigger.train[0]

@@ -95,7 +95,7 @@ def test_digits_resize_modes():
     assert not torch.equal(bicubic, nearest)
     native = load_data("digits", input_shape=(1, 1, 8, 8), preprocessing=from_flags(None, "none"))
     assert native.input_shape == (1, 1, 8, 8) and native.preprocessing.resize == "none"
-    with pytest.raises(DataError, match="8x8 images, the model takes 16x16, and --resize none"):
+    with pytest.raises(DataError, match="The digits: the images are 8x8, the model takes 16x16, and --resize none"):
         load_data("digits", preprocessing=from_flags(None, "none"))
 
 
