@@ -162,9 +162,20 @@ def test_compare_outputs_math():
     assert compare_outputs(ref, ref).snr_db == float("inf")
 
 
-def test_int8_parity_on_digits(fp32, calib, test_x):
-    p = compare_outputs(onnx_outputs(fp32, test_x), onnx_outputs(quantize_onnx(fp32, calib, QuantConfig()), test_x))
+@pytest.mark.parametrize("config", [QuantConfig(reduce_range=True), QuantConfig(weight_type="uint8")],
+                         ids=["u8s8-7bit", "u8u8"])
+def test_int8_parity_on_digits(fp32, calib, test_x, config):
+    """The candidates whose kernels cannot saturate keep parity on any x86 CPU (8-bit u8s8 may not, on one
+    without VNNI: that is what the floor is for, tested on fakes below)."""
+    p = compare_outputs(onnx_outputs(fp32, test_x), onnx_outputs(quantize_onnx(fp32, calib, config), test_x))
     assert p.n == 360 and p.top1_agreement >= 0.99 and p.snr_db > 25
+
+
+def test_reduce_range_stores_7_bit_weights(fp32, calib):
+    model = onnx.load(str(quantize_onnx(fp32, calib, QuantConfig(reduce_range=True)).path))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("weight_quantized")]
+    assert len(weights) == 6 and all(w.dtype == np.int8 and -64 <= w.min() and w.max() <= 64 for w in weights)
+    assert max(int(np.abs(w).max()) for w in weights) == 64
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -199,13 +210,34 @@ def _ratio(r, spread=0.05):
 
 
 def test_type_candidates_follow_the_options():
-    assert type_candidates("auto", "auto") == [("uint8", "int8"), ("int8", "int8"), ("uint8", "uint8")]
-    assert type_candidates("int8", "auto") == [("int8", "int8")]
-    assert type_candidates("uint8", "uint8") == [("uint8", "uint8")]
+    assert type_candidates("auto", "auto") == [("uint8", "int8", False), ("int8", "int8", False),
+                                               ("uint8", "uint8", False)]
+    assert type_candidates("int8", "auto") == [("int8", "int8", False)]
+    assert type_candidates("uint8", "uint8") == [("uint8", "uint8", False)]
+
+
+def test_7_bit_weights_are_tried_where_the_cpu_has_no_int8_dot_product():
+    assert type_candidates("auto", "auto", "auto", dot_product=True) == type_candidates("auto", "auto")
+    assert type_candidates("auto", "auto", "auto", dot_product=False) == [
+        ("uint8", "int8", False), ("uint8", "int8", True), ("int8", "int8", False), ("int8", "int8", True),
+        ("uint8", "uint8", False)]
+    # uint8 weights take kernels that cannot saturate: never reduced, whatever the option says.
+    assert type_candidates("uint8", "auto", "on") == [("uint8", "int8", True), ("uint8", "uint8", False)]
+    assert type_candidates("uint8", "int8", "off", dot_product=False) == [("uint8", "int8", False)]
+
+
+def test_cpu_features_are_read_and_recorded():
+    from squeeze.measure.environment import cpu_features, environment
+
+    feats = cpu_features()
+    assert isinstance(feats["int8_dot_product"], bool) and isinstance(feats["int8_isa"], list)
+    if "avx512_vnni" in open("/proc/cpuinfo").read():
+        assert feats["int8_dot_product"] and "AVX-512 VNNI" in feats["int8_isa"]
+    assert environment("onnxruntime", "1", ["CPUExecutionProvider"], 1)["cpu_int8"] == feats
 
 
 def test_rank_fastest_orders_by_measured_speedup():
-    configs = [QuantConfig(activation_type=a, weight_type=w) for a, w in type_candidates("auto", "auto")]
+    configs = [QuantConfig(activation_type=a, weight_type=w) for a, w, _ in type_candidates("auto", "auto")]
     measured = list(zip(configs, [_ratio(2.4), _ratio(0.85), _ratio(1.1)]))
     assert [c.label() for c, _ in rank_fastest(measured)] == ["a:uint8 w:int8", "a:uint8 w:uint8", "a:int8 w:int8"]
     measured = list(zip(configs, [_ratio(0.9), _ratio(1.3), _ratio(1.1)]))  # as measured, not as assumed
@@ -300,15 +332,16 @@ def test_budgets_quantization_cannot_meet():
 # --- QAT's fake-quant matches what ORT does --------------------------------------------------------
 
 
-def test_weight_fake_quant_equals_ort_weights(fp32, calib):
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_weight_fake_quant_equals_ort_weights(fp32, calib, reduce_range):
     from squeeze.quant.qat import WeightFakeQuant
 
-    model = onnx.load(str(quantize_onnx(fp32, calib, QuantConfig()).path))
+    model = onnx.load(str(quantize_onnx(fp32, calib, QuantConfig(reduce_range=reduce_range)).path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     folded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(fp32.path)).graph.initializer}
     for name in ("conv2.0.weight", "fc.weight"):
         w = torch.from_numpy(folded[name].copy())
-        ours = WeightFakeQuant(per_channel=True, symmetric=True)(w).numpy()
+        ours = WeightFakeQuant(per_channel=True, symmetric=True, reduce_range=reduce_range)(w).numpy()
         scale = inits[f"{name}_scale"].reshape(-1, *([1] * (w.ndim - 1)))
         theirs = inits[f"{name}_quantized"].astype(np.float32) * scale
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
@@ -327,10 +360,11 @@ def test_fake_quant_rounds_forward_and_passes_gradients_straight_through():
 
 def test_qat_model_matches_its_ort_int8_export(digits_model, fp32, calib, test_x):
     """The fake-quant torch model and the QDQ model exported from it compute the same (no training:
-    calibrated ranges), and a changed activation scale reaches the exported graph."""
+    calibrated ranges), and a changed activation scale reaches the exported graph. 7-bit weights: ORT's
+    8-bit u8s8 kernels may saturate on a CPU without VNNI, where the torch model does not."""
     from squeeze.quant.qat import build_qat_model, export_qat, quantized_activations
 
-    config = QuantConfig()
+    config = QuantConfig(reduce_range=True)
     ptq = quantize_onnx(fp32, calib, config)
     qat = build_qat_model(digits_model.module, fp32, ptq, config, calib.inputs[:16], learn_ranges=True)
     assert len(qat.owners) == 9 and set(qat.tensor_fq) == set(quantized_activations(onnx.load(str(ptq.path))))

@@ -6,13 +6,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from squeeze.passes.base import ModelState, Pass, PassContext, PassOptions, register_pass
+from squeeze.passes.base import ModelState, Pass, PassContext, register_pass
+from squeeze.quant.parity import ParityFloor
 from squeeze.train.config import FineTuneConfig
 
 __all__ = ["HAQOptions", "HAQPass"]
 
 
-class HAQOptions(PassOptions):
+class HAQOptions(ParityFloor):
     episodes: int = Field(100, ge=1, description="search episodes (HAQ: 600), each one policy fine-tuned briefly")
     warmup: int = Field(20, ge=0, description="first episodes with random actions that only fill the replay buffer")
     min_bits: int = Field(2, ge=2, le=32, description="lowest weight bits a layer may take (2..7 only under a size "

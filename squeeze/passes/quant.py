@@ -13,15 +13,15 @@ from squeeze.passes.base import (
     ModelState,
     Pass,
     PassContext,
-    PassOptions,
     register_pass,
 )
+from squeeze.quant.parity import ParityFloor
 from squeeze.train.config import FineTuneConfig
 
 __all__ = ["Int8Options", "QatOptions", "Int8Pass", "Fp16Pass", "QatPass"]
 
 
-class Int8Options(PassOptions):
+class Int8Options(ParityFloor):
     calibration: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="how activation ranges are chosen from the calibration samples")
     samples: int = Field(256, ge=1, description="calibration samples from the data's train split")
@@ -29,6 +29,9 @@ class Int8Options(PassOptions):
     activation_type: Literal["auto", "uint8", "int8"] = Field(
         "auto", description="auto: the fastest on the target, measured")
     weight_type: Literal["auto", "int8", "uint8"] = Field("auto", description="auto: the fastest, measured")
+    reduce_range: Literal["auto", "on", "off"] = Field(
+        "auto", description="7-bit weights; auto: also tried where the CPU has no int8 dot product (VNNI), whose "
+        "8-bit kernels can saturate")
     exclude: list[str] = Field(default_factory=list, description="torch layer names left in float")
     auto_exclude: bool = Field(False, description="when int8 is not faster, return the layers the per-layer "
                                "profile blames to float until it is (else fall back to fp32)")
@@ -60,6 +63,7 @@ class Int8Pass(Pass):
 class Fp16Pass(Pass):
     name = "quant.fp16"
     summary = "fp16 weights and compute for GPU targets (ONNX Runtime CUDA EP); measured against fp32."
+    Options = ParityFloor
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         from squeeze.quant.run import run_fp16

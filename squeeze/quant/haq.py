@@ -174,6 +174,14 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def int8_reduce_range() -> bool:
+    """7-bit int8 weights where the CPU has no int8 dot product: ORT's u8s8 kernels there sum products
+    pairwise in 16 bits, which 8-bit weights can saturate (squeeze.quant.parity). Stored as int8 all the same."""
+    from squeeze.measure.environment import cpu_features
+
+    return not cpu_features()["int8_dot_product"]
+
+
 def _fake_weight(w: torch.Tensor, p: Precision) -> torch.Tensor:
     if p.name == "int4w":
         # MatMulNBits, symmetric: blocks of INT4_BLOCK along the input dim; the value of largest magnitude
@@ -186,8 +194,9 @@ def _fake_weight(w: torch.Tensor, p: Precision) -> torch.Tensor:
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(_round_ste(blocks / scale), -8, 7) * scale
         return q.reshape(n, -1)[:, :k]
-    # Symmetric per output channel, levels -(2^(b-1)-1)..2^(b-1)-1 (int8: max|w| / 127, as ORT).
-    levels = 2 ** (p.weight_bits - 1) - 1
+    # Symmetric per output channel, levels -(2^(b-1)-1)..2^(b-1)-1 (int8: max|w| / 127, as ORT; 7-bit
+    # int8 weights: ORT's reduce_range levels -64..64).
+    levels = 64 if p.weight_bits == 8 and int8_reduce_range() else 2 ** (p.weight_bits - 1) - 1
     absmax = w.detach().abs().flatten(1).max(dim=1).values.clamp_min(1e-12)
     scale = (absmax / levels).view(-1, *([1] * (w.dim() - 1)))
     return torch.clamp(_round_ste(w / scale), -levels, levels) * scale
@@ -281,7 +290,7 @@ def export_policy(model: LoadedModel, policy: dict[str, Precision], calibration,
     artifact = export_onnx(model)
     per_layer = {name: "int8" if p.act_bits == 8 else "fp32" for name, p in policy.items()}
     if any(v == "int8" for v in per_layer.values()):
-        config = QuantConfig(calibration=calibration_method, per_layer=per_layer)
+        config = QuantConfig(calibration=calibration_method, per_layer=per_layer, reduce_range=int8_reduce_range())
         artifact = quantize_onnx(artifact, calibration, config)
     return int4_weights(artifact, [name for name, p in policy.items() if p.name == "int4w"])
 
@@ -304,6 +313,7 @@ class HAQResult:
     unsupported_precisions: dict[str, str]
     search_seconds: float
     simulated_layers: list[str] = field(default_factory=list)
+    output_parity: dict[str, Any] | None = None  # the exported model against fp32, checked against the floor
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -467,7 +477,8 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
                                 torch.from_numpy(setup.calibration.inputs))
     setup.fp32_artifact = export_onnx(original)
     setup.int8_artifact = quantize_onnx(setup.fp32_artifact, setup.calibration,
-                                        QuantConfig(calibration=opts.calibration))
+                                        QuantConfig(calibration=opts.calibration,
+                                                    reduce_range=int8_reduce_range()))
     fp32_m, int8_m = measure([setup.fp32_artifact, setup.int8_artifact], target, protocol, use_cache=False)
     fp32_ms, int8_ms = fp32_m.stats.median_ms, int8_m.stats.median_ms
     if setup.resource == "latency_ms":
@@ -581,6 +592,14 @@ def haq_search(original: LoadedModel, data: DataBundle | None, target: Target, p
         log.info(f"haq: measured {result.latency['haq_vs_fp32']:.3f}x misses the budget "
                  f"({setup.resolved.ratio:.3f}x); table re-fitted, policy lowered to {' '.join(lower)}")
         names = lower
+    from squeeze.quant.parity import OrtParity
+    from squeeze.quant.run import final_parity
+
+    parity = OrtParity(setup.fp32_artifact, data, opts.parity_samples)
+    result.output_parity = final_parity(
+        "The HAQ model", parity, artifact, opts,
+        fix="Relax the budget (more bits), search longer (--episodes), or lower the floor (--min-agreement, "
+            "--max-accuracy-drop) if that loss is acceptable.")
     return model, artifact, result
 
 

@@ -93,13 +93,14 @@ class WeightFakeQuant(nn.Module):
     """A parametrization of a Conv/Linear weight: the weight as ORT quantizes it at export.
 
     (C_out, ...) weights; scales per output channel (dim 0) or per tensor. Symmetric int8: scale =
-    max|w| / 127 over [-127, 127], zero point 0; asymmetric uint8: scale = (max(w, 0) - min(w, 0)) / 255,
+    max|w| / L over [-L, L], zero point 0, L = 127 (64 for 7-bit weights, ORT's reduce_range); asymmetric uint8: scale = (max(w, 0) - min(w, 0)) / 255,
     zero point round(-min / scale) over [0, 255] (onnxruntime.quantization.quant_utils.compute_scale_zp).
     """
 
-    def __init__(self, per_channel: bool, symmetric: bool) -> None:
+    def __init__(self, per_channel: bool, symmetric: bool, reduce_range: bool = False) -> None:
         super().__init__()
         self.per_channel, self.symmetric = per_channel, symmetric
+        self.levels = 64 if reduce_range else 127
         self.enabled = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -110,8 +111,8 @@ class WeightFakeQuant(nn.Module):
             lo = w.amin(dim=dims, keepdim=True).clamp_max(0)
             hi = w.amax(dim=dims, keepdim=True).clamp_min(0)
             if self.symmetric:
-                scale = torch.maximum(-lo, hi) / 127.0
-                zero, qmin, qmax = torch.zeros_like(scale), -127, 127
+                scale = torch.maximum(-lo, hi) / self.levels
+                zero, qmin, qmax = torch.zeros_like(scale), -self.levels, self.levels
             else:
                 scale = (hi - lo) / 255.0
                 zero, qmin, qmax = None, 0, 255
@@ -274,7 +275,8 @@ def _fake_quantize_weights(gm: torch.fx.GraphModule, fp32: OnnxArtifact, config:
             raise QuantizeError(f"QAT found no Conv2d/Linear module `{layer}` for the ONNX layer of that name.",
                                 "Use --method int8 (post-training) for this model.")
         parametrize.register_parametrization(module, "weight",
-                                             WeightFakeQuant(config.per_channel, config.weight_type == "int8"))
+                                             WeightFakeQuant(config.per_channel, config.weight_type == "int8",
+                                                             config.reduce_range))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict
         check_target,
         describe,
         eval_inputs,
-        output_parity,
+        final_parity,
         plan_int8,
         run_summary,
     )
@@ -370,7 +372,7 @@ def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict
         "speedup_vs_fp32": plan.speedup.to_json(),
         "budget": check_result_budget(ctx.budget, plan.speedup, fp32_ms, artifact, "qat"),
         **describe(artifact, plan.fp32),
-        "output_parity": output_parity(plan.fp32, artifact, data),
+        "output_parity": final_parity("The QAT model", plan.parity, artifact, opts),
         "qat": {
             "activation_ranges": opts.activation_ranges,
             "fake_quant_activations": len(qat.owners),

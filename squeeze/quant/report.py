@@ -14,6 +14,36 @@ def _ratio(r: dict | None) -> str:
     return "—" if r is None else f"{r['ratio']:.3f}x [{r['low']:.3f}, {r['high']:.3f}]"
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _verdict(c: dict, chosen: dict | None) -> str:
+    if c["parity"]["below_floor"]:
+        return "below floor"
+    picked = chosen and all(c[k] == v for k, v in chosen.items())
+    return "chosen" if picked else "passes"
+
+
+def _candidates_table(choice: dict, rec: dict) -> Group:
+    floor, cpu = rec["parity_floor"], rec["cpu_int8"]
+    title = (f"int8 candidates on {choice['measured_on']} (CPU: {', '.join(cpu['int8_isa']) or 'no int8 ISA known'}"
+             f"{'' if cpu['int8_dot_product'] else '; no int8 dot product'}); speedup over fp32 (95% CI, "
+             f"interleaved); floor: agreement >= {100 * floor['min_agreement']:.0f}%, accuracy within "
+             f"{floor['max_accuracy_drop_pt']:g} pt" + (f", SNR >= {floor['min_snr_db']:g} dB" if floor["min_snr_db"]
+                                                       is not None else ""))
+    t = Table(title=title)
+    for col in ("candidate", "speedup", "agreement", "SNR dB", "top-1", ""):
+        t.add_column(col, justify="left" if col in ("candidate", "") else "right", overflow="fold")
+    for c in choice["candidates"]:
+        p = c["parity"]
+        t.add_row(c["label"], _ratio(c["speedup"]), _pct(p["top1_agreement"]), f"{p['snr_db']:.1f}",
+                  f"{_pct(p['top1'])} (fp32 {_pct(p['reference_top1'])})", _verdict(c, choice["chosen"]))
+    below = [Text(f"{c['label']}: below floor: {'; '.join(c['parity']['below_floor'])}", style="yellow")
+             for c in choice["candidates"] if c["parity"]["below_floor"]]
+    return Group(t, *below)
+
+
 def quant_view(report: dict) -> Group:
     stage = next((s for s in report["stages"] if s["method"].startswith("quant.")), None)
     if stage is None:
@@ -26,13 +56,7 @@ def quant_view(report: dict) -> Group:
     parts: list = []
     choice = rec.get("type_choice")
     if choice:
-        t = Table(title=f"int8 types measured on {choice['measured_on']} (speedup over fp32, 95% CI, interleaved)")
-        for col in ("activations", "weights", "speedup", ""):
-            t.add_column(col, justify="right" if col == "speedup" else "left")
-        for c in choice["candidates"]:
-            chosen = (c["activation_type"], c["weight_type"]) == tuple(choice["chosen"].values())
-            t.add_row(c["activation_type"], c["weight_type"], _ratio(c["speedup"]), "chosen" if chosen else "")
-        parts.append(t)
+        parts.append(_candidates_table(choice, rec))
     auto = rec.get("auto_exclude")
     if auto:
         t = Table(title=f"auto-exclude (started at {_ratio(auto['start_speedup'])})")

@@ -2,8 +2,11 @@
 
 int8 (`run_int8`):
   1. calibration samples from the data's train split;
-  2. the activation/weight type combinations the options allow are quantized and measured interleaved
-     with the fp32 model in one run on the target; the fastest is chosen (all ratios go in the report);
+  2. the candidates the options allow (activation/weight types; 7-bit weights where the CPU has no int8
+     dot product) are quantized, checked against fp32 on held-out inputs (squeeze.quant.parity: top-1
+     agreement, SNR, accuracy) and measured interleaved with the fp32 model in one run on the target;
+     among those above the accuracy floor the fastest is chosen; when none is above it, an error names
+     each candidate and by how much it fell short, and nothing is written;
   3. the chosen model must be faster than fp32 with confidence (the lower end of the speedup's 95%
      interval above 1), in that run and again in a second, fresh run. If it is not: without
      auto-exclusion, an error says so and nothing is written; with it, ORT's per-layer profiles of the
@@ -11,7 +14,7 @@ int8 (`run_int8`):
      model is re-measured, until it is faster or no layer is left to blame, when the fp32 model is handed
      back (and the report says so);
   4. a budget (latency or size) is checked on the measured result;
-  5. parity with fp32 on the evaluation split: top-1 agreement and SNR.
+  5. the model handed back passes the floor again (after auto-exclusion, and QAT's export too).
 fp16 (`run_fp16`): for GPU targets; measured the same way. QAT (`squeeze.quant.qat`) reuses 1-3 to fix
 the precision plan, then fine-tunes under it.
 """
@@ -31,12 +34,18 @@ from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.passes.base import ModelState, PassContext
 from squeeze.passes.builtin import ensure_artifact
 from squeeze.quant.calibrate import CalibrationData, calibration_data
+from squeeze.quant.parity import (
+    OrtParity,
+    ParityCheck,
+    ParityFloor,
+    ParitySource,
+    eval_split,
+    refuse_below_floor,
+)
 from squeeze.quant.ptq import (
     QuantConfig,
-    compare_outputs,
     layer_nodes,
     layer_precisions,
-    onnx_outputs,
     op_counts,
     quantize_onnx,
     to_fp16,
@@ -46,7 +55,7 @@ from squeeze.target import Target
 
 __all__ = ["QuantTargetError", "MissingCalibrationDataError", "NotFasterError", "QuantBudgetError", "TYPE_CANDIDATES",
            "check_target", "check_budget", "type_candidates", "rank_fastest", "is_faster", "ExclusionStep",
-           "exclusion_search", "run_int8", "run_fp16", "plan_int8", "Int8Plan"]
+           "exclusion_search", "run_int8", "run_fp16", "plan_int8", "Int8Plan", "final_parity"]
 
 log = logging.getLogger("squeeze.quant")
 
@@ -179,9 +188,16 @@ def _measure_vs(reference: OnnxArtifact, candidates: list[OnnxArtifact], ctx: Pa
     return ms[0], [paired_ratio(m.samples_ms, ms[0].samples_ms) for m in ms[1:]]
 
 
-def type_candidates(activation_type: str, weight_type: str) -> list[tuple[str, str]]:
-    """The (activation, weight) combinations allowed by the options ("auto" allows all)."""
-    return [(a, w) for a, w in TYPE_CANDIDATES
+def type_candidates(activation_type: str, weight_type: str, reduce_range: str = "off",
+                    dot_product: bool = True) -> list[tuple[str, str, bool]]:
+    """The (activation, weight, 7-bit weights) combinations allowed by the options ("auto" allows all).
+
+    7-bit int8 weights are tried with `reduce_range="on"`, and with "auto" where the CPU has no int8 dot
+    product (`dot_product`, VNNI), whose u8s8 kernels can saturate 8-bit weights; uint8 weights take
+    kernels that cannot saturate, so they are never reduced.
+    """
+    ranges = {"on": (True,), "off": (False,), "auto": (False,) if dot_product else (False, True)}[reduce_range]
+    return [(a, w, rr) for a, w in TYPE_CANDIDATES for rr in (ranges if w == "int8" else (False,))
             if activation_type in ("auto", a) and weight_type in ("auto", w)]
 
 
@@ -248,12 +264,28 @@ class Int8Plan:
     config: QuantConfig | None
     artifact: OnnxArtifact
     speedup: RatioEstimate | None
+    parity: ParitySource
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _base_config(opts, activation: str, weight: str) -> QuantConfig:
-    return QuantConfig(activation_type=activation, weight_type=weight, per_channel=opts.per_channel,
-                       calibration=opts.calibration, exclude=sorted(opts.exclude))
+def _base_config(opts, activation: str, weight: str, reduce_range: bool) -> QuantConfig:
+    return QuantConfig(activation_type=activation, weight_type=weight, reduce_range=reduce_range,
+                       per_channel=opts.per_channel, calibration=opts.calibration, exclude=sorted(opts.exclude))
+
+
+def _candidate_json(config: QuantConfig, speedup: RatioEstimate, check: ParityCheck, floor: ParityFloor) -> dict:
+    return {"activation_type": config.activation_type, "weight_type": config.weight_type,
+            "reduce_range": config.reduce_range, "label": config.label(), "speedup": speedup.to_json(),
+            "parity": check.to_json(floor)}
+
+
+def _cpu_note(record: dict) -> str:
+    """Why int8 may be inaccurate on this CPU, for the error when no candidate passes the floor."""
+    cpu = record["cpu_int8"]
+    if cpu["int8_dot_product"]:
+        return ""
+    return ("This CPU has no int8 dot-product instructions (VNNI), where ONNX Runtime's uint8 x int8 kernels sum "
+            "products pairwise in 16 bits and can saturate.")
 
 
 def _blame(fp32: OnnxArtifact, quantize: Callable[[QuantConfig], OnnxArtifact], ctx: PassContext, runs: int):
@@ -272,35 +304,51 @@ def _blame(fp32: OnnxArtifact, quantize: Callable[[QuantConfig], OnnxArtifact], 
     return blame
 
 
-def plan_int8(state: ModelState, ctx: PassContext, opts) -> Int8Plan:
-    """Steps 1-3 of the module docstring; raises NotFasterError when nothing faster is found and
-    auto-exclusion is off."""
+def plan_int8(state: ModelState, ctx: PassContext, opts, parity: ParitySource | None = None) -> Int8Plan:
+    """Steps 1-3 of the module docstring; raises ParityError when no candidate passes the accuracy floor,
+    NotFasterError when none is faster and auto-exclusion is off. `parity` checks a candidate against fp32
+    (default: ONNX Runtime on the held-out split)."""
+    from squeeze.measure.environment import cpu_features
+
     data = require_data(ctx, "int8")
     state = ensure_artifact(state, ctx)
     fp32 = state.artifact
     calibration = calibration_data(data, opts.samples, seed=ctx.seed)
+    parity = parity or OrtParity(fp32, data, opts.parity_samples)
     layers = list(layer_nodes(fp32))
 
     def quantize(config: QuantConfig) -> OnnxArtifact:
         return quantize_onnx(fp32, calibration, config)
 
-    combos = type_candidates(opts.activation_type, opts.weight_type)
-    configs = [_base_config(opts, a, w) for a, w in combos]
-    fp32_m, speedups = _measure_vs(fp32, [quantize(c) for c in configs], ctx)
-    ranked = rank_fastest(list(zip(configs, speedups)))
-    chosen, speedup = ranked[0]
-    log.info("types: " + "; ".join(f"{c.label()} {s.ratio:.3f}x" for c, s in zip(configs, speedups))
-             + f" -> {chosen.label()}")
-    goal = _LatencyGoal.of(ctx.budget, fp32_m.stats.median_ms)
+    cpu = cpu_features()
+    combos = type_candidates(opts.activation_type, opts.weight_type, opts.reduce_range, cpu["int8_dot_product"])
+    configs = [_base_config(opts, a, w, rr) for a, w, rr in combos]
+    artifacts = [quantize(c) for c in configs]
+    checks = [parity(a) for a in artifacts]
+    fp32_m, speedups = _measure_vs(fp32, artifacts, ctx)
+    record: dict[str, Any] = {"calibration": calibration.to_json(), "cpu_int8": cpu,
+                              "parity_floor": opts.floor_json()}
     choice = {
         "measured_on": ctx.target.name,
         "fp32_median_ms": fp32_m.stats.median_ms,
-        "candidates": [{"activation_type": c.activation_type, "weight_type": c.weight_type,
-                        "speedup": s.to_json()} for c, s in zip(configs, speedups)],
-        "chosen": {"activation_type": chosen.activation_type, "weight_type": chosen.weight_type},
+        "candidates": [_candidate_json(c, s, p, opts) for c, s, p in zip(configs, speedups, checks)],
+        "chosen": None,
         "by_measurement": len(configs) > 1,
     }
-    record: dict[str, Any] = {"calibration": calibration.to_json(), "type_choice": choice}
+    record["type_choice"] = choice
+    log.info("types: " + "; ".join(f"{c.label()} {s.ratio:.3f}x, agreement {100 * p.top1_agreement:.1f}%"
+                                   for c, s, p in zip(configs, speedups, checks)))
+    refuse_below_floor(
+        f"No int8 model (of {len(configs)} candidates) keeps the fp32 model's accuracy within the floor",
+        [(c.label(), p) for c, p in zip(configs, checks)], opts, _cpu_note(record))
+    # Speed decides only among the candidates that keep the accuracy.
+    ranked = rank_fastest([(c, s) for c, s, p in zip(configs, speedups, checks) if not p.failures(opts)])
+    chosen, speedup = ranked[0]
+    goal = _LatencyGoal.of(ctx.budget, fp32_m.stats.median_ms)
+
+    def choose(config: QuantConfig) -> None:
+        choice["chosen"] = {"activation_type": config.activation_type, "weight_type": config.weight_type,
+                            "reduce_range": config.reduce_range}
 
     def confirm(config: QuantConfig) -> RatioEstimate:
         """A second, fresh interleaved run: one noisy run must not decide that a slower model is faster."""
@@ -310,14 +358,15 @@ def plan_int8(state: ModelState, ctx: PassContext, opts) -> Int8Plan:
             {"config": config.label(), "float_layers": sorted(config.float_layers()), "speedup": again.to_json()})
         return again
 
+    choose(chosen)
     # The fastest candidate that a second run confirms (a noisy first run may have ranked them wrongly).
     for config, first in ranked:
         if not goal.met(first):
             break
         again = confirm(config)
         if goal.met(again):
-            choice["chosen"] = {"activation_type": config.activation_type, "weight_type": config.weight_type}
-            return Int8Plan(fp32, calibration, config, quantize(config), again, record)
+            choose(config)
+            return Int8Plan(fp32, calibration, config, quantize(config), again, parity, record)
         if config is chosen:
             speedup = again  # what the errors below report
     if not opts.auto_exclude and is_faster(speedup):  # faster, but not enough for the latency budget
@@ -332,31 +381,45 @@ def plan_int8(state: ModelState, ctx: PassContext, opts) -> Int8Plan:
             "written.",
             "Re-run with --auto-exclude to keep the layers that quantize well and leave the others in float "
             "(measured per layer), or let squeeze choose the types (--activation-type auto).")
-    start = speedup
+    return _auto_exclude(Int8Plan(fp32, calibration, chosen, quantize(chosen), speedup, parity, record),
+                         ctx, opts, goal, layers, confirm)
+
+
+def _auto_exclude(plan: Int8Plan, ctx: PassContext, opts, goal: _LatencyGoal, layers: list[str],
+                  confirm: Callable[[QuantConfig], RatioEstimate]) -> Int8Plan:
+    """Exclusion search from `plan`'s config; the result must be confirmed faster and pass the floor too,
+    else the fp32 model is handed back."""
+    def quantize(config: QuantConfig) -> OnnxArtifact:
+        return quantize_onnx(plan.fp32, plan.calibration, config)
+
     final, steps = exclusion_search(
-        chosen, layers, goal.met, lambda c: _measure_vs(fp32, [quantize(c)], ctx)[1][0],
-        _blame(fp32, quantize, ctx, opts.profile_runs), opts.max_exclude_steps)
+        plan.config, layers, goal.met, lambda c: _measure_vs(plan.fp32, [quantize(c)], ctx)[1][0],
+        _blame(plan.fp32, quantize, ctx, opts.profile_runs), opts.max_exclude_steps)
+    below: list[str] = []
     if final is not None:
         speedup = confirm(final)
-        final = final if goal.met(speedup) else None
-    record["auto_exclude"] = {"start_speedup": start.to_json(), "steps": [s.to_json() for s in steps],
-                              "result": "quantized" if final else "fp32"}
+        below = plan.parity(quantize(final)).failures(opts)
+        final = final if goal.met(speedup) and not below else None
+    plan.record["auto_exclude"] = {"start_speedup": plan.speedup.to_json(), "steps": [s.to_json() for s in steps],
+                                   "result": "quantized" if final else "fp32", "below_floor": below}
     if final is None:
-        log.warning("auto-exclude found no faster int8 model; handing back the fp32 model")
-        return Int8Plan(fp32, calibration, None, fp32, None, record)
-    return Int8Plan(fp32, calibration, final, quantize(final), speedup, record)
+        log.warning("auto-exclude found no faster int8 model within the accuracy floor; handing back the fp32 model")
+        return Int8Plan(plan.fp32, plan.calibration, None, plan.fp32, None, plan.parity, plan.record)
+    return Int8Plan(plan.fp32, plan.calibration, final, quantize(final), speedup, plan.parity, plan.record)
 
 
 def eval_inputs(data) -> tuple[str, np.ndarray]:
-    split, ds = ("test", data.test) if data.test is not None else ("val", data.val)
+    split, ds = eval_split(data)
     n = min(len(ds), PARITY_SAMPLES)
     return split, np.stack([np.asarray(ds[i][0], dtype=np.float32) for i in range(n)])
 
 
-def output_parity(reference: OnnxArtifact, artifact: OnnxArtifact, data) -> dict[str, Any]:
-    """Top-1 agreement and SNR of `artifact` against `reference` (both through ORT) on the eval split."""
-    split, x = eval_inputs(data)
-    return {"split": split, **compare_outputs(onnx_outputs(reference, x), onnx_outputs(artifact, x)).to_json()}
+def final_parity(what: str, parity: ParitySource, artifact: OnnxArtifact, floor: ParityFloor,
+                 **fix) -> dict[str, Any]:
+    """The parity of the model about to be handed back; ParityError (nothing written) below the floor."""
+    check = parity(artifact)
+    refuse_below_floor(f"{what} falls below the accuracy floor against fp32", [(what, check)], floor, **fix)
+    return check.to_json(floor)
 
 
 def check_result_budget(budget: Budget | None, speedup: RatioEstimate | None, fp32_ms: float,
@@ -409,7 +472,7 @@ def run_int8(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dic
         "speedup_vs_fp32": plan.speedup.to_json() if plan.speedup else None,
         "budget": check_result_budget(ctx.budget, plan.speedup, fp32_ms, plan.artifact, "int8"),
         **describe(plan.artifact, plan.fp32),
-        "output_parity": output_parity(plan.fp32, plan.artifact, ctx.data),
+        "output_parity": final_parity("The int8 model", plan.parity, plan.artifact, opts) if plan.config else None,
     }
     state.artifact = plan.artifact
     return state, record
@@ -439,7 +502,8 @@ def run_fp16(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dic
         "budget": check_result_budget(ctx.budget, speedup, fp32_m.stats.median_ms, fp16, "fp16"),
         "op_counts": op_counts(fp16.path),
         "size_bytes": {"fp32": fp32.path.stat().st_size, "final": fp16.path.stat().st_size},
-        "output_parity": output_parity(fp32, fp16, ctx.data) if ctx.data is not None else None,
+        "output_parity": final_parity("The fp16 model", OrtParity(fp32, ctx.data, opts.parity_samples), fp16, opts)
+        if ctx.data is not None else None,
     }
     state.artifact = fp16
     return state, record
