@@ -4,6 +4,8 @@ Budgets here are MACs (counted, not measured), so the numbers are exact and the 
 """
 
 import json
+import re
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -117,8 +119,10 @@ def test_bench_pruned_against_the_original(cli, pruned, tmp_path, fast):
     (["--macs", "0.6x", "--data", "nope"], ["Unknown --data `nope`", "`digits`"]),
     (["--macs", "1x"], ["The budget (macs <= 5.936e+06) is already met by the original model (5.936e+06)"]),
     (["--size-bytes", "10000000"], ["size_bytes <= 1e+07) is already met"]),
-    (["--macs", "0.001x"], ["NetAdapt cannot go below", "(budget 5936)", "Relax the budget"]),
-    (["--macs", "0.1%", "--method", "uniform"], ["Uniform pruning cannot meet macs <= 5936 even at keep ratio 0.05"]),
+    (["--macs", "0.001x"], ["NetAdapt cannot meet macs <= 5936", "counts 0.0419x of the original",
+                            "Use --macs 0.05x or more"]),
+    (["--macs", "0.1%", "--method", "uniform"], ["Uniform pruning cannot meet macs <= 5936",
+                                                 "(every layer at keep ratio 0.05) counts 0.0419x"]),
 ], ids=["method", "no-budget", "ratio-text", "taylor-no-data", "importance", "data", "already-met", "size-met",
         "netadapt-impossible", "uniform-impossible"])
 def test_bad_prune_inputs(cli, model_file, tmp_path, args, needles):
@@ -127,6 +131,22 @@ def test_bad_prune_inputs(cli, model_file, tmp_path, args, needles):
     assert_clean_error(cli("prune", model_file, "--out", out, *args), *needles)
     assert not out.exists()
     assert file_digest(model_file) == before
+
+
+@pytest.mark.parametrize("method", ["netadapt", "uniform"])
+def test_an_impossible_latency_budget_fails_in_seconds_with_the_measured_floor(cli, model_file, tmp_path, method):
+    # model_file: the zoo model is trained (once per run) before the clock starts. Without the check up front
+    # this ran NetAdapt for more than 10 minutes before giving up.
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    r = cli("prune", "zoo:digits-cnn", "--latency", "0.001x", "--method", method, "--data", "digits", "--out", out)
+    elapsed_s = time.perf_counter() - t0
+    assert_clean_error(r, "cannot meet latency_ms <=", "(0.001x of the original)", "the smallest allowed model")
+    floor = float(re.search(r"measures (\S+)x of the original", r.stderr).group(1))
+    nearest = float(re.search(r"Use --latency (\S+)x \(--latency-ms \S+\) or more", r.stderr).group(1))
+    assert 0.001 < floor < nearest < 1
+    assert elapsed_s < 60
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, bad", [

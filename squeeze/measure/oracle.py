@@ -7,25 +7,47 @@ exports and measures the whole model (cached by content); lookup-table oracles i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import numpy as np
 
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import export_onnx
-from squeeze.measure.bench import Measurement, measure
+from squeeze.measure.bench import InterleavedRun, Measurement, measure
 from squeeze.measure.protocol import Protocol
-from squeeze.measure.stats import paired_ratio
+from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.measure.worker import WorkerClient
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LatencyOracle", "MeasuredOracle", "RelativeOracle"]
+__all__ = ["LatencyOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns"]
+
+Timed = LoadedModel | OnnxArtifact
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A latency and the interval it is known to: [low_ms, high_ms] (zero width for a prediction)."""
+
+    ms: float
+    low_ms: float
+    high_ms: float
 
 
 class LatencyOracle(ABC):
     target: Target
+    # The smallest difference the caller needs told apart (a search sets its step): oracles that measure
+    # sample until a reading's interval is narrower. None: the protocol's sample count.
+    resolution_ms: float | None = None
 
     @abstractmethod
-    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
+    def latency_ms(self, model: Timed) -> float:
         """Median latency in milliseconds."""
+
+    def reading(self, model: Timed) -> Reading:
+        ms = self.latency_ms(model)
+        return Reading(ms, ms, ms)
 
 
 class MeasuredOracle(LatencyOracle):
@@ -34,41 +56,89 @@ class MeasuredOracle(LatencyOracle):
         self.protocol = protocol or Protocol.for_target(target)
         self.use_cache = use_cache
 
-    def measurement(self, model: LoadedModel | OnnxArtifact) -> Measurement:
+    def measurement(self, model: Timed) -> Measurement:
         artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, use_cache=self.use_cache)
         return measure([artifact], self.target, self.protocol, use_cache=self.use_cache)[0]
 
-    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
+    def latency_ms(self, model: Timed) -> float:
         return self.measurement(model).stats.median_ms
 
 
-class RelativeOracle(LatencyOracle):
-    """Latency as reference_ms x (model / reference), both measured interleaved in one run.
+class WorkerRuns:
+    """Interleaved runs (InterleavedRun) of exported models in one worker process, restarted if one killed it."""
 
-    Absolute figures drift with machine load between runs; the ratio of two models timed back to back
-    does not. Searches that compare candidates against a budget set relative to the original use this.
-    """
-
-    def __init__(self, reference: LoadedModel, target: Target, protocol: Protocol | None = None,
-                 exporter: str = "torchscript") -> None:
-        self.target = target
-        self.protocol = protocol or Protocol.for_target(target)
-        self.exporter = exporter  # the faster exporter: candidates only need the same graph, not the shipped file
+    def __init__(self, target: Target, protocol: Protocol, exporter: str) -> None:
+        self.target, self.protocol, self.exporter = target, protocol, exporter
         self._worker: WorkerClient | None = None
-        self.reference = export_onnx(reference, exporter=exporter)
-        (m,) = measure([self.reference], target, self.protocol, use_cache=False, worker=self.worker)
-        self.reference_ms = m.stats.median_ms
 
     @property
     def worker(self) -> WorkerClient:
-        """One worker process for all of this oracle's measurements (restarted if a measurement killed it)."""
         if self._worker is None or not self._worker.alive:
             self._worker = WorkerClient(self.target, self.protocol)
         return self._worker
 
-    def latency_ms(self, model: LoadedModel | OnnxArtifact) -> float:
-        artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, exporter=self.exporter)
-        if artifact.sha256 == self.reference.sha256:
-            return self.reference_ms
-        ref, new = measure([self.reference, artifact], self.target, self.protocol, use_cache=False, worker=self.worker)
-        return self.reference_ms * paired_ratio(ref.samples_ms, new.samples_ms).ratio
+    def __call__(self, models: list[Timed]) -> InterleavedRun:
+        artifacts = [m if isinstance(m, OnnxArtifact) else export_onnx(m, exporter=self.exporter) for m in models]
+        return InterleavedRun(artifacts, self.target, self.protocol, worker=self.worker)
+
+
+# Opens an interleaved run of some models: `.round()` appends one sample of each to `.samples[i]`.
+RunFactory = Callable[[list[Timed]], ContextManager[Any]]
+
+
+def _identity(model: Timed) -> str:
+    return model.sha256 if isinstance(model, OnnxArtifact) else model.fingerprint
+
+
+class RelativeOracle(LatencyOracle):
+    """Latency as reference_ms x (model / reference), the ratio from samples taken interleaved in one run.
+
+    Absolute figures drift with machine load between runs; the ratio of two models timed back to back
+    does not. Searches that compare candidates against a budget set relative to the original use this.
+    With `resolution_ms` set, rounds are added in batches of `repeat` until the ratio's 95% interval,
+    in milliseconds, is narrower than it (at most `max_rounds`): a busy machine costs samples, not decisions.
+    """
+
+    def __init__(self, reference: LoadedModel, target: Target, protocol: Protocol | None = None,
+                 exporter: str = "torchscript", runs: RunFactory | None = None, max_rounds: int | None = None) -> None:
+        self.target = target
+        self.protocol = protocol or Protocol.for_target(target)
+        # The faster exporter: candidates only need the same graph, not the shipped file.
+        self.runs = runs or WorkerRuns(target, self.protocol, exporter)
+        self.max_rounds = max_rounds or 8 * self.protocol.repeat
+        self.reference, self._reference_id = reference, _identity(reference)
+        with self.runs([reference]) as run:
+            self._sample(run)
+        self.reference_ms = float(np.median(run.samples[0]))
+
+    @property
+    def worker(self) -> WorkerClient:
+        """The worker process that serves all of this oracle's measurements (with the default runs)."""
+        return self.runs.worker
+
+    def _sample(self, run) -> None:
+        for _ in range(self.protocol.repeat):
+            run.round()
+
+    def _settled(self, est: RatioEstimate) -> bool:
+        if self.resolution_ms is None or est.n >= self.max_rounds:
+            return True
+        return (est.high - est.low) * self.reference_ms < self.resolution_ms
+
+    def ratio(self, model: Timed) -> RatioEstimate:
+        """Model / reference, from interleaved samples: enough of them for `resolution_ms`."""
+        with self.runs([self.reference, model]) as run:
+            while True:
+                self._sample(run)
+                est = paired_ratio(run.samples[0], run.samples[1])
+                if self._settled(est):
+                    return est
+
+    def reading(self, model: Timed) -> Reading:
+        if _identity(model) == self._reference_id:
+            return Reading(self.reference_ms, self.reference_ms, self.reference_ms)
+        est = self.ratio(model)
+        return Reading(self.reference_ms * est.ratio, self.reference_ms * est.low, self.reference_ms * est.high)
+
+    def latency_ms(self, model: Timed) -> float:
+        return self.reading(model).ms

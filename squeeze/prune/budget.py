@@ -6,6 +6,7 @@ final word on a latency budget is always a measurement of the exported model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -15,9 +16,16 @@ from squeeze.model import LoadedModel
 from squeeze.recipe import Budget
 from squeeze.summary import summarize
 
-__all__ = ["BudgetError", "Resource", "ResolvedBudget", "budget_resource", "resolve_budget"]
+__all__ = ["BudgetError", "Resource", "ResolvedBudget", "budget_resource", "check_reachable", "confirm_floor",
+           "resolve_budget", "unreachable"]
 
 ResourceName = Literal["latency_ms", "macs", "size_bytes"]
+
+# The floor is measured to within this fraction of the original: a budget that close to it is tried, not refused.
+FLOOR_RESOLUTION = 0.02
+# A suggested latency budget sits this far above the floor's reading: a search that must reach the floor
+# exactly meets the budget only when the final reading comes out low.
+LATENCY_HEADROOM = 1.1
 
 
 class BudgetError(SqueezeError):
@@ -52,6 +60,20 @@ class Resource:
     def confirm(self, model: LoadedModel) -> float:
         """The value a report may claim: measured for latency, counted otherwise."""
         return self.measured.latency_ms(model) if self.name == "latency_ms" else self.of(model)
+
+    def interval(self, model: LoadedModel) -> tuple[float, float, float]:
+        """(value, low, high) of the confirmed value: a measurement's interval for latency, exact otherwise."""
+        if self.name != "latency_ms":
+            value = self.of(model)
+            return value, value, value
+        r = self.measured.reading(model)
+        return r.ms, r.low_ms, r.high_ms
+
+    def set_resolution(self, step: float | None) -> None:
+        """Measurements from now on tell apart values `step` apart (in this resource's unit; None: one batch)."""
+        for oracle in (self.oracle, self.measured):
+            if oracle is not None:
+                oracle.resolution_ms = step
 
 
 @dataclass(frozen=True)
@@ -88,3 +110,51 @@ def budget_resource(budget: Budget | None) -> ResourceName:
     if budget is None or budget.latency_ms is not None or budget.latency_ratio is not None:
         return "latency_ms"
     return "macs" if budget.macs_ratio is not None else "size_bytes"
+
+
+def _nearest_flag(budget: ResolvedBudget, floor_high: float) -> str:
+    """The flag value closest to the floor that a search can meet, in the units a user writes."""
+    if budget.resource == "size_bytes":
+        return f"--size-bytes {math.ceil(floor_high)}"
+    if budget.resource == "macs":
+        return f"--macs {math.ceil(100 * floor_high / budget.original) / 100:.2f}x"
+    ratio = math.ceil(100 * LATENCY_HEADROOM * floor_high / budget.original) / 100
+    return f"--latency {ratio:.2f}x (--latency-ms {ratio * budget.original:.3g})"
+
+
+def unreachable(search: str, budget: ResolvedBudget, floor: tuple[float, float, float], smallest: str) -> BudgetError:
+    """The error for a budget below the smallest model `search` may produce; `floor`: its (value, low, high)."""
+    value, _, high = floor
+    how = "measures" if budget.resource == "latency_ms" else "counts"
+    return BudgetError(
+        f"{search} cannot meet {budget.resource} <= {budget.target:.4g} ({budget.ratio:.3g}x of the original): "
+        f"the smallest allowed model ({smallest}) {how} {value / budget.original:.3g}x of the original "
+        f"({value:.4g} {budget.resource}).",
+        f"Use {_nearest_flag(budget, high)} or more, or a smaller --round-to.",
+    )
+
+
+def check_reachable(search: str, floor: LoadedModel, budget: ResolvedBudget, resource: Resource,
+                    smallest: str) -> None:
+    """Before a search: measure (or count) the smallest model it may produce and refuse a budget below it.
+
+    Refused only when the whole interval lies above the budget: a budget near the floor is tried. One batch
+    of samples first (most budgets are far from the floor, either way); only an interval that straddles
+    the budget is measured again, to FLOOR_RESOLUTION.
+    """
+    for resolution in (None, FLOOR_RESOLUTION * budget.original):
+        resource.set_resolution(resolution)
+        interval = resource.interval(floor)
+        if interval[1] > budget.target:
+            raise unreachable(search, budget, interval, smallest)
+        if interval[2] <= budget.target:
+            return
+
+
+def confirm_floor(search: str, floor: LoadedModel, budget: ResolvedBudget, resource: Resource, smallest: str) -> float:
+    """After a search found nothing smaller: the smallest allowed model, measured again, meets the budget (its
+    value is returned) or the budget is unreachable. The only place a search calls a budget unreachable."""
+    interval = resource.interval(floor)
+    if interval[0] > budget.target:
+        raise unreachable(search, budget, interval, smallest)
+    return interval[0]

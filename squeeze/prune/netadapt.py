@@ -8,6 +8,13 @@ data, each proposal is fine-tuned briefly and evaluated on the held-out split, a
 that keeps the largest fraction of its group's original channels wins: the layer that gives up the
 fewest channels for the same saving. After the budget is met (measured, for latency), a long-term
 fine-tune follows.
+
+Measured latency is noisy and, under load, not monotone in the width. So: readings are ratios to the
+original timed interleaved, sampled until their interval is narrower than the iteration's step; before
+the search, the smallest allowed model (every group at its minimum width) is measured once and a budget
+below it is refused; when no proposal reads under an iteration's target, every group steps one grid width
+down and the best of those is taken, so a high reading slows the search but never ends it. A budget is
+called unreachable only when every group is at its minimum width and that model measures above it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from squeeze.model import LoadedModel
-from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget
+from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, check_reachable, confirm_floor
 from squeeze.prune.engine import apply_plan, make_plan
 from squeeze.prune.graph import prunable_layers
 from squeeze.prune.plan import ChannelPlan, compose_plans, plan_to_json, round_width
@@ -28,7 +35,10 @@ if TYPE_CHECKING:
     from squeeze.data import DataBundle
     from squeeze.passes.prune import NetAdaptOptions
 
-__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "taylor_batch", "finish"]
+__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "smallest_model",
+           "taylor_batch", "finish", "width_grid"]
+
+SMALLEST = "every prunable group at its minimum width"
 
 
 @dataclass
@@ -97,6 +107,25 @@ def taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
     return torch.stack(xs), torch.tensor(ys)
 
 
+def width_grid(layer, round_to: int) -> list[int]:
+    """The widths below the layer's current one that a search may give it, ascending."""
+    step = max(1, round_to)
+    grid = {round_width(w, layer.out_channels, round_to, layer.channel_step) for w in range(step, layer.out_channels, step)}
+    return sorted(w for w in grid if w < layer.out_channels)
+
+
+def shrinkable(table, round_to: int) -> list:
+    """The prunable groups of `table` that are not yet at their minimum width."""
+    return [layer for layer in table if layer.prunable and width_grid(layer, round_to)]
+
+
+def smallest_model(original: LoadedModel, round_to: int) -> LoadedModel:
+    """Every prunable group at the smallest width of its grid: no search step goes below this model.
+    (Which channels are kept does not change its latency, MACs or size, so L1 picks them.)"""
+    layers = shrinkable(prunable_layers(original.module, original.example_input()), round_to)
+    return pruned_candidate(original, None, {g.name: width_grid(g, round_to)[0] for g in layers}, "l1", round_to)[0]
+
+
 class _Proposals:
     """One NetAdapt iteration's proposals from the current model."""
 
@@ -118,19 +147,13 @@ class _Proposals:
     def _build_and_price(self, proposals: list[tuple[str, int]]) -> list[float]:
         return [self.candidate(layer, width).resource for layer, width in proposals]
 
-    def _grid(self, layer) -> list[int]:
-        step = max(1, self.opts.round_to)
-        grid = {round_width(w, layer.out_channels, self.opts.round_to, layer.channel_step)
-                for w in range(step, layer.out_channels, step)}
-        return sorted(w for w in grid if w < layer.out_channels)
-
     def largest_widths(self, layers, target: float) -> dict[str, tuple[int, float]]:
         """Per layer, the largest width on the grid whose network meets `target`, and its resource.
 
         Bisection over grid positions (the resource falls with the width), all layers in step, so that a
         lookup table measures the entries one step misses in one batch.
         """
-        grids = {layer.name: g for layer in layers if (g := self._grid(layer))}
+        grids = {layer.name: width_grid(layer, self.opts.round_to) for layer in layers}
         bounds = {name: (0, len(g) - 1) for name, g in grids.items()}
         best: dict[str, tuple[int, float]] = {}
         while bounds:
@@ -145,6 +168,12 @@ class _Proposals:
                 bounds[name] = (lo, hi)
             bounds = {name: b for name, b in bounds.items() if b[0] <= b[1]}
         return best
+
+    def one_step_down(self, layers) -> dict[str, tuple[int, float]]:
+        """Per layer, the next width down its grid and its resource: the way on when no proposal read under
+        the target (readings of a busy machine can all come out high at once; this one is not believed)."""
+        steps = [(layer.name, width_grid(layer, self.opts.round_to)[-1]) for layer in layers]
+        return {name: (width, value) for (name, width), value in zip(steps, self.price(steps))}
 
     def evaluate(self, cand: Candidate) -> Candidate:
         from squeeze.train import evaluate, fine_tune
@@ -184,6 +213,20 @@ def _record(i: int, target: float, best: Candidate, proposals: list[dict[str, An
                            best.accuracy, proposals, round(time.perf_counter() - t0, 2))
 
 
+def _widths_for_step(proposals: _Proposals, layers, current: float, step: float, budget: ResolvedBudget,
+                     opts: NetAdaptOptions) -> tuple[float, dict[str, tuple[int, float]]]:
+    """This iteration's target and proposals. A step no single layer can save is halved (down to 1% of the
+    first step); when none meets even that, every layer one grid width down."""
+    while True:
+        target = max(current - step, budget.target)
+        found = proposals.largest_widths(layers, target)
+        if found:
+            return target, found
+        if step < 0.01 * opts.initial_reduction * budget.original:
+            return target, proposals.one_step_down(layers)
+        step /= 2
+
+
 def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: NetAdaptOptions,
              data: DataBundle | None = None, recalibrate: Callable[[LoadedModel], float] | None = None,
              log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
@@ -191,6 +234,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
     t_start = time.perf_counter()
     x = original.example_input()
     original_widths = prunable_layers(original.module, x).widths()
+    check_reachable("NetAdapt", smallest_model(original, opts.round_to), budget, resource, SMALLEST)
     current = Candidate(original, None, budget.original)
     if data is not None:
         from squeeze.train import evaluate
@@ -201,21 +245,14 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
     for i in range(opts.max_iterations):
         t0 = time.perf_counter()
         table = prunable_layers(current.model.module, x)
-        widths = table.widths()
-        proposals = _Proposals(current, original_widths, resource, opts, data)
+        layers = shrinkable(table, opts.round_to)
+        if not layers:  # every group at its minimum width: the floor itself decides
+            current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
+            break
         step = opts.initial_reduction * budget.original * opts.decay ** i
-        while True:  # a step no single layer can save is halved (down to 1% of it) before giving up
-            target = max(current.resource - step, budget.target)
-            widths_found = proposals.largest_widths([layer for layer in table if layer.prunable], target)
-            if widths_found or step < 0.01 * opts.initial_reduction * budget.original:
-                break
-            step /= 2
-        if not widths_found:
-            raise BudgetError(
-                f"NetAdapt cannot go below {current.resource:.4g} {budget.resource} (budget {budget.target:.4g}): "
-                "no layer can shrink further on the width grid.",
-                "Relax the budget, or lower --round-to.",
-            )
+        resource.set_resolution(step)
+        proposals = _Proposals(current, original_widths, resource, opts, data)
+        target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
         best, records = proposals.choose(widths_found)
         measured = None
         due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
@@ -224,6 +261,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
             # before believing the budget is met.
             measured = confirm(best.model)
             best.resource = measured
+        widths = table.widths()
         result.history.append(_record(i, target, best, records, measured, widths, t0))
         log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
             f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))

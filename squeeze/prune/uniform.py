@@ -1,4 +1,9 @@
-"""The baseline: the same keep ratio in every prunable layer (L1 by default), bisected to meet the budget."""
+"""The baseline: the same keep ratio in every prunable layer (L1 by default), bisected to meet the budget.
+
+The smallest allowed model (every layer at `min_ratio`) is measured before the bisection, and a budget
+below it refused; when no ratio reads under the budget, that model is measured again and taken if it
+meets it: the budget is called unreachable only on that model's reading.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from squeeze.model import LoadedModel
-from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget
+from squeeze.prune.budget import FLOOR_RESOLUTION, Resource, ResolvedBudget, check_reachable, confirm_floor
 from squeeze.prune.netadapt import Candidate, IterationRecord, SearchResult, pruned_candidate, taylor_batch
 
 if TYPE_CHECKING:
@@ -25,6 +30,10 @@ def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, o
     best: Candidate | None = None
     result = SearchResult(original, budget)
     batch = taylor_batch(data, opts.importance)
+    smallest = f"every layer at keep ratio {opts.min_ratio}"
+    floor, _ = pruned_candidate(original, None, opts.min_ratio, opts.importance, opts.round_to, batch)
+    check_reachable("Uniform pruning", floor, budget, resource, smallest)
+    resource.set_resolution(FLOOR_RESOLUTION * budget.original)
     confirm = recalibrate or resource.confirm
     for i in range(opts.bisection_steps):
         t0 = time.perf_counter()
@@ -45,8 +54,8 @@ def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, o
                                               round(time.perf_counter() - t0, 2)))
         log(f"ratio {ratio:.3f}: {budget.resource} {cand.resource:.4g} ({'meets' if ok else 'over'} {budget.target:.4g})")
     if best is None:
-        raise BudgetError(f"Uniform pruning cannot meet {budget.resource} <= {budget.target:.4g} even at keep ratio "
-                          f"{opts.min_ratio}.", "Relax the budget.")
-    result.model = best.model
+        confirm_floor("Uniform pruning", floor, budget, resource, smallest)
+    result.model = floor if best is None else best.model
     result.search_seconds = time.perf_counter() - t_start
     return result
+
