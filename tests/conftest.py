@@ -1,11 +1,20 @@
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from squeeze.cli.app import app
+
+
+CROSS_COMPILER = "aarch64-linux-gnu-g++"
+# The arm-a72 target cross-compiles; a fresh machine may not have the compiler (scripts/setup.sh installs it
+# where it runs as root on Debian/Ubuntu).
+needs_cross_compiler = pytest.mark.skipif(
+    shutil.which(CROSS_COMPILER) is None,
+    reason=f"{CROSS_COMPILER} is not on PATH: apt-get install g++-aarch64-linux-gnu (Debian/Ubuntu)")
 
 
 def pytest_configure(config):

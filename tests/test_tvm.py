@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+from conftest import needs_cross_compiler
 
 from squeeze.errors import RuntimeUnavailableError, TargetError
 from squeeze.target import load_target
@@ -165,6 +166,7 @@ def test_ffi_pin_is_checked_before_import(monkeypatch):
 # --- compiling ------------------------------------------------------------------------------------------------
 
 
+@needs_cross_compiler
 def test_cross_compiled_library_is_an_aarch64_elf(tiny):
     arm = load_target("arm-a72")
     lib = tx.build_library(tiny, arm, tune=False)

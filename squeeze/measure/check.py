@@ -160,6 +160,10 @@ def _check_tvm(target: Target, steps: _Steps) -> None:
         box["lib"] = lib = tx.build_library(box["artifact"], untuned, 1, tune=False)
         return f"{tx.resolve_target(target).kind.name} library {lib.path.stat().st_size // 1024} KB ({lib.path.name})"
 
+    # A board is connected before compiling: reaching it needs no compiler, and an unreachable board is the
+    # first thing to know (a missing cross-compiler must not hide it).
+    if mode == "rpc":
+        steps.run("connect", lambda: _device_step(target, box))
     steps.run("compile", compile_)
     if target.tvm.cross_compiler:
         def elf() -> str:
@@ -176,7 +180,8 @@ def _check_tvm(target: Target, steps: _Steps) -> None:
     if mode == "compile-only":
         steps.skip("run", "compile-only: nothing runs, no latency is claimed")
         return
-    steps.run("connect" if mode == "rpc" else "device", lambda: _device_step(target, box))
+    if mode != "rpc":
+        steps.run("device", lambda: _device_step(target, box))
     steps.run("run", lambda: _run_step(target, box))
     steps.run("numerics vs ORT", lambda: _parity_step(box))
     artifact = box.get("artifact")
