@@ -23,12 +23,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# /proc/cpuinfo flags that decide int8 kernels: x86 (`flags`) and arm64 (`Features`).
-_INT8_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512bw": "AVX-512BW", "avx512_vnni": "AVX-512 VNNI",
-               "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8", "asimd": "NEON", "asimddp": "NEON dot product",
-               "i8mm": "NEON I8MM"}
+# numpy's run-time CPUID detection names the instruction sets this process's kernels see (under an emulator,
+# the emulated CPU's); /proc/cpuinfo adds those numpy does not name.
+_CPUID_INT8 = {"AVX2": "AVX2", "AVX512F": "AVX-512", "AVX512BW": "AVX-512BW", "AVX512VNNI": "AVX-512 VNNI",
+               "ASIMD": "NEON", "ASIMDDP": "NEON dot product"}
+_CPUINFO_INT8 = {"avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8", "i8mm": "NEON I8MM"}
 # With one of these, 8-bit products are summed in 32 bits; without, ORT's x86 u8s8 kernels sum pairs in 16 bits.
-_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+_DOT_PRODUCT = ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8", "NEON dot product")
 
 
 @lru_cache(maxsize=1)
@@ -43,11 +44,23 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _cpuid() -> dict[str, bool]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return dict(__cpu_features__)
+
+
+@lru_cache(maxsize=1)
 def cpu_features() -> dict:
     """The CPU's int8-relevant instruction sets, and whether it has 8-bit dot products (VNNI and kin)."""
-    flags = _cpu_flags()
-    return {"int8_isa": [name for flag, name in _INT8_FLAGS.items() if flag in flags],
-            "int8_dot_product": any(flag in flags for flag in _DOT_PRODUCT)}
+    cpuid, flags = _cpuid(), _cpu_flags()
+    names = [name for key, name in _CPUID_INT8.items() if cpuid.get(key)]
+    # /proc/cpuinfo describes the host: trusted only where it agrees with CPUID (not under an emulator).
+    if ("avx2" in flags) == bool(cpuid.get("AVX2")) and ("avx512_vnni" in flags) == bool(cpuid.get("AVX512VNNI")):
+        names += [name for flag, name in _CPUINFO_INT8.items() if flag in flags]
+    return {"int8_isa": names, "int8_dot_product": any(name in names for name in _DOT_PRODUCT)}
 
 
 def environment(runtime: str, runtime_version: str, providers: list[str], threads: int) -> dict:
