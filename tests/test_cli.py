@@ -44,11 +44,13 @@ def test_gate_cli_exit_codes(cli, tmp_path, fast):
     ok = cli("bench", "testnets:conv_stack", "--input-shape", "1,3,24,24", "--against", "testnets:conv_stack", *fast)
     assert ok.exit_code == 0 and "PASS" in ok.stdout
     res = tmp_path / "gate.json"
+    # No --max-noise override: however loaded the machine, a clear regression exits 1.
     slow = cli("bench", "zoo:densenet121", "--against", "zoo:mobilenet_v2", *fast, "--max-regression", "10%",
-               "--max-noise", "1000%", "--json", res)
-    assert slow.exit_code == 1 and "FAIL" in slow.stdout
+               "--json", res)
+    assert slow.exit_code == 1 and "FAIL" in slow.stdout and "straddles" not in slow.stdout
     d = json.loads(res.read_text())
     assert d["verdict"] == "fail" and d["ratio"]["low"] > 1.10 and d["max_regression"] == pytest.approx(0.10)
+    assert d["gate_protocol"]["order"] == "random within each round" and d["new"]["protocol"]["threads"] == 1
 
 
 def test_gate_baseline_file(cli, tmp_path, fast):
@@ -195,3 +197,16 @@ def test_bench_an_onnx_file(cli, tmp_path, fast):
     # The same network as a file and from the zoo: one artifact, so latencies agree closely.
     assert d["models"][0]["artifact"]["exporter"] == "source" and d["models"][0]["macs"] is None
     assert 0.7 < d["models"][1]["speedup_vs_first"]["ratio"] < 1.4
+
+
+def test_cached_latency_says_when_and_suggests_remeasuring_under_another_load(cli, fast, monkeypatch):
+    from squeeze.report import render
+
+    args = ("bench", "testnets:tiny_cnn", "--input-shape", "1,3,16,16", *fast)
+    first = cli(*args)
+    assert first.exit_code == 0 and "latency from the cache" not in first.stdout
+    again = " ".join(cli(*args).stdout.split())
+    assert "latency from the cache: measured 20" in again and "(--no-cache re-measures)" in again
+    monkeypatch.setattr(render, "_load_now", lambda: 99.0)  # the machine is far busier now than then
+    busy = " ".join(cli(*args).stdout.split())
+    assert "the load is 99.00 now, so those milliseconds may not hold today: --no-cache re-measures" in busy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from datetime import datetime, timezone
 from functools import lru_cache
 
 import squeeze
@@ -74,6 +75,7 @@ def environment(runtime: str, runtime_version: str, providers: list[str], thread
         "cpu_count": os.cpu_count(),
         "cpu_int8": cpu_features(),
         "load_avg_1m": round(load1, 2),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_avg_5m": round(load5, 2),
         "machine": platform.machine(),
         "python": platform.python_version(),

@@ -79,6 +79,27 @@ def _noise_warnings(ms: list[Measurement]) -> list[Text]:
                  "or compare only the ratios, which were measured interleaved in one run.", style="yellow")]
 
 
+def _load_now() -> float:
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _cache_notes(ms: list[Measurement]) -> list[Text]:
+    """A cached latency says when and under what load it was measured, and suggests re-measuring when the
+    machine's load now is unlike then (ratios came from one run either way; absolute times move with load)."""
+    m = next((m for m in ms if m.cached), None)
+    if m is None:
+        return []
+    env = m.environment
+    then, now = env.get("load_avg_1m", float("nan")), _load_now()
+    line = f"latency from the cache: measured {env.get('measured_at', 'in an earlier run')} at load avg {then}"
+    if abs(now - then) >= max(1.0, 0.25 * (env.get("cpu_count") or 1)):
+        return [Text(f"{line}; the load is {now:.2f} now, so those milliseconds may not hold today: --no-cache "
+                     "re-measures", style="yellow")]
+    return [Text(f"{line} (--no-cache re-measures)", style="dim")]
+
+
 def bench_view(rows, target: Target) -> Group:
     labels = latency_labels(rows[0].measurement.environment)
     t = Table(title=f"latency on {target.name}" + (f": {', '.join(labels)}" if labels else ""))
@@ -91,8 +112,7 @@ def bench_view(rows, target: Target) -> Group:
         t.add_row(r.spec, fmt_count(s.params), fmt_count(s.macs), f"{st.median_ms:.3f}", f"{st.p90_ms:.3f}",
                   f"{st.mad_ms:.3f}", sp)
     ms = [r.measurement for r in rows]
-    cached = " (from cache; --no-cache re-measures)" if ms[0].cached else ""
-    return Group(t, Text(protocol_line(ms[0]) + cached, style="dim"), *_noise_warnings(ms))
+    return Group(t, Text(protocol_line(ms[0]), style="dim"), *_cache_notes(ms), *_noise_warnings(ms))
 
 
 def _gate_title(g: GateResult) -> str:
@@ -160,7 +180,8 @@ def recipe_view(report: dict) -> Group:
         for name, (before, after) in widths.items():
             wt.add_row(name, str(before), str(after) if after != before else "=")
         parts.append(wt)
-    parts.append(Text(protocol_line(Measurement.from_json(lat["final"])), style="dim"))
+    final = Measurement.from_json(lat["final"])
+    parts += [Text(protocol_line(final), style="dim"), *_cache_notes([final])]
     parts.append(Text("written: " + ", ".join(report["written"]), style="dim"))
     return Group(*parts)
 
