@@ -23,13 +23,13 @@ def bench(
     max_regression: str = typer.Option("5%", "--max-regression", help="Gate: allowed slowdown of NEW over OLD."),
     confidence: float = typer.Option(0.99, "--confidence", min=0.5, max=0.9999, help="Gate: confidence of the ratio interval."),
     max_time: float = typer.Option(60.0, "--max-time", min=1.0, help="Gate: seconds of sampling before an undecided gate passes as inconclusive."),
-    max_noise: str = typer.Option("10%", "--max-noise", help="Gate: above this robust CV of either model, a FAIL is reported as inconclusive (machine too noisy)."),
+    max_noise: str = typer.Option("10%", "--max-noise", help="Gate: above this robust CV of either model, a FAIL must also hold at 99.9% confidence (more rounds); noise never turns a clear FAIL into a pass."),
     fail_on_inconclusive: bool = typer.Option(False, "--fail-on-inconclusive", help="Gate: exit 1 also when no verdict was reached (strict CI on a dedicated machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (with raw samples) to this file."),
     repeat: Optional[int] = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0),
     min_repeat_ms: Optional[float] = typer.Option(None, "--min-repeat-ms", min=0.0),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the target's; 1 for the --against gate)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript; the other is tried if one fails."),
     input_shape: Optional[str] = InputShape,
@@ -65,6 +65,10 @@ def bench(
     threshold = parse_fraction(max_regression, "--max-regression")
     cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time,
                      max_noise=parse_fraction(max_noise, "--max-noise"))
+    if against is not None and threads is None:
+        # Intra-op threads wait on each other when another process takes a core: at load 4 on 2 cores a 10%
+        # slowdown read as 6% with 2 threads, and stayed 11% with one. A stored baseline keeps its own threads.
+        protocol = protocol.model_copy(update={"threads": 1})
     result = api.gate(models[0], tgt, opts, protocol, cfg, old_spec=against, baseline=baseline)
     out.print(gate_view(result))
     if json_out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from dataclasses import dataclass, field
 
@@ -53,16 +54,20 @@ class Measurement:
 class InterleavedRun:
     """Times several artifacts in one measurement worker, one sample of each per round.
 
-    Rounds alternate the order (A B, then B A) so that neither model always runs right after the other.
+    By default rounds alternate the order (A B, then B A) so that neither model always runs right after the
+    other. `shuffle` draws the order at random instead, so it cannot fall in step with a periodic load;
+    `samples_per_round` > 1 takes that many samples of each model per round (each in its own order) and keeps
+    each model's minimum, the sample least disturbed by other processes.
     A sample loops the model `calls_per_sample` times so that it lasts at least `min_repeat_ms`.
     Use as a context manager: it closes its own worker, or drops its artifacts from a shared one.
     """
 
     def __init__(self, artifacts: list[OnnxArtifact], target, protocol: Protocol,
-                 worker: WorkerClient | None = None) -> None:
+                 worker: WorkerClient | None = None, *, samples_per_round: int = 1, shuffle: bool = False) -> None:
         if worker is not None and worker.protocol != protocol:
             raise ValueError("a shared measurement worker serves one protocol")
         self.artifacts, self.target, self.protocol = artifacts, target, protocol
+        self.samples_per_round, self._rng = samples_per_round, random.Random() if shuffle else None
         self._own = worker is None
         self.worker = worker or WorkerClient(target, protocol)
         self.ids, self.calls = self.worker.open(artifacts)
@@ -79,13 +84,24 @@ class InterleavedRun:
         elif self.worker.alive:
             self.worker.drop(self.ids)
 
-    def round(self) -> None:
+    def _order(self) -> list[int]:
         order = list(range(len(self.artifacts)))
-        if len(self.samples[0]) % 2:
+        if self._rng is not None:
+            self._rng.shuffle(order)
+        elif len(self.samples[0]) % 2:
             order.reverse()
-        got = self.worker.sample([self.ids[i] for i in order])
-        for i in order:
-            self.samples[i].append(got[self.ids[i]])
+        return order
+
+    def round(self) -> tuple[float, ...]:
+        """Sample every artifact; returns this round's milliseconds per call, in artifact order."""
+        best = [float("inf")] * len(self.artifacts)
+        for _ in range(self.samples_per_round):
+            order = self._order()
+            got = self.worker.sample([self.ids[i] for i in order])
+            best = [min(b, got[self.ids[i]]) for i, b in enumerate(best)]
+        for s, ms in zip(self.samples, best):
+            s.append(ms)
+        return tuple(best)
 
     def measurements(self) -> list[Measurement]:
         return [

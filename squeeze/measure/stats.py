@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["LatencyStats", "RatioEstimate", "paired_ratio", "unpaired_ratio", "NOISY_ROBUST_CV"]
+__all__ = ["LatencyStats", "RatioEstimate", "paired_ratio", "block_paired_ratio", "unpaired_ratio", "NOISY_ROBUST_CV"]
 
 # Above this robust coefficient of variation (1.4826 * MAD / median) a run is flagged as noisy.
 NOISY_ROBUST_CV = 0.05
@@ -76,6 +76,28 @@ def paired_ratio(a_ms: list[float], b_ms: list[float], confidence: float = 0.95,
     boot = np.median(r[rng.integers(0, r.size, size=(_BOOTSTRAP, r.size))], axis=1)
     low, high = _percentile_interval(boot, confidence)
     return RatioEstimate(float(np.median(r)), low, high, confidence, int(r.size), "paired bootstrap of the median ratio")
+
+
+def block_length(n: int) -> int:
+    """Rounds per bootstrap block: about n^(1/3) (the usual rate for a moving block bootstrap), at least 2."""
+    return max(2, round(n ** (1 / 3)))
+
+
+def block_paired_ratio(a_ms: list[float], b_ms: list[float], confidence: float = 0.95, seed: int = 0) -> RatioEstimate:
+    """Paired samples taken in order: a moving block bootstrap of the median ratio.
+
+    A burst of load from another process spans several consecutive rounds and moves their ratios together;
+    resampling single rounds would treat them as independent and give too narrow an interval. Resampling
+    runs of consecutive rounds keeps that correlation in the interval.
+    """
+    r = np.asarray(b_ms, float) / np.asarray(a_ms, float)
+    block = min(block_length(r.size), r.size)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, r.size - block + 1, size=(_BOOTSTRAP, -(-r.size // block)))
+    rows = (starts[:, :, None] + np.arange(block)).reshape(_BOOTSTRAP, -1)[:, :r.size]  # (boot, n) round indices
+    low, high = _percentile_interval(np.median(r[rows], axis=1), confidence)
+    return RatioEstimate(float(np.median(r)), low, high, confidence, int(r.size),
+                         f"moving block bootstrap of the median paired ratio (blocks of {block} rounds)")
 
 
 def unpaired_ratio(a_ms: list[float], b_ms: list[float], confidence: float = 0.95, seed: int = 0) -> RatioEstimate:
