@@ -1,6 +1,7 @@
 """The command line, end to end in-process: outputs, exit codes, and every bad input's message."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -210,3 +211,21 @@ def test_cached_latency_says_when_and_suggests_remeasuring_under_another_load(cl
     monkeypatch.setattr(render, "_load_now", lambda: 99.0)  # the machine is far busier now than then
     busy = " ".join(cli(*args).stdout.split())
     assert "the load is 99.00 now, so those milliseconds may not hold today: --no-cache re-measures" in busy
+
+
+def test_a_corrupt_measurement_cache_is_set_aside_and_rebuilt(cli, tmp_path, monkeypatch, fast):
+    import sqlite3
+
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
+    db = tmp_path / "cache" / "measurements.sqlite"
+    db.parent.mkdir()
+    junk = os.urandom(8192)
+    db.write_bytes(junk)
+    r = cli("bench", "testnets:tiny_cnn", "--input-shape", "1,3,16,16", *fast)
+    assert r.exit_code == 0, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "WARNING the measurement cache" in said and "was unreadable" in said and "started a new one" in said
+    (aside,) = db.parent.glob("measurements.sqlite.corrupt-*")
+    assert aside.read_bytes() == junk  # kept for inspection
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 1

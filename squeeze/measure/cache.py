@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -18,11 +19,27 @@ def measurement_key(artifact_sha: str, target_json: str, runtime_version: str, p
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def _set_aside(path: Path, exc: sqlite3.DatabaseError) -> None:
+    """A damaged store is kept for inspection under a new name; the next open starts an empty one."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    logging.getLogger("squeeze").warning(f"the measurement cache {path} was unreadable ({exc}); moved it to {aside} "
+                                         "and started a new one (cached latencies are re-measured)")
+
+
 class MeasurementCache:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path else cache_dir() / "measurements.sqlite"
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:  # not a database (overwritten, truncated), or a damaged one
+            _set_aside(self.path, exc)
+            self._create()
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS measurements (key TEXT PRIMARY KEY, created REAL, record TEXT)")
+            db.execute("SELECT count(*) FROM measurements").fetchone()  # reads a page: damage shows here
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
