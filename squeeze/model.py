@@ -308,8 +308,23 @@ def load_model(
             f"{spec} does not record its input shape.",
             "Pass --input-shape, batch first, e.g. --input-shape 1,3,224,224.",
         )
+    _check_finite(loaded, spec)
     _check_input_shape(loaded, spec)
     return loaded
+
+
+def _check_finite(loaded: LoadedModel, spec: str) -> None:
+    """NaN or infinite weights make every later step fail obscurely (calibration, parity): say which tensor."""
+    if loaded.module is None:
+        return
+    tensors = [*loaded.module.named_parameters(), *loaded.module.named_buffers()]
+    bad = [(name, t) for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        listed = ", ".join(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)" for name, t in bad[:5])
+        raise ModelLoadError(
+            f"{spec} has non-finite (NaN or infinite) weights in {len(bad)} tensor(s): {listed}"
+            f"{', ...' if len(bad) > 5 else ''}.",
+            "The training diverged or the file is damaged: re-export the weights from a good checkpoint.")
 
 
 def _check_input_shape(loaded: LoadedModel, spec: str) -> None:

@@ -229,3 +229,20 @@ def test_a_corrupt_measurement_cache_is_set_aside_and_rebuilt(cli, tmp_path, mon
     assert aside.read_bytes() == junk  # kept for inspection
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("command", [["info"], ["quantize", "--data", "digits", "--out", "OUT"]], ids=["info", "quantize"])
+def test_non_finite_weights_are_named_at_load(cli, tmp_path, command):
+    from squeeze.model import load_model, save_checkpoint
+
+    model = load_model("zoo:digits-cnn")
+    with torch.no_grad():
+        model.module.get_submodule("conv2.0").weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    save_checkpoint(path, model)
+    out = tmp_path / "out"
+    r = cli(command[0], path, *[str(out) if a == "OUT" else a for a in command[1:]])
+    assert r.exit_code == 2 and "internal error" not in r.stderr
+    said = " ".join(r.stderr.split())
+    assert "has non-finite (NaN or infinite) weights in 1 tensor(s): conv2.0.weight (1 of" in said
+    assert "re-export the weights from a good checkpoint" in said and not out.exists()
