@@ -53,8 +53,12 @@ def load_yaml_model(path: Path, model: type[M], error: type[SqueezeError], what:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise error(f"The {what} file {path} is not valid YAML: {exc}.", "Fix the syntax at that line.") from exc
+    if data is None:
+        raise error(f"The {what} file {path} is empty{' (only comments)' if text.strip() else ''}.",
+                    f"Write the {what} as a YAML mapping of key: value pairs.")
     if not isinstance(data, dict):
-        raise error(f"The {what} file {path} must be a YAML mapping (key: value), not {type(data).__name__}.")
+        raise error(f"The {what} file {path} must be a YAML mapping (key: value), not a {type(data).__name__}.",
+                    "Write key: value pairs at the top level.")
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:

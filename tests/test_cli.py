@@ -246,3 +246,13 @@ def test_non_finite_weights_are_named_at_load(cli, tmp_path, command):
     said = " ".join(r.stderr.split())
     assert "has non-finite (NaN or infinite) weights in 1 tensor(s): conv2.0.weight (1 of" in said
     assert "re-export the weights from a good checkpoint" in said and not out.exists()
+
+
+def test_an_empty_recipe_file_is_called_empty(cli, tmp_path):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("")
+    for args in (["validate", recipe], ["run", recipe, "zoo:digits-cnn", "--out", tmp_path / "out"]):
+        r = cli(*args)
+        said = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and f"The recipe file {recipe} is empty." in said and "NoneType" not in said
+    assert not (tmp_path / "out").exists()

@@ -44,7 +44,9 @@ def test_bad_stage_option_names_key_path_and_line(tmp_path):
     ("name: x\nbudget: {}\nstages:\n  - method: export.onnx\n", r"`budget`: Value error, a budget needs at least one"),
     ("name: x\nbudget: {latency_ratio: 1.5}\nstages:\n  - method: export.onnx\n", r"`budget.latency_ratio`"),
     ("name: x\nstages:\n  - method: export.onnx\nexport: {exporter: tflite}\n", r"`export.exporter`"),
-    ("- just\n- a list\n", r"must be a YAML mapping"),
+    ("- just\n- a list\n", r"must be a YAML mapping \(key: value\), not a list"),
+    ("", r"recipe file .* is empty\. Write the recipe as a YAML mapping"),
+    ("# nothing yet\n", r"is empty \(only comments\)"),
     ("name: [unclosed\n", r"not valid YAML"),
 ])
 def test_invalid_recipes(tmp_path, text, match):
