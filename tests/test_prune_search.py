@@ -522,6 +522,9 @@ def test_relative_readings_sample_until_narrower_than_the_resolution(digits_mode
     assert fine.n > 10 * FAST.repeat and fine.n % FAST.repeat == 0
     assert (fine.high - fine.low) * oracle.reference_ms < oracle.resolution_ms < (coarse.high - coarse.low) * oracle.reference_ms
     assert fine.low <= true_ratio <= fine.high
+    # Compared with a target far from it, a reading is settled as soon as its interval clears the target.
+    oracle.threshold_ms = 0.5 * oracle.reference_ms
+    assert oracle.ratio(half).n == FAST.repeat
     reading = oracle.reading(half)
     assert reading.low_ms < reading.ms < reading.high_ms and oracle.reading(digits_model).ms == oracle.reference_ms
 

@@ -40,6 +40,9 @@ class LatencyOracle(ABC):
     # The smallest difference the caller needs told apart (a search sets its step): oracles that measure
     # sample until a reading's interval is narrower. None: the protocol's sample count.
     resolution_ms: float | None = None
+    # The value the caller compares readings with (a search's target): a reading whose interval lies wholly
+    # on one side of it is settled early; only readings near it need the full resolution.
+    threshold_ms: float | None = None
 
     @abstractmethod
     def latency_ms(self, model: Timed) -> float:
@@ -96,7 +99,8 @@ class RelativeOracle(LatencyOracle):
     Absolute figures drift with machine load between runs; the ratio of two models timed back to back
     does not. Searches that compare candidates against a budget set relative to the original use this.
     With `resolution_ms` set, rounds are added in batches of `repeat` until the ratio's 95% interval,
-    in milliseconds, is narrower than it (at most `max_rounds`): a busy machine costs samples, not decisions.
+    in milliseconds, is narrower than it or lies wholly on one side of `threshold_ms` (at most `max_rounds`):
+    a busy machine costs samples, not decisions.
     """
 
     def __init__(self, reference: LoadedModel, target: Target, protocol: Protocol | None = None,
@@ -123,7 +127,10 @@ class RelativeOracle(LatencyOracle):
     def _settled(self, est: RatioEstimate) -> bool:
         if self.resolution_ms is None or est.n >= self.max_rounds:
             return True
-        return (est.high - est.low) * self.reference_ms < self.resolution_ms
+        low_ms, high_ms = est.low * self.reference_ms, est.high * self.reference_ms
+        if self.threshold_ms is not None and (low_ms > self.threshold_ms or high_ms <= self.threshold_ms):
+            return True
+        return high_ms - low_ms < self.resolution_ms
 
     def ratio(self, model: Timed) -> RatioEstimate:
         """Model / reference, from interleaved samples: enough of them for `resolution_ms`."""

@@ -69,11 +69,12 @@ class Resource:
         r = self.measured.reading(model)
         return r.ms, r.low_ms, r.high_ms
 
-    def set_resolution(self, step: float | None) -> None:
-        """Measurements from now on tell apart values `step` apart (in this resource's unit; None: one batch)."""
+    def set_resolution(self, step: float | None, threshold: float | None = None) -> None:
+        """Measurements from now on tell apart values `step` apart, or tell a value from `threshold` (in this
+        resource's unit; step None: one batch of samples)."""
         for oracle in (self.oracle, self.measured):
             if oracle is not None:
-                oracle.resolution_ms = step
+                oracle.resolution_ms, oracle.threshold_ms = step, threshold
 
 
 @dataclass(frozen=True)
@@ -138,17 +139,13 @@ def check_reachable(search: str, floor: LoadedModel, budget: ResolvedBudget, res
                     smallest: str) -> None:
     """Before a search: measure (or count) the smallest model it may produce and refuse a budget below it.
 
-    Refused only when the whole interval lies above the budget: a budget near the floor is tried. One batch
-    of samples first (most budgets are far from the floor, either way); only an interval that straddles
-    the budget is measured again, to FLOOR_RESOLUTION.
+    Refused only when the whole interval lies above the budget: a budget near the floor is tried. Samples
+    stop as soon as the interval is clear of the budget (at once for most budgets), else at FLOOR_RESOLUTION.
     """
-    for resolution in (None, FLOOR_RESOLUTION * budget.original):
-        resource.set_resolution(resolution)
-        interval = resource.interval(floor)
-        if interval[1] > budget.target:
-            raise unreachable(search, budget, interval, smallest)
-        if interval[2] <= budget.target:
-            return
+    resource.set_resolution(FLOOR_RESOLUTION * budget.original, budget.target)
+    interval = resource.interval(floor)
+    if interval[1] > budget.target:
+        raise unreachable(search, budget, interval, smallest)
 
 
 def confirm_floor(search: str, floor: LoadedModel, budget: ResolvedBudget, resource: Resource, smallest: str) -> float:

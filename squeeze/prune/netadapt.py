@@ -217,8 +217,10 @@ def _widths_for_step(proposals: _Proposals, layers, current: float, step: float,
                      opts: NetAdaptOptions) -> tuple[float, dict[str, tuple[int, float]]]:
     """This iteration's target and proposals. A step no single layer can save is halved (down to 1% of the
     first step); when none meets even that, every layer one grid width down."""
+    resolution = step  # halving the step must not multiply the samples per reading
     while True:
         target = max(current - step, budget.target)
+        proposals.resource.set_resolution(resolution, target)
         found = proposals.largest_widths(layers, target)
         if found:
             return target, found
@@ -250,7 +252,6 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
             current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
             break
         step = opts.initial_reduction * budget.original * opts.decay ** i
-        resource.set_resolution(step)
         proposals = _Proposals(current, original_widths, resource, opts, data)
         target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
         best, records = proposals.choose(widths_found)
@@ -259,6 +260,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         if budget.resource == "latency_ms" and (due or best.resource <= budget.target):
             # The reading that picked the winner is biased low (the minimum of noisy readings): measure again
             # before believing the budget is met.
+            resource.set_resolution(step, budget.target)
             measured = confirm(best.model)
             best.resource = measured
         widths = table.widths()

@@ -33,7 +33,7 @@ def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, o
     smallest = f"every layer at keep ratio {opts.min_ratio}"
     floor, _ = pruned_candidate(original, None, opts.min_ratio, opts.importance, opts.round_to, batch)
     check_reachable("Uniform pruning", floor, budget, resource, smallest)
-    resource.set_resolution(FLOOR_RESOLUTION * budget.original)
+    resource.set_resolution(FLOOR_RESOLUTION * budget.original, budget.target)
     confirm = recalibrate or resource.confirm
     for i in range(opts.bisection_steps):
         t0 = time.perf_counter()
