@@ -486,18 +486,25 @@ def test_a_budget_below_the_floor_is_called_unreachable_only_at_the_floor(digits
 class NoisyRuns:
     """Interleaved runs on a busy machine, faked for RelativeOracle: each round a load factor in [1, 3)
     slows both models alike (what interleaving cancels), and each sample is also off by up to 25% on its
-    own (what only more samples narrow). True times are proportional to MACs."""
+    own (what only more samples narrow). True times are proportional to MACs; a sample loops 20 ms' worth
+    of calls. With `short_first`, the first run's calibration went wrong: the reference loops one call per
+    sample, and such short samples read 4x fast (as on a loaded machine)."""
 
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, seed=0, short_first=False):
+        self.rng, self.short_first, self.opened = np.random.default_rng(seed), short_first, 0
 
     def __call__(self, models):
-        return _NoisyRun(self.rng, [summarize(m).macs / 1e6 for m in models])
+        self.opened += 1
+        true_ms = [summarize(m).macs / 1e6 for m in models]
+        calls = [math.ceil(20 / ms) for ms in true_ms]
+        if self.short_first and self.opened == 1:
+            true_ms[0], calls[0] = true_ms[0] / 4, 1
+        return _NoisyRun(self.rng, true_ms, calls)
 
 
 class _NoisyRun:
-    def __init__(self, rng, true_ms):
-        self.rng, self.true_ms, self.samples = rng, true_ms, [[] for _ in true_ms]
+    def __init__(self, rng, true_ms, calls):
+        self.rng, self.true_ms, self.calls, self.samples = rng, true_ms, calls, [[] for _ in true_ms]
 
     def __enter__(self):
         return self
@@ -527,6 +534,13 @@ def test_relative_readings_sample_until_narrower_than_the_resolution(digits_mode
     assert oracle.ratio(half).n == FAST.repeat
     reading = oracle.reading(half)
     assert reading.low_ms < reading.ms < reading.high_ms and oracle.reading(digits_model).ms == oracle.reference_ms
+
+
+def test_a_run_with_too_short_samples_is_opened_again(digits_model):
+    runs = NoisyRuns(seed=2, short_first=True)
+    oracle = RelativeOracle(digits_model, HOST, FAST.model_copy(update={"min_repeat_ms": 20}), runs=runs)
+    assert runs.opened == 2  # the reference's first run looped one call per sample: calibrated again
+    assert oracle.reference_ms == pytest.approx(summarize(digits_model).macs / 1e6 * 2, rel=0.2)  # load mean 2x
 
 
 def test_netadapt_on_relative_readings_of_a_busy_machine_meets_the_true_budget(digits_model):
