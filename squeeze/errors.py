@@ -23,13 +23,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 class SqueezeError(Exception):
-    """A problem with the user's input or environment: `what` went wrong and how to `fix` it."""
+    """A problem with the user's input or environment: `what` went wrong and how to `fix` it; `detail` (a
+    traceback from a worker process, say) is shown only with --debug."""
 
     exit_code = 2
 
-    def __init__(self, what: str, fix: str = "") -> None:
+    def __init__(self, what: str, fix: str = "", detail: str = "") -> None:
         self.what = what
         self.fix = fix
+        self.detail = detail
         super().__init__(self.message)
 
     @property

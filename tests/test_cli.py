@@ -256,3 +256,40 @@ def test_an_empty_recipe_file_is_called_empty(cli, tmp_path):
         said = " ".join(r.stderr.split())
         assert r.exit_code == 2 and f"The recipe file {recipe} is empty." in said and "NoneType" not in said
     assert not (tmp_path / "out").exists()
+
+
+def _onnx_file(path, node, initializers=()):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 7])
+    graph = helper.make_graph([node], "g", [x], [y], initializer=list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)]),
+              path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["custom-op", "bad-reshape"])
+def test_a_model_that_fails_in_the_runtime_gets_one_paragraph(tmp_path, kind):
+    """Through the installed command (the worker's own stderr included): no traceback, no ORT log line;
+    --debug shows the worker's traceback."""
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper
+
+    if kind == "custom-op":
+        model = _onnx_file(tmp_path / "m.onnx", helper.make_node("Frobnicate", ["x"], ["y"], domain="my.ops"))
+        needle = "my.ops:Frobnicate(-1) is not a registered function/op"
+    else:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [2], [5, 7])
+        model = _onnx_file(tmp_path / "m.onnx", helper.make_node("Reshape", ["x", "shape"], ["y"]), [shape])
+        needle = "Reshape"
+    cmd = [sys.executable, "-m", "squeeze", "bench", str(model), "--repeat", "3", "--no-cache"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "error: The measurement on `host-cpu` failed" in said and needle in said, said
+    assert "Traceback" not in r.stderr and "[E:onnxruntime" not in r.stderr and "re-run with --debug" in said
+    debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "squeeze/measure/worker.py" in debug.stderr

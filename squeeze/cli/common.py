@@ -37,6 +37,8 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except SqueezeError as exc:
             if state["debug"]:
+                if exc.detail:
+                    err.print(exc.detail, markup=False, highlight=False)
                 raise
             err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None

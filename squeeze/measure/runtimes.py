@@ -119,6 +119,7 @@ class OrtRuntime(Runtime):
         # One thread pool for all sessions: with a pool per session, the spinning workers of the model
         # timed last steal cores from the next one (ResNet-18 read 24 ms instead of 12 ms interleaved).
         ort.set_global_thread_pool_sizes(protocol.threads, 1)
+        ort.set_default_logger_severity(4)  # errors reach the parent as exceptions, not as log lines on stderr
 
     def open(self, artifact: OnnxArtifact, target: Target, protocol: Protocol) -> Session:
         import onnxruntime as ort
@@ -128,7 +129,7 @@ class OrtRuntime(Runtime):
         so.use_per_session_threads = False
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
         sess = ort.InferenceSession(str(artifact.path), so, providers=providers)
         # ORT silently falls back to CPU when a GPU provider cannot start: refuse to time the wrong device.
         if providers[0] not in sess.get_providers():

@@ -19,7 +19,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import SqueezeError, first_line
 
 __all__ = ["WorkerClient", "WorkerError"]
 
@@ -90,8 +90,9 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
         return  # the parent is gone: nobody to report to
     except BaseException as exc:  # everything else goes back to the parent, which raises it there
         payload = exc if isinstance(exc, SqueezeError) else WorkerError(
-            f"The measurement on `{target.name}` failed: {type(exc).__name__}: {exc}.",
-            "Check that the model runs on this runtime; re-run with --debug for details.\n" + traceback.format_exc(),
+            f"The measurement on `{target.name}` failed: {first_line(exc, 400)}.",
+            "Check that the model runs on this runtime; re-run with --debug for the worker's traceback.",
+            detail=traceback.format_exc(),
         )
         _send(out, ("error", payload))
 

@@ -109,7 +109,7 @@ def evaluate_onnx(artifact: OnnxArtifact | str | Path, dataset: Dataset, batch_s
     if not path.is_file():
         raise ModelLoadError(f"No ONNX model at {path}.", "Export the model first, or check the path.")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     model_input = session.get_inputs()[0]
     dtype = _ORT_INPUT_DTYPES.get(model_input.type, np.float32)
