@@ -1,3 +1,3 @@
-from squeeze.cli.app import main
+from squeeze.cli import main
 
 main()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import DataError, SqueezeError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import Exporter, export_onnx
 from squeeze.measure.bench import Measurement, measure
@@ -154,8 +154,27 @@ def _load_run_data(recipe: Recipe, model: LoadedModel, data_spec: str | None,
     asked = (preprocessing or Preprocessing()).over(section.preprocessing() if section else None)
     recorded = model.preprocessing
     data = load_data(spec, input_shape=model.input_shape, preprocessing=asked.over(recorded))
+    _check_classes(model, data)
     source = "given" if asked.normalize else "model" if recorded and recorded.normalize else "default"
     return data, source
+
+
+def _check_classes(model: LoadedModel, data) -> None:
+    """Labels the model cannot predict would make every fine-tune step fail (or, worse, train the wrong head):
+    refused before any work."""
+    if model.module is None:
+        return
+    import torch
+
+    with torch.no_grad():
+        out = model.module(model.example_input())
+    outputs = out.shape[-1] if out.ndim == 2 else None
+    if outputs is not None and data.num_classes > outputs:
+        raise DataError(
+            f"--data `{data.spec}` has {data.num_classes} classes but the model has {outputs} outputs: it cannot "
+            f"predict labels {outputs}..{data.num_classes - 1}.",
+            "Pass the data set the model was trained on (same classes, same order), or a model with a head of "
+            f"{data.num_classes} outputs.")
 
 
 def _original_top1(original: OnnxArtifact, data) -> float | None:
@@ -208,12 +227,14 @@ def _gain_warning(delta_pt: float, data) -> str:
 
 def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: ModelOptions, *,
                target_name: str | None = None, data_spec: str | None = None,
-               preprocessing: Preprocessing | None = None, use_cache: bool = True) -> dict[str, Any]:
+               preprocessing: Preprocessing | None = None, use_cache: bool = True,
+               force: bool = False) -> dict[str, Any]:
     """Validate the recipe, load model and data, run the stages, compare with the original, write outputs.
 
     `data_spec` and `preprocessing` win over the recipe's `data:`, which wins over what the model's
     checkpoint recorded. Writes model.onnx and report.json (and model.pt, a squeeze checkpoint recording
-    the preprocessing, when a stage changed the architecture) to out_dir, all or nothing.
+    the preprocessing, when a stage changed the architecture) to out_dir, all or nothing; an out_dir that
+    already holds files is refused before any work unless `force`.
     """
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     if preprocessing is not None and not (data_spec or recipe.data):
@@ -222,7 +243,7 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     target = load_target(target_name or recipe.target or "host-cpu")
     if recipe.budget and (recipe.budget.latency_ms is not None or recipe.budget.latency_ratio is not None):
         refuse_emulated_latency(target, "a latency budget")
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, force)
     get_runtime_check(target)
     protocol = Protocol.for_target(target, **recipe.measure.model_dump())
     model = opts.load(model_spec)
@@ -261,5 +282,5 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         # The weights were fine-tuned and evaluated on data fed this way: a later --data reuses it.
         state.model.preprocessing = data.preprocessing if data else model.preprocessing
         files["model.pt"] = checkpoint_bytes(state.model)
-    report["written"] = [str(p) for p in write_outputs(out_dir, files)]
+    report["written"] = [str(p) for p in write_outputs(out_dir, files, force)]
     return report

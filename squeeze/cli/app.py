@@ -50,6 +50,3 @@ app.command("list")(listing.list_)
 app.add_typer(targets.app, name="targets")
 app.add_typer(lut.app, name="lut")
 
-
-def main() -> None:
-    app()

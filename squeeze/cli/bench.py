@@ -46,6 +46,10 @@ def bench(
     from squeeze.report.render import bench_view, gate_view
     from squeeze.target import load_target
 
+    if json_out is not None:
+        from squeeze.outputs import check_writable
+
+        check_writable(json_out, "--json")  # before minutes of measuring, not after
     if exporter not in ("dynamo", "torchscript"):
         raise SqueezeError(f"--exporter {exporter} is not known.", "Use dynamo or torchscript.")
     with rpc_flags(target, rpc, tracker, key):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,23 +21,44 @@ from squeeze.errors import SqueezeError
 
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
            "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags", "NormalizeOpt",
-           "ResizeOpt", "preprocessing_flags"]
+           "ResizeOpt", "preprocessing_flags", "Force"]
 
 out = Console()
 err = Console(stderr=True)
 state = {"debug": False}  # set by the root callback on every invocation (--debug or $SQUEEZE_DEBUG)
 
 
-def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A SqueezeError becomes one paragraph on stderr and exit code 2; other errors exit 3.
+def _disk_full(exc: OSError) -> None:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    err.print(f"[bold red]error:[/] the disk is full{escape(where)} ({exc.strerror}); nothing was written. Free some "
+              "space, or write the outputs (--out, --json) and the cache (SQUEEZE_CACHE_DIR) elsewhere.",
+              highlight=False, soft_wrap=True)
 
-    With --debug the traceback is shown instead.
+
+@contextlib.contextmanager
+def _interruptible():
+    """Inside a command Ctrl-C raises KeyboardInterrupt, so that `finally` blocks end workers and remove
+    staged outputs (outside one, the entry point exits at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A SqueezeError becomes one paragraph on stderr and exit code 2 (a full disk too); Ctrl-C exits 130;
+    other errors exit 3. With --debug the traceback is shown instead.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _interruptible():
+                return fn(*args, **kwargs)
         except SqueezeError as exc:
             if state["debug"]:
                 if exc.detail:
@@ -45,11 +69,16 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors chosen by the command itself
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written.")
+            from squeeze.cli import INTERRUPTED
+
+            err.print(INTERRUPTED)
             raise typer.Exit(130) from None
         except Exception as exc:  # an unexpected bug: say so briefly, keep the traceback for --debug
             if state["debug"]:
                 raise
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                _disk_full(exc)
+                raise typer.Exit(2) from None
             err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. Re-run with --debug for the "
                       "traceback and report it.", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
@@ -77,6 +106,7 @@ Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint
 TrustModel = typer.Option(False, "--trust-model", help="Allow loading a pickled nn.Module (unpickling runs code from the file).")
 TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
 NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")
+Force = typer.Option(False, "--force", help="Write into an --out folder that already holds files (replacing the ones this command writes).")
 RpcOpt = typer.Option(None, "--rpc", help="TVM RPC targets: HOST:PORT of the board's rpc_server (overrides SQUEEZE_RPC_HOST/PORT and the target file).")
 TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of an rpc_tracker; use with --key.")
 KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")

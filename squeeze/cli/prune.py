@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, KeyOpt, NoCache, NormalizeOpt, ResizeOpt, RpcOpt, TargetOpt, TrackerOpt,
-                                TrustModel, Weights, handles_errors, out, parse_fraction, preprocessing_flags, rpc_flags)
+from squeeze.cli.common import (Force, InputShape, KeyOpt, NoCache, NormalizeOpt, ResizeOpt, RpcOpt, TargetOpt,
+                                TrackerOpt, TrustModel, Weights, handles_errors, out, parse_fraction, preprocessing_flags,
+                                rpc_flags)
 from squeeze.errors import SqueezeError
 from squeeze.model import parse_input_shape
 
@@ -51,6 +52,7 @@ def prune(
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
+    force: bool = Force,
     rpc: Optional[str] = RpcOpt,
     tracker: Optional[str] = TrackerOpt,
     key: Optional[str] = KeyOpt,
@@ -76,7 +78,8 @@ def prune(
         raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze prune --help` for the accepted values.") from None
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
     with rpc_flags(target, rpc, tracker, key):
-        report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache)
+        report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache,
+                                force=force)
     out.print(recipe_view(report))
 
 

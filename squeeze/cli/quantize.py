@@ -10,6 +10,7 @@ import typer
 from squeeze import api
 from squeeze.cli.common import (
     InputShape,
+    Force,
     NoCache,
     NormalizeOpt,
     ResizeOpt,
@@ -85,6 +86,7 @@ def quantize(
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
+    force: bool = Force,
 ) -> None:
     """Quantize for the target, measured: the result is faster than fp32 or nothing is handed back."""
     import pydantic
@@ -135,6 +137,7 @@ def quantize(
         bad = "; ".join(f"{'.'.join(map(str, e['loc']))} `{e['input']}`: {e['msg']}" for e in exc.errors())
         raise SqueezeError(f"Invalid option value ({bad}).", "See `squeeze quantize --help` for the accepted values.") from None
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache)
+    report = api.run_recipe(recipe, model, out_dir, opts, preprocessing=preprocessing, use_cache=not no_cache,
+                            force=force)
     out.print(recipe_view(report))
     out.print(quant_view(report))

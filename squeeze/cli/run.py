@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, NoCache, NormalizeOpt, ResizeOpt, TrustModel, Weights, handles_errors, out,
-                                preprocessing_flags)
+from squeeze.cli.common import (Force, InputShape, NoCache, NormalizeOpt, ResizeOpt, TrustModel, Weights, handles_errors,
+                                out, preprocessing_flags)
 from squeeze.model import parse_input_shape
 
 
@@ -26,13 +26,14 @@ def run(
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
+    force: bool = Force,
 ) -> None:
     """Run a recipe's stages on a model and write the results."""
     from squeeze.report.render import recipe_view
 
     opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
     report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, data_spec=data,
-                            preprocessing=preprocessing_flags(normalize, resize), use_cache=not no_cache)
+                            preprocessing=preprocessing_flags(normalize, resize), use_cache=not no_cache, force=force)
     out.print(recipe_view(report))
 
 

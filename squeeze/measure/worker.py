@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -110,8 +111,7 @@ class WorkerClient:
                                       stdout=subprocess.PIPE, env=env)
         # An idle worker ends when its client is garbage-collected: it exits on end of input.
         weakref.finalize(self, self._proc.stdin.close)
-        _send(self._proc.stdin, (target, protocol))
-        self.environment: dict[str, Any] = self._recv("ready")["environment"]
+        self.environment: dict[str, Any] = self._request((target, protocol), "ready")["environment"]
 
     @property
     def alive(self) -> bool:
@@ -133,19 +133,33 @@ class WorkerClient:
         assert tag == kind, f"worker protocol: expected {kind}, got {tag}"
         return payload
 
+    def _request(self, message: Any, kind: str) -> Any:
+        """Send one message and read its reply. Interrupted in between (Ctrl-C), the reply would answer the
+        next request: the worker is ended instead, so nothing can be read out of step."""
+        try:
+            _send(self._proc.stdin, message)
+            return self._recv(kind)
+        except BaseException:
+            self.kill()
+            raise
+
     def open(self, artifacts) -> tuple[list[int], list[int]]:
         """Open and calibrate artifacts; returns their ids and calls per sample."""
-        _send(self._proc.stdin, ("open", list(artifacts)))
-        opened = self._recv("opened")
+        opened = self._request(("open", list(artifacts)), "opened")
         return opened["ids"], opened["calls"]
 
     def sample(self, ids: list[int]) -> dict[int, float]:
-        _send(self._proc.stdin, ("sample", ids))
-        return self._recv("samples")
+        return self._request(("sample", ids), "samples")
 
     def drop(self, ids: list[int]) -> None:
-        _send(self._proc.stdin, ("drop", ids))
-        self._recv("dropped")
+        self._request(("drop", ids), "dropped")
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            stream.close()
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -162,6 +176,8 @@ class WorkerClient:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the parent decides what an interrupt means, and ends this worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Frames go to the real stdout; anything a library prints goes to stderr instead.
     frames_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
