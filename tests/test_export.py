@@ -5,6 +5,8 @@ import torch
 
 import squeeze.export.onnx as exp
 from squeeze.errors import ExportError
+from squeeze.export.artifact import compare_outputs
+from squeeze.export.tvm import check_parity as tvm_check_parity
 from squeeze.model import load_model
 
 
@@ -43,5 +45,22 @@ def test_torchscript_exporter_option():
 
 def test_parity_failure_is_reported():
     m = load_model("testnets:noisy", input_shape=(1, 3, 4, 4))
-    with pytest.raises(ExportError, match=r"differs from the torch model: max abs error"):
+    with pytest.raises(ExportError, match=r"differs from the torch model: max abs error .*, .* of the output's largest "
+                                          r"magnitude \(allowed: \|err\| <= max\(atol, rtol \* max\|output\|\)"):
         exp.export_onnx(m, use_cache=False)
+
+
+def test_parity_scales_the_absolute_tolerance_to_the_output_range():
+    """|err| <= max(atol, rtol * max|ref|) + rtol * |ref|: an element near zero among outputs of size 3
+    may carry their absolute error (an element-wise relative error there is meaningless)."""
+    ref = np.array([[3.2, 1e-3, -0.5]])
+    near_zero_off = ref + np.array([[0.0, 3.2e-4, 0.0]])  # 32% off element-wise, 1e-4 of the output's range
+    p = compare_outputs(near_zero_off, ref, atol=1e-4, rtol=1e-3)
+    assert p.passed and p.max_abs_err == pytest.approx(3.2e-4) and p.max_rel_err == pytest.approx(1e-4)
+    assert not compare_outputs(ref + [[0.0, 7e-3, 0.0]], ref, atol=1e-4, rtol=1e-3).passed  # > 3.2e-3 + 1e-6
+    small = np.array([[1e-5, -2e-5]])  # all outputs near zero: atol is the floor
+    assert compare_outputs(small + 5e-5, small, atol=1e-4, rtol=1e-3).passed
+    assert not compare_outputs(small + 2e-4, small, atol=1e-4, rtol=1e-3).passed
+    assert tvm_check_parity(near_zero_off, ref) == p  # TVM vs ORT: the same rule
+    mismatch = compare_outputs(ref[:, :2], ref, atol=1e-4, rtol=1e-3)
+    assert not mismatch.passed and mismatch.max_abs_err == float("inf")

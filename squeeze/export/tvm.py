@@ -23,7 +23,7 @@ import numpy as np
 
 from squeeze.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, TargetError, first_line
-from squeeze.export.artifact import OnnxArtifact, Parity
+from squeeze.export.artifact import OnnxArtifact, Parity, compare_outputs
 from squeeze.target import Target
 
 __all__ = ["TVM_PIN", "FFI_PIN", "INSTALL_HINT", "import_tvm", "device_kind", "device_present", "compile_only",
@@ -269,9 +269,5 @@ def expected_elf_machine(tvm_target) -> int | None:
 
 
 def check_parity(got: np.ndarray, ref: np.ndarray, *, atol: float = 1e-4, rtol: float = 1e-3) -> Parity:
-    """TVM's output vs ONNX Runtime's on the host, same input; passes when |got - ref| <= atol + rtol * |ref|."""
-    if got.shape != ref.shape:
-        return Parity(float("inf"), float("inf"), atol, rtol, got.shape[0] if got.ndim else 1, False)
-    err = np.abs(got.astype(np.float64) - ref)
-    max_rel = float((err / (np.abs(ref) + 1e-12)).max())
-    return Parity(float(err.max()), max_rel, atol, rtol, got.shape[0], bool(np.all(err <= atol + rtol * np.abs(ref))))
+    """TVM's output vs ONNX Runtime's on the host, same input, by the rule of `compare_outputs`."""
+    return compare_outputs(got, ref, atol, rtol)
