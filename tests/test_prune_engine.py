@@ -10,9 +10,11 @@ import copy
 import json
 
 import pytest
+import testnets
 import torch
 import torch_pruning as tp
 from torch import nn
+from typer.testing import CliRunner
 
 from squeeze import zoo
 from squeeze.model import ArchRef, LoadedModel, load_model, module_fingerprint, save_checkpoint
@@ -32,7 +34,7 @@ from squeeze.prune import (
     uniform_plan,
 )
 from squeeze.summary import summarize
-from testnets import conv_stack
+from testnets import HELD_OUT_SHAPES, conv_stack
 
 IMAGENET_TEST_SHAPE = (1, 3, 64, 64)  # small inputs keep the zoo models fast; coupling does not depend on H, W
 SHAPES = {"digits-cnn": (1, 1, 16, 16), "resnet18": IMAGENET_TEST_SHAPE, "mobilenet_v2": IMAGENET_TEST_SHAPE,
@@ -57,7 +59,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -177,7 +179,8 @@ def zeroed_copy(model: nn.Module, plan: ChannelPlan, x: torch.Tensor, zero_bn: b
             m = item.dep.target.module
             if not graph.is_out_channel_pruning_fn(item.dep.handler):
                 continue  # consumers: their inputs are already zero
-            if isinstance(m, (nn.Conv2d, nn.Linear)) or (zero_bn and isinstance(m, nn.BatchNorm2d)):
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or (
+                    zero_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)):
                 with torch.no_grad():
                     m.weight[item.idxs] = 0  # conv/linear: output rows (incl. depthwise); BN: gamma
                     if m.bias is not None:
@@ -298,6 +301,120 @@ def test_grouped_conv_pruning_equals_zeroed_channels():
     assert pruned.conv2.weight.shape == (20, 3, 3, 3)  # (C_out, C_in/groups, kH, kW)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-5, rtol=0)
+
+
+# --- held-out architectures (tests/testnets.py: torchvision's structure at small sizes) -------------
+
+
+def held_out(name: str) -> tuple[nn.Module, torch.Tensor]:
+    x = torch.randn((2, *HELD_OUT_SHAPES[name][1:]), generator=torch.Generator().manual_seed(1))
+    return randomize_bn(getattr(testnets, name)()), x
+
+
+def zeroable_groups(name: str, table) -> list[str]:
+    """ConvNeXt's LayerNorms normalize over the residual stream's channels: removing one changes the
+    statistics of the rest, so there only the MLP hidden groups (Linear -> GELU -> Linear; GELU(0) = 0)
+    equal the zeroed model. Everywhere else: every prunable group."""
+    return [n for n in table.names() if name != "tiny_convnext" or n.endswith(".block.3")]
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT_SHAPES))
+def test_held_out_architecture_equals_zeroed_channels(name):
+    model, x = held_out(name)
+    table = prunable_layers(model, x[:1])
+    names = zeroable_groups(name, table)
+    assert len(names) >= 4
+    plan = make_plan(model, x[:1], {n: table[n].out_channels // 2 for n in names}, round_to=1)
+    pruned, zeroed = apply_plan(model, plan, x[:1]), zeroed_copy(model, plan, x[:1])
+    with torch.no_grad():
+        y_pruned, y_zeroed, y_full = pruned(x), zeroed(x), model(x)
+    torch.testing.assert_close(y_pruned, y_zeroed, atol=1e-6, rtol=0)
+    assert (y_pruned - y_full).abs().max() > 1e-4 * y_full.abs().max()  # the pruning removed something
+
+
+def test_shufflenet_prunes_around_the_channel_shuffle():
+    """The channels of the concat -> shuffle -> split stream are interleaved by a view/transpose/view that
+    torch-pruning cannot map; that stream stays whole, the branches' hidden widths, stem and head prune."""
+    model, x = held_out("tiny_shufflenet_v2")
+    table = prunable_layers(model, x[:1])
+    hidden = [f"stage{s}.{u}.branch2.0.0" for s in (2, 3, 4) for u in (0, 1)]
+    assert table.names() == ["conv1.0", *hidden, "conv5.0"]
+    pinned = [layer for layer in table if not layer.prunable and layer.name != "fc"]
+    assert [p.name for p in pinned] == [f"stage{s}.0.branch1.1.0" for s in (2, 3, 4)]
+    assert all("ViewBackward0, a reshape that moves channels" in p.reason for p in pinned)
+    # the stream's group: the last conv of every branch of the stage and the next stage's depthwise conv
+    assert pinned[0].coupled == ("stage2.0.branch2.2.0", "stage2.1.branch2.2.0", "stage3.0.branch1.0.0")
+    assert table["stage2.0.branch2.0.0"].coupled == ("stage2.0.branch2.1.0",)  # its depthwise conv
+
+
+def test_full_width_shufflenet_traces():
+    """At torchvision's widths, torch-pruning's shape inference through the shuffle divided by zero."""
+    table = prunable_layers(testnets.shufflenet_v2(), torch.randn(1, 3, 32, 32))
+    assert len(table.names()) == 18 and table["conv5.0"].out_channels == 1024
+
+
+def test_convnext_layer_scale_and_channels_last_norm_shrink_with_the_stream():
+    model, x = held_out("tiny_convnext")
+    plan = uniform_plan(model, x[:1], 0.5, round_to=1)
+    pruned = apply_plan(model, plan, x[:1])
+    block = pruned.features[1][0]
+    width = plan.keep["features.0.0"]  # the stem's group: stage 1's residual stream
+    assert width == 12 and block.layer_scale.shape == (width, 1, 1)  # (C, 1, 1) parameter, dim 0
+    assert block.block[0].weight.shape == (width, 1, 7, 7) and block.block[2].normalized_shape == (width,)
+    assert (block.block[3].in_features, block.block[5].out_features) == (width, width)
+    assert pruned.features[2][0].normalized_shape == (width,)  # the downsample's LayerNorm2d
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+
+
+def test_r3d_conv3d_and_batchnorm3d_are_pruned():
+    model, x = held_out("tiny_r3d")
+    table = prunable_layers(model, x[:1])
+    stem = table["stem.0"]
+    assert (stem.type, stem.kernel_size, stem.stride, stem.input_hw) == ("Conv3d", (3, 7, 7), (1, 2, 2), (4, 16, 16))
+    assert stem.coupled == ("layers.0.0.conv2.0",) and table.skipped == ()
+    assert table["layers.1.0.conv2.0"].coupled == ("layers.1.0.downsample.0",)
+    pruned = apply_plan(model, uniform_plan(model, x[:1], 0.5), x[:1])
+    conv = pruned.layers[1][0].conv1
+    assert conv[0].weight.shape == (16, 8, 3, 3, 3)  # (C_out, C_in, kT, kH, kW)
+    assert conv[1].num_features == 16 and pruned.fc.in_features == 64
+
+
+def test_conv3d_macs_are_counted_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+                          nn.Conv3d(16, 16, (1, 3, 3), padding=(0, 1, 1)), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(16, 4)).eval()
+    loaded = LoadedModel("c3d", "factory", (1, 3, 4, 8, 8), model)
+    voxels = 4 * 8 * 8  # (T, H, W) kept by the paddings
+    assert summarize(loaded).macs == 16 * 3 * 27 * voxels + 16 * 16 * 9 * voxels + 16 * 4
+    x = loaded.example_input()
+    loaded.module = apply_plan(model, make_plan(model, x, {"0": 8, "3": 8}), x)
+    assert summarize(loaded).macs == 8 * 3 * 27 * voxels + 8 * 8 * 9 * voxels + 8 * 4
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT_SHAPES))
+def test_cli_prunes_held_out_architecture_to_half_the_macs(tmp_path, name):
+    from squeeze.cli.app import app
+
+    target = tmp_path / "quick.yaml"  # a short protocol: the latencies here are not under test
+    target.write_text("name: quick\nruntime: onnxruntime\nthreads: 1\n"
+                      "protocol: {warmup: 1, repeat: 3, min_repeat_ms: 1}\n")
+    out = tmp_path / "out"
+    shape = ",".join(map(str, HELD_OUT_SHAPES[name]))
+    r = CliRunner().invoke(app, ["prune", f"testnets:{name}", "--method", "uniform", "--macs", "0.5x",
+                                 "--input-shape", shape, "--target", str(target), "--out", str(out)])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["final"]["macs"] <= 0.5 * rep["original"]["macs"]
+    parity = rep["artifact"]["parity"]  # the pruned model's ONNX export vs torch
+    assert parity["passed"] and parity["max_rel_err"] < 1e-3
+    not_pruned = rep["stages"][0]["record"]["not_pruned"]
+    assert "model output" in not_pruned.pop({"tiny_convnext": "classifier.2"}.get(name, "fc"))
+    if name == "tiny_shufflenet_v2":  # the three stages' shuffled streams
+        assert len(not_pruned) == 3 and all("channel shuffle" in why for why in not_pruned.values())
+    else:
+        assert not_pruned == {}
 
 
 # --- widths and rounding ----------------------------------------------------------------------------

@@ -4,11 +4,16 @@ torch-pruning's DependencyGraph traces one forward pass and links every layer wh
 must change together: convs feeding the same residual add, a depthwise conv and its producer, the
 BatchNorm after a conv, the slice of a concatenation that a conv fills. Each independent set of
 output channels is one pruning group; squeeze names a group after its root: the first
-non-depthwise Conv2d/Linear of the group in module order (`stem.0.0` for ResNet's stem + stage-1
+non-depthwise Conv1d/Conv2d/Conv3d/Linear of the group in module order (`stem.0.0` for ResNet's stem + stage-1
 residual group). Depthwise convs follow their producer and are never roots.
 
 Never pruned: the layer whose output is the model output (the classifier) and the model input's
-channels (only output channels of layers are pruned, so the first conv's input stays).
+channels (only output channels of layers are pruned, so the first conv's input stays); channels that
+pass through a reshape moving them across dimensions (ShuffleNet's channel shuffle: view (B, g, C/g,
+H, W), transpose, view back): torch-pruning maps indices through a reshape only for a flatten into a
+Linear (or back), so it would cut the wrong channels (or fail dividing by zero while inferring the
+shapes). Such reshapes are found in the traced forward and left out of its index mapping; every group
+reaching one stays whole, with that reason, and the rest of the model is pruned.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import copy
 import math
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from squeeze.errors import first_line
 from squeeze.prune.plan import PruneError
@@ -41,23 +48,25 @@ __all__ = [
     "trace_coupling",
 ]
 
-_ROOT_TYPES = (nn.Conv2d, nn.Linear)
+_ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Where the traced graph carries the autograd nodes of channel-moving reshapes (see _ChannelReshapes).
+_RESHAPES_ATTR = "squeeze_channel_reshapes"
 # Layers whose reuse within one forward we watch: pruning a shared layer is ambiguous.
 _PARAM_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One Conv2d/Linear as traced with the example input (what a latency table or AMC state needs)."""
+    """One Conv/Linear as traced with the example input (what a latency table or AMC state needs)."""
 
     name: str
-    type: str  # "Conv2d" | "Linear"
+    type: str  # "Conv1d" | "Conv2d" | "Conv3d" | "Linear"
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]  # (1, 1) for Linear
-    stride: tuple[int, int]
+    kernel_size: tuple[int, ...]  # (kH, kW) for Conv2d, (kT, kH, kW) for Conv3d, (1, 1) for Linear
+    stride: tuple[int, ...]
     groups: int
-    input_hw: tuple[int, int] | None  # None for Linear
+    input_hw: tuple[int, ...] | None  # the input's spatial size: (H, W), (T, H, W) for Conv3d; None for Linear
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,10 @@ class PrunableLayer:
     type: str
     out_channels: int
     in_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
     groups: int
-    input_hw: tuple[int, int] | None
+    input_hw: tuple[int, ...] | None
     coupled: tuple[str, ...]  # other Conv2d/Linear whose OUTPUT channels are pruned with it (incl. depthwise)
     consumers: tuple[str, ...]  # Conv2d/Linear whose INPUT channels shrink with it
     channel_step: int = 1  # kept count must be a multiple (grouped convs: same count per group)
@@ -96,7 +105,7 @@ class LayerTable(Sequence):
 
     `layers` includes groups that cannot be pruned (`prunable=False`, with a reason, e.g. the
     classifier); `skipped` lists Conv/Linear layers the graph does not handle; `specs` has the traced
-    shape of every Conv2d/Linear (coupled and consumer layers too).
+    shape of every Conv1d/2d/3d and Linear (coupled and consumer layers too).
     """
 
     layers: tuple[PrunableLayer, ...]
@@ -126,6 +135,12 @@ class LayerTable(Sequence):
     def widths(self) -> dict[str, int]:
         """Current output channels of every prunable layer."""
         return {layer.name: layer.out_channels for layer in self.layers if layer.prunable}
+
+    def not_pruned(self) -> dict[str, str]:
+        """Layer name -> why it keeps its output channels: unprunable groups (named by their root) and
+        skipped layers."""
+        return {**{layer.name: layer.reason for layer in self.layers if not layer.prunable},
+                **{s.name: s.reason for s in self.skipped}}
 
     def root_of(self, name: str) -> str | None:
         """The root a coupled layer is pruned with (None for roots and unknown names)."""
@@ -165,7 +180,8 @@ def trace_coupling(module: nn.Module, example_input: torch.Tensor) -> Coupling:
     try:
         specs, calls = _record_specs(module, example_input)
         graph, outputs, readers = _build_graph(module, example_input)
-        fixed = _FixedChannels({t.grad_fn for t in outputs if t.grad_fn is not None}, readers)
+        fixed = _FixedChannels({t.grad_fn for t in outputs if t.grad_fn is not None}, readers,
+                               getattr(graph, _RESHAPES_ATTR))
         layers, roots, groups, skipped = _collect_groups(module, graph, specs, calls, fixed)
     finally:
         module.train(training)
@@ -176,20 +192,17 @@ def trace_coupling(module: nn.Module, example_input: torch.Tensor) -> Coupling:
 # --- tracing ---------------------------------------------------------------------------------------
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _spec(name: str, m: nn.Module, inp: torch.Tensor) -> LayerSpec:
     if isinstance(m, nn.Linear):
         return LayerSpec(name, "Linear", m.in_features, m.out_features, (1, 1), (1, 1), 1, None)
-    # Conv2d input: (N, C, H, W) or unbatched (C, H, W)
-    return LayerSpec(name, "Conv2d", m.in_channels, m.out_channels, _pair(m.kernel_size), _pair(m.stride),
-                     m.groups, tuple(inp.shape[-2:]))
+    # ConvNd input: (N, C, *spatial) or unbatched (C, *spatial), len(spatial) = len(kernel_size)
+    spatial = tuple(inp.shape[-len(m.kernel_size):])
+    return LayerSpec(name, type(m).__name__, m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                     m.groups, spatial)
 
 
 def _record_specs(module: nn.Module, x: torch.Tensor) -> tuple[dict[str, LayerSpec], dict[nn.Module, int]]:
-    """One forward with hooks: input H, W of each Conv2d/Linear and how often each layer runs."""
+    """One forward with hooks: input spatial size of each Conv/Linear and how often each layer runs."""
     specs: dict[str, LayerSpec] = {}
     calls: dict[nn.Module, int] = {}
 
@@ -228,9 +241,11 @@ def flatten_tensors(obj) -> list[torch.Tensor]:
 def _build_graph(module: nn.Module, x: torch.Tensor) -> tuple[tp.DependencyGraph, list[torch.Tensor], set]:
     """DependencyGraph of the module, the traced model outputs, and the graph nodes that read the input."""
     outputs: list[torch.Tensor] = []
+    reshapes = _ChannelReshapes()
 
     def forward_fn(m, inp):
-        out = m(inp)
+        with reshapes:
+            out = m(inp)
         outputs.extend(flatten_tensors(out))
         return out
 
@@ -239,15 +254,69 @@ def _build_graph(module: nn.Module, x: torch.Tensor) -> tuple[tp.DependencyGraph
     for p in module.parameters():
         p.requires_grad_(True)
     leaf = x.detach().requires_grad_(True)
+    graph = tp.DependencyGraph()
+    setattr(graph, _RESHAPES_ATTR, reshapes.grad_fns)  # filled by the forward, read by the index mapping
     try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(module, example_inputs=leaf, forward_fn=forward_fn,
-                                                          verbose=False)
+        with torch.enable_grad(), _channel_reshapes_unmapped(), warnings.catch_warnings():
+            # Parameters outside a layer (layer scales) are pruned along their last non-singleton dim:
+            # the channels for the (C, 1, 1), (1, C, 1, 1) and channels-last (C,) shapes they come in.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph.build_dependency(module, example_inputs=leaf, forward_fn=forward_fn, verbose=False)
     except Exception as exc:
         raise PruneError(f"torch-pruning could not trace the model ({first_line(exc)}).",
                          "Structural pruning needs a model traceable by autograd with one tensor input.") from exc
     readers = {node for node in graph.module2node.values() if _reads(node.grad_fn, leaf)}
     return graph, outputs, readers
+
+
+class _ChannelReshapes(TorchFunctionMode):
+    """Records the autograd nodes of reshapes (view, reshape, flatten...) that move channels across
+    dimensions: (N, C, ...) -> (N, C', ...) with C' != C, other than a flatten into a Linear or back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_fns: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        fn = out.grad_fn if torch.is_tensor(out) else None
+        # torch-pruning's own test for a reshape node (dependency/graph.py)
+        if fn is not None and torch.is_tensor(src) and ("view" in fn.name().lower() or "reshape" in fn.name().lower()):
+            if _moves_channels(tuple(src.shape), tuple(out.shape)):
+                self.grad_fns.add(fn)
+        return out
+
+
+def _moves_channels(src: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    if len(src) < 2 or len(out) < 2 or src[1] == out[1]:
+        return False
+    flatten = len(out) == 2 and out[1] == math.prod(src[1:])  # (N, C, H, W) -> (N, C*H*W)
+    unflatten = len(src) == 2 and src[1] == math.prod(out[1:])  # (N, C*H*W) -> (N, C, H, W)
+    return not (flatten or unflatten)
+
+
+@contextlib.contextmanager
+def _channel_reshapes_unmapped():
+    """torch-pruning maps indices through every reshape as if it were a flatten; through a channel
+    shuffle that cuts the wrong channels or divides by zero. Skip the reshapes recorded on the graph
+    (every group reaching one is kept whole). Swaps a torch-pruning module global like
+    frozen_index_mapping; a no-op where that global does not exist."""
+    mapping = getattr(tp.dependency, "index_mapping", None)
+    real = getattr(mapping, "update_reshape_index_mapping", None)
+    if real is None:
+        yield
+        return
+
+    def update_unless_channel_reshape(graph, node) -> None:
+        if node.grad_fn not in getattr(graph, _RESHAPES_ATTR, ()):
+            real(graph, node)
+
+    mapping.update_reshape_index_mapping = update_unless_channel_reshape
+    try:
+        yield
+    finally:
+        mapping.update_reshape_index_mapping = real
 
 
 def _reads(grad_fn, leaf: torch.Tensor) -> bool:
@@ -272,7 +341,8 @@ def frozen_index_mapping(graph: tp.DependencyGraph):
     if real is None or not hasattr(real, "update_index_mapping"):
         yield
         return
-    real.update_index_mapping(graph)
+    with _channel_reshapes_unmapped():
+        real.update_index_mapping(graph)
     tp_graph.index_mapping = types.SimpleNamespace(update_index_mapping=lambda _graph: None)
     try:
         yield
@@ -286,10 +356,12 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class _FixedChannels:
-    """Where channel counts are pinned: autograd nodes producing model outputs, graph nodes reading the input."""
+    """Where channel counts are pinned: autograd nodes producing model outputs, graph nodes reading the
+    input, autograd nodes of reshapes that move channels across dimensions."""
 
     output_fns: set
     input_readers: set
+    channel_reshapes: set
 
 
 def _collect_groups(module, graph, specs, calls, fixed: _FixedChannels):
@@ -375,17 +447,21 @@ def _keeps_channels(m: nn.Module) -> bool:
 
 
 def _why_not_prunable(graph, outs, ins, names, calls, fixed: _FixedChannels, width, step) -> str:
+    out_set = set(outs)  # by identity: members can be Parameters (layer scales), whose == is element-wise
     for m in outs + ins:
         node = graph.module2node.get(m)
         if node is not None and node.type == tp.ops.OPTYPE.OUTPUT:
             return "its channels are the model output"
-        if m in outs and node is not None and node.grad_fn in fixed.output_fns:
+        if m in out_set and node is not None and node.grad_fn in fixed.output_fns:
             return f"its output is the model output ({_label(m, node, names)})"
         if calls.get(m, 0) > 1:
             return f"{_label(m, node, names)} runs {calls[m]} times per forward (shared weights)"
-        if m in outs and _keeps_channels(m) and node is not None and (node in fixed.input_readers or
-                                                                      (_is_depthwise(m) and not node.inputs)):
+        if m in out_set and _keeps_channels(m) and node is not None and (node in fixed.input_readers or
+                                                                         (_is_depthwise(m) and not node.inputs)):
             return f"{_label(m, node, names)} reads the model input, whose channels are fixed"
+        if node is not None and node.grad_fn in fixed.channel_reshapes:
+            return (f"its channels pass through {_label(m, node, names)}, a reshape that moves channels across "
+                    "dimensions (e.g. a channel shuffle), which torch-pruning cannot map channel indices through")
     if width <= step:
         return f"{width} channels in {step} channel groups: it cannot shrink"
     return ""
@@ -397,7 +473,7 @@ def _unhandled(module, visited, graph, calls) -> list[SkippedLayer]:
         if m in visited or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         if not isinstance(m, _ROOT_TYPES):
-            reason = f"{type(m).__name__} is not pruned (only Conv2d and Linear output channels)"
+            reason = f"{type(m).__name__} is not pruned (only Conv1d/2d/3d and Linear output channels)"
         elif m not in graph.module2node or not calls.get(m):
             reason = "not used in the forward pass with the example input"
         else:

@@ -52,7 +52,9 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts, search: str) -
         log.warning(f"the final measurement ({result.final_measured:.4g} {budget.resource}) is above the budget "
                     f"({budget.target:.4g}); the report says so")
     x = original.example_input()
-    widths_before = prunable_layers(original.module, x).widths()
+    table = prunable_layers(original.module, x)
+    widths_before = table.widths()
+    log.info("not pruned: " + "; ".join(f"{name} ({why})" for name, why in table.not_pruned().items()))
     widths_after = prunable_layers(result.model.module, x).widths()
     state.model, state.artifact = result.model, None
     record = {
@@ -60,6 +62,7 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts, search: str) -
         "latency_source": source,
         **result.to_json(),
         "widths": {name: [w, widths_after.get(name, w)] for name, w in widths_before.items()},
+        "not_pruned": table.not_pruned(),  # layer -> why its output channels stay (classifier, shuffle...)
         "plan": result.model.plans[-1],
     }
     return state, record
