@@ -172,8 +172,9 @@ def _safe_torch_load(path: Path) -> Any:
             raise UntrustedModelError(
                 f"{path} is a pickled Python object (it references {', '.join(globals_)}); unpickling it "
                 "would run code from the file, so squeeze refused to load it.",
-                "If you trust where it came from, pass --trust-model; better, save a squeeze checkpoint or a "
-                "state_dict and load it with --model package.module:factory --weights FILE.",
+                "If you trust where it came from, pass --trust-model; better, save its state_dict and name the "
+                "model as package.module:factory@FILE (or package.module:factory --weights FILE), or write a "
+                "squeeze checkpoint with squeeze.model.save_checkpoint (README: your own model).",
             ) from exc
         raise ModelLoadError(
             f"{path} is not a readable PyTorch file ({first_line(exc, 160)}).",
@@ -230,7 +231,8 @@ def _load_file(path: Path, trust: bool) -> LoadedModel:
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(
             f"{path} is a bare state_dict: it has weights but no architecture.",
-            f"Load it with --model package.module:factory --weights {path}.",
+            f"Name the architecture with its weights: package.module:factory@{path} (or package.module:factory "
+            f"--weights {path}), with --input-shape.",
         )
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, which squeeze cannot use as a model.")
 
@@ -277,6 +279,7 @@ def load_model(
     trust: bool = False,
 ) -> LoadedModel:
     """Resolve a model reference (see module docstring) and check it accepts its input shape."""
+    spec, weights = _split_weights(spec, weights)
     path = Path(spec)
     if spec.startswith("zoo:"):
         entry = zoo.get_entry(spec[4:])
@@ -311,6 +314,18 @@ def load_model(
     _check_finite(loaded, spec)
     _check_input_shape(loaded, spec)
     return loaded
+
+
+def _split_weights(spec: str, weights: str | None) -> tuple[str, str | None]:
+    """`zoo:NAME@w.pt` / `package.module:factory@w.pt`: a model that carries its own weights, so that one
+    command can take several (an original and its pruned checkpoint, each with its own file)."""
+    head, sep, tail = spec.rpartition("@")
+    if not sep or not (head.startswith("zoo:") or is_ref(head)):
+        return spec, weights
+    if weights is not None:
+        raise ModelLoadError(f"`{spec}` names its weights and --weights {weights} names others.",
+                             "Give the weights one way: MODEL@FILE, or --weights FILE.")
+    return head, tail
 
 
 def _check_finite(loaded: LoadedModel, spec: str) -> None:

@@ -293,3 +293,76 @@ def test_a_model_that_fails_in_the_runtime_gets_one_paragraph(tmp_path, kind):
     assert "Traceback" not in r.stderr and "[E:onnxruntime" not in r.stderr and "re-run with --debug" in said
     debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "squeeze/measure/worker.py" in debug.stderr
+
+
+# Flags of other programs that squeeze's messages quote (TVM's rpc_server, nvcc); everything else must exist.
+FOREIGN_FLAGS = {"--host", "--port", "--custom-addr", "--cubin", "--help"}
+
+
+def _cli_options() -> set[str]:
+    import typer
+
+    from squeeze.cli.app import app
+
+    found: set[str] = set()
+
+    def walk(command):
+        for param in command.params:
+            found.update(getattr(param, "opts", []), getattr(param, "secondary_opts", []))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return found
+
+
+def test_every_option_a_message_names_exists():
+    """A hint that names a flag the CLI does not have sends the user nowhere: every `--flag` in squeeze's own
+    strings is an option of some command."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import squeeze
+
+    named: dict[str, str] = {}
+    for path in Path(squeeze.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    named.setdefault(flag, str(path))
+    assert len(named) > 40
+    missing = {flag: where for flag, where in named.items() if flag not in _cli_options() | FOREIGN_FLAGS}
+    assert missing == {}
+
+
+def test_a_factory_in_the_current_folder_imports_without_pythonpath(cli, tmp_path, monkeypatch):
+    (tmp_path / "mynets_cwd.py").write_text(
+        "from torch import nn\n"
+        "def small():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    r = cli("info", "mynets_cwd:small", "--input-shape", "1,3,16,16")
+    assert r.exit_code == 0, r.stderr
+    assert "Conv2d" in r.stdout and "small" in r.stdout
+
+
+def test_each_model_carries_its_own_weights(cli, tmp_path, fast):
+    """An original (factory + its weights) and a second copy with other weights, benched together."""
+    import testnets
+    from squeeze.model import load_model
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    state = testnets.tiny_cnn().state_dict()
+    torch.save(state, a)
+    torch.save({k: 2 * v for k, v in state.items()}, b)
+    assert torch.equal(load_model("testnets:tiny_cnn@" + str(a), input_shape=(1, 3, 16, 16)).module[0].weight,
+                       torch.load(a)["0.weight"])
+    out = tmp_path / "b.json"
+    r = cli("bench", f"testnets:tiny_cnn@{a}", f"testnets:tiny_cnn@{b}", "--input-shape", "1,3,16,16", *fast,
+            "--json", out)
+    assert r.exit_code == 0, r.stderr
+    shas = [m["artifact"]["sha256"] for m in json.loads(out.read_text())["models"]]
+    assert shas[0] != shas[1]  # two different weight files, two different exports
+    r = cli("info", f"testnets:tiny_cnn@{a}", "--weights", str(b), "--input-shape", "1,3,16,16")
+    assert_clean_error(r, "names its weights and --weights", "Give the weights one way")

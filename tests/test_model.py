@@ -74,7 +74,7 @@ def test_factory_with_weights(tmp_path):
 
 def test_bare_state_dict_file_explains_how_to_load(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(ModelLoadError, match="bare state_dict.*--model package.module:factory --weights"):
+    with pytest.raises(ModelLoadError, match="bare state_dict.*package.module:factory@.*package.module:factory --weights"):
         load_model(str(tmp_path / "sd.pt"))
 
 

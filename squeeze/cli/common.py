@@ -102,7 +102,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 InputShape = typer.Option(None, "--input-shape", help="Input shape, batch first (e.g. 1,3,224,224), where the file does not record it.")
-Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint for a zoo:/package.module:factory model.")
+Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint for the zoo:/package.module:factory model(s); MODEL@FILE gives one model its own.")
 TrustModel = typer.Option(False, "--trust-model", help="Allow loading a pickled nn.Module (unpickling runs code from the file).")
 TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
 NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")

@@ -76,6 +76,8 @@ def quantize(
     activation_ranges: Optional[str] = typer.Option(None, "--activation-ranges", help="qat: learned (default) or calibrated."),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="haq: search episodes (default 100)."),
     warmup_episodes: Optional[int] = typer.Option(None, "--warmup-episodes", min=0, help="haq: first episodes with random actions (default 20)."),
+    min_bits: Optional[int] = typer.Option(None, "--min-bits", min=2, max=32, help="haq: fewest weight bits a layer may take (default 2; below 8 only under a size budget)."),
+    max_bits: Optional[int] = typer.Option(None, "--max-bits", min=2, max=32, help="haq: most weight bits (default 32: a layer may stay fp32)."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Latency budget as a ratio of the fp32 model's measured latency (0.6x)."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Latency budget in milliseconds."),
     size_bytes: Optional[int] = typer.Option(None, "--size-bytes", help="Model size budget in bytes."),
@@ -123,6 +125,7 @@ def quantize(
         "auto_exclude": ("--auto-exclude", auto_exclude), "fine_tune": ("--qat-epochs/--qat-lr", fine_tune),
         "activation_ranges": ("--activation-ranges", activation_ranges),
         "episodes": ("--episodes", episodes), "warmup": ("--warmup-episodes", warmup_episodes),
+        "min_bits": ("--min-bits", min_bits), "max_bits": ("--max-bits", max_bits),
     })
     budget = None
     if any(v is not None for v in (latency, latency_ms, size_bytes)):
