@@ -415,6 +415,8 @@ def test_cli_prunes_held_out_architecture_to_half_the_macs(tmp_path, name):
         assert len(not_pruned) == 3 and all("channel shuffle" in why for why in not_pruned.values())
     else:
         assert not_pruned == {}
+    back = load_model(str(out / "model.pt"))  # the plan replays on the freshly built architecture
+    assert sum(p.numel() for p in back.module.parameters()) == rep["final"]["params"] < rep["original"]["params"]
 
 
 # --- widths and rounding ----------------------------------------------------------------------------
@@ -678,16 +680,22 @@ def test_grouped_conv_plan_must_keep_the_same_positions_per_group():
 # --- pricing a proposal without pruning ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", "densenet121", "grouped"])
+# R3D is left out: lookup tables price Conv2d, Linear and BatchNorm2d layers only.
+@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", "densenet121", "grouped",
+                                  "tiny_shufflenet_v2", "tiny_convnext", "tiny_inception_v3"])
 def test_width_effects_equal_the_layer_configs_of_the_pruned_model(name):
     """The configurations a lookup table prices for "group at width w" are those of the model really
     pruned to w, for residual adds (digits-cnn: a conv that reads the stream it adds to), depthwise convs,
-    concatenations (pre-activation BN) and grouped convs."""
+    concatenations (pre-activation BN), grouped convs, split + shuffle, channels-last Linear layers."""
     from squeeze.measure.lut import layer_configs
     from squeeze.prune.effects import WidthEffects
 
-    model = GroupedNet().eval() if name == "grouped" else zoo_net(name)
-    x = torch.randn(SHAPES.get(name, (1, 3, 16, 16)))
+    if name in HELD_OUT_SHAPES:
+        model, x = held_out(name)
+        x = x[:1]
+    else:
+        model = GroupedNet().eval() if name == "grouped" else zoo_net(name)
+        x = torch.randn(SHAPES.get(name, (1, 3, 16, 16)))
     effects = WidthEffects(model, x)
     table = prunable_layers(model, x)
     layers = [layer for layer in table if layer.prunable]
