@@ -13,7 +13,10 @@ pass through a reshape moving them across dimensions (ShuffleNet's channel shuff
 H, W), transpose, view back): torch-pruning maps indices through a reshape only for a flatten into a
 Linear (or back), so it would cut the wrong channels (or fail dividing by zero while inferring the
 shapes). Such reshapes are found in the traced forward and left out of its index mapping; every group
-reaching one stays whole, with that reason, and the rest of the model is pruned.
+reaching one stays whole, with that reason, and the rest of the model is pruned. (A ShuffleNetV2 stream
+could not shrink anyway while computing the same function: the shuffle pairs channel j of one half with
+channel j of the other, and the next unit's split must stay even, which pins the kept set to dyadic
+patterns over every unit of the stage.)
 """
 
 from __future__ import annotations
