@@ -4,8 +4,8 @@ Runs the gate of `squeeze bench NEW --against OLD` (same protocol and decision) 
 pairs: two identical models (every FAIL is a false alarm), NEW ~10% slower (one extra layer of ten) and NEW
 ~2x slower (twenty layers instead of ten); every FAIL of the last two is a detection. With `--co-tenant`
 each scenario runs again while a second process keeps one core busy (a busy loop bounded in time, killed at
-the end), as on a shared CI runner. The slowdown actually present is measured once per pair, in a long
-interleaved run, and printed too. Seconds per gate run include starting its measurement worker.
+the end), as on a shared CI runner. The slowdown actually present is measured once per pair, quiet, with the
+gate's sampling over 300 rounds, and printed too. Seconds per gate run include starting its measurement worker.
 
     python benchmarks/gate_noise.py --runs 100 --co-tenant
 """
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from squeeze.export.onnx import export_onnx
-from squeeze.measure.bench import measure
-from squeeze.measure.gate import GateConfig, run_gate
+from squeeze.measure.bench import InterleavedRun
+from squeeze.measure.gate import GateConfig, gate_protocol, run_gate
 from squeeze.measure.protocol import Protocol
-from squeeze.measure.stats import paired_ratio
+from squeeze.measure.stats import block_paired_ratio
 from squeeze.model import LoadedModel
 from squeeze.target import load_target
 
@@ -58,6 +58,15 @@ def co_tenant(active: bool, max_s: float):
         if proc is not None:
             proc.kill()
             proc.wait()
+
+
+def true_ratio(new, old, target, protocol: Protocol, cfg: GateConfig, rounds: int = 300):
+    """The slowdown present: the gate's own sampling, for far more rounds than a gate run takes."""
+    with InterleavedRun([old, new], target, gate_protocol(protocol), samples_per_round=cfg.samples_per_round,
+                        shuffle=True) as run:
+        for _ in range(rounds):
+            run.round()
+    return block_paired_ratio(*run.samples, 0.99)
 
 
 def scenario(new, old, target, protocol: Protocol, cfg: GateConfig, runs: int) -> dict:
@@ -98,10 +107,8 @@ def main() -> None:
     base = artifact(10, 0)
     pairs = {"identical": artifact(10, 1), "10% slower": artifact(11, 0), "2x slower": artifact(20, 0)}
 
-    long = Protocol.for_target(target, threads=args.threads, repeat=100)
     for label, new in pairs.items():
-        m_base, m_new = measure([base, new], target, long, use_cache=False)
-        truth = paired_ratio(m_base.samples_ms, m_new.samples_ms)
+        truth = true_ratio(new, base, target, protocol, cfg)
         print(f"true ratio, {label}: {truth.ratio:.3f}x [{truth.low:.3f}, {truth.high:.3f}]", flush=True)
 
     results = {}

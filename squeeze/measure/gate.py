@@ -27,7 +27,8 @@ from squeeze.measure.bench import InterleavedRun, Measurement
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import LatencyStats, RatioEstimate, block_paired_ratio, unpaired_ratio
 
-__all__ = ["GateConfig", "GateResult", "RoundSampler", "gate_protocol", "run_gate", "gate_rounds", "gate_against_baseline"]
+__all__ = ["GateConfig", "GateResult", "RoundSampler", "gate_protocol", "run_gate", "gate_rounds",
+           "gate_against_baseline"]
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
