@@ -40,6 +40,8 @@ def _resource(ctx: PassContext, original, opts) -> tuple[Resource, Any, str]:
 def run_pruning_search(state: ModelState, ctx: PassContext, opts, search: str) -> tuple[ModelState, dict[str, Any]]:
     original = state.model
     resource, recalibrate, source = _resource(ctx, original, opts)
+    if source != "counted":  # NetAdapt re-fits the table every few steps only if it sees what `auto` chose
+        opts = opts.model_copy(update={"latency_source": source})
     budget = resolve_budget(ctx.budget, original, resource)
     log.info(f"{search}: {budget.resource} {budget.original:.4g} -> budget {budget.target:.4g} "
              f"({100 * budget.ratio:.0f}%), latency from {source}")
