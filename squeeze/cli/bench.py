@@ -70,8 +70,9 @@ def bench(
     cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time,
                      max_noise=parse_fraction(max_noise, "--max-noise"))
     if against is not None and threads is None:
-        # Intra-op threads wait on each other when another process takes a core: at load 4 on 2 cores a 10%
-        # slowdown read as 6% with 2 threads, and stayed 11% with one. A stored baseline keeps its own threads.
+        # Intra-op threads wait on each other when another process takes a core: at load 5 on 2 cores, rounds
+        # of 2 threads spread by 25% and read a 10% slowdown as 6%, one thread by 2% and read 11%. A stored
+        # baseline keeps its own threads.
         protocol = protocol.model_copy(update={"threads": 1})
     result = api.gate(models[0], tgt, opts, protocol, cfg, old_spec=against, baseline=baseline)
     out.print(gate_view(result))

@@ -206,4 +206,5 @@ def gate_against_baseline(new: OnnxArtifact, baseline: Measurement, target, prot
     verdict, reason = _baseline_verdict(est, strict, _noisy(baseline.samples_ms, new_m.samples_ms, cfg), cfg)
     return GateResult(verdict, est, cfg.max_regression, len(new_m.samples_ms), time.perf_counter() - t0, new_m,
                       baseline, "baseline", reason,
-                      {**asdict(cfg), "interval": "bootstrap of the ratio of medians (unpaired)"})
+                      {**asdict(cfg), "samples_per_round": 1,  # sampled as `bench` sampled the baseline
+                       "interval": "bootstrap of the ratio of medians (unpaired)"})
