@@ -110,6 +110,8 @@ def show(label: str, report: dict | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-emulated", action="store_true", help="only the native runs")
+    ap.add_argument("--skip-native", action="store_true", help="only the emulated runs")
+    ap.add_argument("--models", nargs="+", choices=("digits", "residual"), default=["digits", "residual"])
     opts = ap.parse_args()
     emulate = not opts.skip_emulated and shutil.which(QEMU) is not None
     if not opts.skip_emulated and not emulate:
@@ -117,11 +119,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "resblocknet.pt"
         train_user_model(weights)
-        models = {"zoo:digits-cnn": ["zoo:digits-cnn"],
-                  "user residual CNN": ["quant_no_vnni:resblocknet", "--weights", str(weights), "--input-shape",
-                                        "1,3,32,32", "--normalize", NORMALIZE]}
-        for name, args in models.items():
-            for emulated in (False, True) if emulate else (False,):
+        models = {"digits": ("zoo:digits-cnn", ["zoo:digits-cnn"]),
+                  "residual": ("user residual CNN", ["quant_no_vnni:resblocknet", "--weights", str(weights),
+                                                     "--input-shape", "1,3,32,32", "--normalize", NORMALIZE])}
+        sides = [e for e in (False, True) if (e and emulate) or (not e and not opts.skip_native)]
+        for name, args in (models[m] for m in opts.models):
+            for emulated in sides:
                 where = "emulated AMD EPYC-Milan (AVX2, no VNNI)" if emulated else "this CPU"
                 out = Path(tmp) / f"{name.replace(' ', '-').replace(':', '-')}-{'emu' if emulated else 'native'}"
                 show(f"{name} on {where}", quantize(args, out, emulated))
