@@ -7,24 +7,27 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from squeeze.errors import DataError, SqueezeError
 from squeeze.export.artifact import OnnxArtifact
-from squeeze.export.onnx import Exporter, export_onnx
 from squeeze.measure.bench import Measurement, measure
 from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, run_gate
-from squeeze.measure.oracle import MeasuredOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
-from squeeze.model import LoadedModel, checkpoint_bytes, load_model
 from squeeze.outputs import check_out_dir, write_outputs
 from squeeze.passes import ModelState, PassContext, get_pass
 from squeeze.passes.builtin import ensure_artifact
 from squeeze.preprocessing import Preprocessing
 from squeeze.recipe import Recipe, load_recipe
-from squeeze.summary import ModelSummary, summarize
 from squeeze.target import Target, load_target, refuse_emulated_latency
+
+# torch and onnx are imported by the functions that build, export or summarize a model, so that importing
+# this module (every command does) stays light.
+if TYPE_CHECKING:
+    from squeeze.export.onnx import Exporter
+    from squeeze.model import LoadedModel
+    from squeeze.summary import ModelSummary
 
 __all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline"]
 
@@ -48,6 +51,8 @@ class ModelOptions:
     exporter: Exporter = "dynamo"
 
     def load(self, spec: str) -> LoadedModel:
+        from squeeze.model import load_model
+
         return load_model(spec, input_shape=self.input_shape, weights=self.weights, trust=self.trust)
 
 
@@ -72,6 +77,8 @@ class BenchRow:
 
 
 def info(spec: str, opts: ModelOptions) -> ModelSummary:
+    from squeeze.summary import summarize
+
     return summarize(opts.load(spec))
 
 
@@ -82,6 +89,9 @@ def _speedup(first: Measurement, other: Measurement) -> RatioEstimate:
 
 
 def bench(specs: list[str], target: Target, opts: ModelOptions, protocol: Protocol, use_cache: bool = True) -> list[BenchRow]:
+    from squeeze.export.onnx import export_onnx
+    from squeeze.summary import summarize
+
     loaded = [opts.load(s) for s in specs]
     get_runtime_check(target)
     artifacts = [export_onnx(m, exporter=opts.exporter, use_cache=use_cache) for m in loaded]
@@ -113,6 +123,8 @@ def load_baseline(path: Path) -> Measurement:
 
 def gate(new_spec: str, target: Target, opts: ModelOptions, protocol: Protocol, cfg: GateConfig, *,
          old_spec: str | None = None, baseline: Path | None = None) -> GateResult:
+    from squeeze.export.onnx import export_onnx
+
     refuse_emulated_latency(target, "a latency gate")
     get_runtime_check(target)
     new = export_onnx(opts.load(new_spec), exporter=opts.exporter)
@@ -236,6 +248,11 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     the preprocessing, when a stage changed the architecture) to out_dir, all or nothing; an out_dir that
     already holds files is refused before any work unless `force`.
     """
+    from squeeze.export.onnx import export_onnx
+    from squeeze.measure.oracle import MeasuredOracle
+    from squeeze.model import checkpoint_bytes
+    from squeeze.summary import summarize
+
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     if preprocessing is not None and not (data_spec or recipe.data):
         raise SqueezeError("--normalize/--resize say how --data is fed to the model, but no data is given.",

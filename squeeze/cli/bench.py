@@ -11,7 +11,7 @@ from squeeze import api
 from squeeze.cli.common import (InputShape, KeyOpt, NoCache, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
                                 handles_errors, out, parse_fraction, rpc_flags, write_json)
 from squeeze.errors import SqueezeError
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 
 @handles_errors

@@ -9,7 +9,7 @@ import typer
 
 from squeeze import api
 from squeeze.cli.common import InputShape, TrustModel, Weights, handles_errors, out
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 
 @handles_errors

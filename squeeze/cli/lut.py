@@ -11,7 +11,7 @@ from rich.table import Table
 from squeeze import api
 from squeeze.cli.common import (InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights, handles_errors,
                                 out, rpc_flags)
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 app = typer.Typer(help="Latency lookup tables: build them for a model's search space, check their error.",
                   no_args_is_help=True)

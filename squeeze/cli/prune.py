@@ -12,7 +12,7 @@ from squeeze.cli.common import (Force, InputShape, KeyOpt, NoCache, NormalizeOpt
                                 TrackerOpt, TrustModel, Weights, handles_errors, out, parse_fraction, preprocessing_flags,
                                 rpc_flags)
 from squeeze.errors import SqueezeError
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 METHODS = ("netadapt", "uniform")
 

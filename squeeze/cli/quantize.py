@@ -24,7 +24,7 @@ from squeeze.cli.common import (
 )
 from squeeze.cli.prune import parse_ratio
 from squeeze.errors import SqueezeError
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 
 def _pass_for(method: str):

@@ -10,7 +10,7 @@ import typer
 from squeeze import api
 from squeeze.cli.common import (Force, InputShape, NoCache, NormalizeOpt, ResizeOpt, TrustModel, Weights, handles_errors,
                                 out, preprocessing_flags)
-from squeeze.model import parse_input_shape
+from squeeze.shapes import parse_input_shape
 
 
 @handles_errors

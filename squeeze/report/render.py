@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -10,8 +12,10 @@ from rich.text import Text
 from squeeze.measure.bench import Measurement
 from squeeze.measure.gate import GateResult
 from squeeze.preprocessing import Preprocessing
-from squeeze.summary import ModelSummary
 from squeeze.target import Target
+
+if TYPE_CHECKING:  # summarizing imports torch; rendering a summary (or a target list) does not need it
+    from squeeze.summary import ModelSummary
 
 __all__ = ["fmt_count", "info_view", "bench_view", "gate_view", "recipe_view", "targets_view", "protocol_line"]
 
