@@ -30,6 +30,8 @@ from squeeze.cache import atomic_write_bytes
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
 from squeeze.preprocessing import Preprocessing
 from squeeze.refs import import_ref, is_ref
+from squeeze.registry import Registry
+from squeeze.shapes import parse_input_shape  # re-exported: callers of squeeze.model keep working
 
 __all__ = [
     "ArchRef",
@@ -91,17 +93,14 @@ class LoadedModel:
 
 # Plans recorded in a checkpoint are replayed on the freshly built architecture before the state_dict
 # is loaded (a pruned model has other tensor shapes). Passes register the plan kinds they emit.
-_PLAN_APPLIERS: dict[str, Callable[[nn.Module, dict[str, Any], tuple[int, ...]], nn.Module]] = {}
+_PLAN_APPLIERS: Registry[Callable[[nn.Module, dict[str, Any], tuple[int, ...]], nn.Module]] = Registry(
+    "plan kind", error=ModelLoadError)
 # Where each plan kind is registered, imported only when a checkpoint needs it (keeps loading light).
 _PLAN_MODULES = {"channels": "squeeze.prune"}
 
 
 def register_plan_kind(kind: str):
-    def deco(fn):
-        _PLAN_APPLIERS[kind] = fn
-        return fn
-
-    return deco
+    return _PLAN_APPLIERS.register(kind)
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -117,22 +116,6 @@ def module_fingerprint(module: nn.Module) -> str:
         h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
-    """'1,3,224,224' or '1x3x224x224' -> (1, 3, 224, 224)."""
-    if text is None:
-        return None
-    try:
-        dims = tuple(int(d) for d in re.split(r"[,x ]+", text.strip()) if d)
-    except ValueError:
-        dims = ()
-    if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise InputShapeError(
-            f"`--input-shape {text}` is not a shape.",
-            "Give positive integers separated by commas, batch first, e.g. --input-shape 1,3,224,224.",
-        )
-    return dims
 
 
 def _import_factory(ref: str) -> Callable[..., nn.Module]:
@@ -247,13 +230,12 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> LoadedModel:
     for plan in plans:
         if plan.get("kind") not in _PLAN_APPLIERS and plan.get("kind") in _PLAN_MODULES:
             importlib.import_module(_PLAN_MODULES[plan["kind"]])
-        applier = _PLAN_APPLIERS.get(plan.get("kind"))
-        if applier is None:
+        if plan.get("kind") not in _PLAN_APPLIERS:
             raise ModelLoadError(
                 f"{path} records a `{plan.get('kind')}` plan that this squeeze version cannot replay.",
-                f"Known plan kinds: {', '.join(sorted(_PLAN_APPLIERS)) or '(none)'}; upgrade squeeze.",
+                f"Known plan kinds: {', '.join(_PLAN_APPLIERS.names()) or '(none)'}; upgrade squeeze.",
             )
-        module = applier(module, plan, input_shape)
+        module = _PLAN_APPLIERS.get(plan["kind"])(module, plan, input_shape)
     _load_state(module, ckpt["state_dict"], str(path))
     name = ckpt.get("metadata", {}).get("name", path.stem)
     return LoadedModel(name, "checkpoint", input_shape, module.eval(), None, arch, plans, dict(ckpt.get("metadata", {})),

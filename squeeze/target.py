@@ -126,13 +126,24 @@ class TvmOptions(_Strict):
 class Target(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
-    runtime: Literal["onnxruntime", "tvm"]
+    runtime: str = Field(description="a registered runtime (squeeze list runtimes)")
     device: Literal["cpu", "cuda", "arm"] = "cpu"
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
     protocol: ProtocolDefaults = ProtocolDefaults()
     tvm: TvmOptions | None = None
     source: str = Field("", exclude=True, description="where this target was read from")
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered_runtime(cls, v: str) -> str:
+        from squeeze.measure.runtimes import runtime_registry  # imports this module: load it at validation time
+
+        if v not in runtime_registry:
+            raise ValueError(f"unknown runtime `{v}`; registered runtimes: {', '.join(runtime_registry.names())} "
+                             "(a runtime plugin adds its own: pip install it, it registers through the "
+                             "`squeeze.runtimes` entry-point group)")
+        return v
 
     @property
     def emulated(self) -> bool:

@@ -1,4 +1,4 @@
-"""`squeeze list methods|models|targets|recipes|runtimes`: everything registered, by name."""
+"""`squeeze list methods|models|targets|recipes|runtimes|importances`: everything registered, by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rich.table import Table
 from squeeze.cli.common import handles_errors, out
 from squeeze.errors import SqueezeError
 
-KINDS = ("methods", "models", "targets", "recipes", "runtimes")
+KINDS = ("methods", "models", "targets", "recipes", "runtimes", "importances")
 
 
 def _rows(kind: str) -> list[tuple[str, str]]:
@@ -17,7 +17,7 @@ def _rows(kind: str) -> list[tuple[str, str]]:
 
         return [(p.name, p.summary) for p in list_passes()]
     if kind == "models":
-        from squeeze.zoo import list_models
+        from squeeze.zoo_index import list_models
 
         return [(f"zoo:{e.name}", f"{e.description} (input {'x'.join(map(str, e.input_shape))})") for e in list_models()]
     if kind == "targets":
@@ -29,6 +29,10 @@ def _rows(kind: str) -> list[tuple[str, str]]:
         from squeeze.resources import data_dir
 
         return [(p.stem, load_recipe(str(p)).description) for p in sorted(data_dir("recipes").glob("*.yaml"))]
+    if kind == "importances":
+        from squeeze.prune.importance import list_importances  # imports torch: the criteria score tensors
+
+        return [(c.name, c.summary) for c in list_importances()]
     from squeeze.measure.runtimes import list_runtimes
 
     return [(r, "") for r in list_runtimes()]
@@ -36,7 +40,7 @@ def _rows(kind: str) -> list[tuple[str, str]]:
 
 @handles_errors
 def list_(kind: str = typer.Argument("methods", help=f"One of: {', '.join(KINDS)}.")) -> None:
-    """List what is registered: methods (passes), zoo models, targets, recipes, runtimes."""
+    """List what is registered: methods (passes), zoo models, targets, recipes, runtimes, importance criteria."""
     if kind not in KINDS:
         raise SqueezeError(f"Cannot list `{kind}`.", f"Choose one of: {', '.join(KINDS)}.")
     t = Table(title=kind)

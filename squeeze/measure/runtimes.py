@@ -11,9 +11,10 @@ import numpy as np
 from squeeze.errors import RuntimeUnavailableError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.measure.protocol import Protocol
+from squeeze.registry import Registry
 from squeeze.target import Target
 
-__all__ = ["Session", "Runtime", "register_runtime", "get_runtime", "list_runtimes"]
+__all__ = ["Session", "Runtime", "register_runtime", "get_runtime", "list_runtimes", "runtime_registry"]
 
 
 class Session(ABC):
@@ -52,30 +53,31 @@ class Runtime(ABC):
     def open(self, artifact: OnnxArtifact, target: Target, protocol: Protocol) -> Session: ...
 
 
-_RUNTIMES: dict[str, Callable[[], Runtime]] = {}
+# Third-party runtimes come from the `squeeze.runtimes` entry-point group; target files are validated against it.
+runtime_registry: Registry[Callable[[], Runtime]] = Registry("runtime", group="squeeze.runtimes",
+                                                              error=RuntimeUnavailableError)
 
 
 def register_runtime(name: str):
     def deco(cls):
         cls.name = name
-        _RUNTIMES[name] = cls
-        return cls
+        return runtime_registry.register(name, cls)
 
     return deco
 
 
 def list_runtimes() -> list[str]:
-    return sorted(_RUNTIMES)
+    return runtime_registry.names()
 
 
 def get_runtime(target: Target) -> Runtime:
-    if target.runtime not in _RUNTIMES:
+    if target.runtime not in runtime_registry:
         raise RuntimeUnavailableError(
             f"Target `{target.name}` uses the `{target.runtime}` runtime, which this squeeze installation does not provide.",
             f"Available runtimes: {', '.join(list_runtimes())}. Use --target host-cpu, or install the runtime's extra "
             f"(pip install 'squeeze[{target.runtime}]').",
         )
-    return _RUNTIMES[target.runtime]()
+    return runtime_registry.get(target.runtime)()
 
 
 def seeded_input(artifact: OnnxArtifact, protocol: Protocol) -> np.ndarray:

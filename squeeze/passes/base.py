@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from squeeze.errors import RecipeError
+from squeeze.registry import Registry
+
 if TYPE_CHECKING:
     from squeeze.export.onnx import OnnxArtifact
     from squeeze.measure.bench import Measurement
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
     from squeeze.recipe import Budget, ExportOptions
     from squeeze.target import Target
 
-__all__ = ["PassOptions", "Pass", "ModelState", "PassContext", "register_pass", "get_pass", "list_passes"]
+__all__ = ["PassOptions", "Pass", "ModelState", "PassContext", "register_pass", "get_pass", "list_passes",
+           "pass_registry"]
 
 
 class PassOptions(BaseModel):
@@ -65,21 +69,17 @@ class Pass(ABC):
         """Return the new state and a JSON-serializable plan/record of what this pass did."""
 
 
-_PASSES: dict[str, type[Pass]] = {}
+# Third-party methods come from the `squeeze.methods` entry-point group (see the README, "Plugins").
+pass_registry: Registry[type[Pass]] = Registry("method", group="squeeze.methods", error=RecipeError)
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    _PASSES[cls.name] = cls
-    return cls
+    return pass_registry.register(cls.name, cls)
 
 
 def list_passes() -> list[type[Pass]]:
-    return [_PASSES[k] for k in sorted(_PASSES)]
+    return list(pass_registry)
 
 
 def get_pass(name: str) -> type[Pass]:
-    from squeeze.errors import RecipeError
-
-    if name not in _PASSES:
-        raise RecipeError(f"Unknown method `{name}`.", f"Valid methods: {', '.join(sorted(_PASSES))}.")
-    return _PASSES[name]
+    return pass_registry.get(name)

@@ -20,8 +20,10 @@ import torch_pruning as tp
 from torch import nn
 
 from squeeze.prune.plan import PruneError
+from squeeze.registry import Registry
 
-__all__ = ["Criterion", "get_importance", "list_importances", "register_importance"]
+__all__ = ["Criterion", "get_importance", "importance_registry", "list_importances",
+           "register_importance"]
 
 
 class Criterion(ABC):
@@ -37,22 +39,26 @@ class Criterion(ABC):
         """(width,) importance of the root's output channels; None where the group has nothing to score."""
 
 
-_CRITERIA: dict[str, type[Criterion]] = {}
+def _unknown_criterion(name: str, names: list[str]) -> PruneError:
+    return PruneError(f"Unknown importance criterion {name!r}.",
+                      f"Valid criteria: {', '.join(names)} (see `squeeze list importances`).")
+
+
+# Third-party criteria come from the `squeeze.importances` entry-point group.
+importance_registry: Registry[type[Criterion]] = Registry("importance criterion", plural="criteria",
+                                                          group="squeeze.importances", unknown=_unknown_criterion)
 
 
 def register_importance(cls: type[Criterion]) -> type[Criterion]:
-    _CRITERIA[cls.name] = cls
-    return cls
+    return importance_registry.register(cls.name, cls)
 
 
 def list_importances() -> list[type[Criterion]]:
-    return [_CRITERIA[k] for k in sorted(_CRITERIA)]
+    return list(importance_registry)
 
 
 def get_importance(name: str) -> Criterion:
-    if name not in _CRITERIA:
-        raise PruneError(f"Unknown importance criterion {name!r}.", f"Valid criteria: {', '.join(sorted(_CRITERIA))}.")
-    return _CRITERIA[name]()
+    return importance_registry.get(name)()
 
 
 class _TorchPruningCriterion(Criterion):
