@@ -1,4 +1,5 @@
-"""Built-in models: registered once by name, listed by `squeeze list`, created by `create_model`.
+"""Built-in models: indexed once by name in squeeze.zoo_index (listed by `squeeze list` without torch), created
+by `create_model`.
 
 Every factory is a top-level function of this module, so `squeeze.zoo:<function>` is an importable
 architecture reference (`ZooEntry.arch_ref`). Architectures follow the papers' tables; the parameter
@@ -12,17 +13,18 @@ import logging
 import io
 import json
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from squeeze.cache import atomic_write_bytes, cache_dir
-from squeeze.errors import ModelLoadError, first_line
+from squeeze.errors import first_line
 from squeeze.train import train_classifier
+from squeeze.zoo_index import ZooEntry, get_entry, list_models, model_registry, register_model
 
 __all__ = [
     "ZooEntry",
+    "model_registry",
     "register_model",
     "list_models",
     "get_entry",
@@ -32,55 +34,6 @@ __all__ = [
     "densenet121",
     "digits_cnn",
 ]
-
-IMAGENET_SHAPE = (1, 3, 224, 224)
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    name: str
-    factory: Callable[..., nn.Module]
-    input_shape: tuple[int, ...]
-    description: str
-    trained: bool  # True: create_model returns weights trained on the built-in digits
-
-    @property
-    def arch_ref(self) -> str:
-        return f"{self.factory.__module__}:{self.factory.__name__}"
-
-
-_REGISTRY: dict[str, ZooEntry] = {}
-
-
-def register_model(
-    name: str,
-    input_shape: tuple[int, ...] = IMAGENET_SHAPE,
-    description: str = "",
-    trained: bool = False,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a model factory to the zoo under `name`; returns the factory unchanged."""
-
-    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"zoo model {name!r} is registered twice")
-        _REGISTRY[name] = ZooEntry(name, factory, tuple(input_shape), description, trained)
-        return factory
-
-    return add
-
-
-def list_models() -> list[ZooEntry]:
-    return sorted(_REGISTRY.values(), key=lambda entry: entry.name)
-
-
-def get_entry(name: str) -> ZooEntry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(entry.name for entry in list_models())
-        raise ModelLoadError(
-            f"Unknown zoo model {name!r}.", f"Known models: {known} (see `squeeze list`)."
-        ) from None
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -207,7 +160,6 @@ class _ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
-@register_model("resnet18", description="ResNet-18: BasicBlock residual net (11.7 M params)")
 def resnet18(num_classes: int = 1000) -> nn.Module:
     return _ResNet([2, 2, 2, 2], num_classes)
 
@@ -273,7 +225,6 @@ class _MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("mobilenet_v2", description="MobileNetV2: inverted residuals, depthwise (3.5 M params)")
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
     return _MobileNetV2(num_classes, width_mult, dropout)
 
@@ -340,7 +291,6 @@ class _DenseNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("densenet121", description="DenseNet-121: concatenating dense blocks (8.0 M params)")
 def densenet121(num_classes: int = 1000, growth: int = 32) -> nn.Module:
     return _DenseNet((6, 12, 24, 16), growth, bn_size=4, compression=0.5, num_classes=num_classes)
 
@@ -371,11 +321,5 @@ class _DigitsCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.conv5(x)), 1))
 
 
-@register_model(
-    "digits-cnn",
-    input_shape=(1, 1, 16, 16),
-    description="Small residual CNN for the built-in 16x16 digits, trained on first use",
-    trained=True,
-)
 def digits_cnn(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     return _DigitsCNN(num_classes, width)

@@ -7,7 +7,7 @@ from torch import nn
 from squeeze import zoo
 from squeeze.cache import cache_dir
 from squeeze.data import digits_splits
-from squeeze.errors import ModelLoadError
+from squeeze.errors import ModelLoadError, SqueezeError
 from squeeze.train import evaluate
 
 MODEL_NAMES = [entry.name for entry in zoo.list_models()]
@@ -73,7 +73,7 @@ def test_unknown_name_lists_known_models():
 
 
 def test_duplicate_registration_is_refused():
-    with pytest.raises(ValueError, match="digits-cnn"):
+    with pytest.raises(SqueezeError, match="zoo model `digits-cnn` is registered twice: by squeeze.zoo and by squeeze.zoo"):
         zoo.register_model("digits-cnn")(zoo.digits_cnn)
 
 
