@@ -75,7 +75,7 @@ def train_user_model(weights: Path) -> None:
 
 def quantize(args: list[str], out: Path, emulated: bool) -> dict | None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])}
-    cmd = [sys.executable, "-m", "squeeze", "quantize", *args, "--data", "digits", "--out", str(out)]
+    cmd = [sys.executable, "-m", "squeeze", "quantize", *args, "--data", "digits", "--out", str(out), "--no-cache"]
     if emulated:
         site = next(p for p in sys.path if p.endswith("site-packages"))
         env["PYTHONPATH"] += os.pathsep + site  # the emulated interpreter does not see the venv by itself
