@@ -70,15 +70,19 @@ def test_failing_plugin_is_a_one_line_warning(caplog):
     assert "ModuleNotFoundError" in message
 
 
+def with_plugins(monkeypatch, registry: Registry, eps: list[importlib.metadata.EntryPoint]) -> None:
+    """`registry` as on a machine where `eps` are installed: its plugins load again; what they add is undone."""
+    monkeypatch.setattr(registry, "_items", dict(registry._items))
+    monkeypatch.setattr(registry, "_owners", dict(registry._owners))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
+
+
 @pytest.fixture
 def noop_plugin(monkeypatch):
-    """The example plugin (examples/plugin) as if pip-installed: its entry point, on a fresh method registry."""
+    """The example plugin (examples/plugin) as if pip-installed."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    monkeypatch.setattr(pass_registry, "_items", dict(pass_registry._items))
-    monkeypatch.setattr(pass_registry, "_owners", dict(pass_registry._owners))
-    monkeypatch.setattr(pass_registry, "_plugins_loaded", False)
-    plugins = {"squeeze.methods": [entry_point("quant.noop", "squeeze_noop", "squeeze.methods")]}
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins.get(group, []))
+    with_plugins(monkeypatch, pass_registry, [entry_point("quant.noop", "squeeze_noop", "squeeze.methods")])
     yield
     sys.modules.pop("squeeze_noop", None)
 
@@ -96,3 +100,14 @@ def test_list_importances(cli):
     assert r.exit_code == 0
     for name in ("bn_scale", "l1", "l2", "taylor"):
         assert name in r.stdout
+
+
+def test_plugin_runtime_is_accepted_in_target_files(monkeypatch, tmp_path):
+    from squeeze.measure.runtimes import OrtRuntime, runtime_registry
+    from squeeze.target import load_target
+
+    ep = entry_point("ort-copy", "squeeze.measure.runtimes:OrtRuntime", "squeeze.runtimes")
+    with_plugins(monkeypatch, runtime_registry, [ep])
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nruntime: ort-copy\n")
+    assert load_target(str(path)).runtime == "ort-copy" and runtime_registry.get("ort-copy") is OrtRuntime

@@ -41,7 +41,7 @@ def prune(
     data: Optional[str] = typer.Option(None, "--data", help="digits, a folder of class sub-folders, or package.module:function. Without data: latency-only pruning (no fine-tune, no accuracy)."),
     normalize: Optional[str] = NormalizeOpt,
     resize: Optional[str] = ResizeOpt,
-    importance: str = typer.Option("l1", "--importance", help="l1, l2, bn_scale or taylor."),
+    importance: str = typer.Option("l1", "--importance", help="l1, l2, bn_scale, taylor or a plugin's (squeeze list importances)."),
     round_to: int = typer.Option(8, "--round-to", min=1, help="Widths are multiples of this."),
     latency_source: str = typer.Option("auto", "--latency-source", help="auto, table, measured or table+recalibrate."),
     select: str = typer.Option("accuracy", "--select", help="netadapt: accuracy or accuracy_per_latency."),

@@ -13,7 +13,8 @@ __all__ = ["NetAdaptOptions", "UniformOptions", "NetAdaptPass", "UniformPass"]
 
 
 class _PruneOptions(PassOptions):
-    importance: str = Field("l1", description="a registered criterion: l1, l2, bn_scale, taylor or a plugin's (squeeze list importances)")
+    importance: str = Field("l1", description="a registered criterion: l1, l2, bn_scale, taylor or a plugin's "
+                                              "(squeeze list importances)")
     round_to: int = Field(8, ge=1, description="widths are multiples of this (hardware-friendly)")
     latency_source: Literal["auto", "table", "measured", "table+recalibrate"] = Field(
         "auto", description="how the search predicts latency (auto: measured below 1 ms, else table+recalibrate); "
