@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from squeeze.errors import RecipeError, SqueezeError
+from squeeze.measure.runtimes import OrtRuntime, Runtime, runtime_registry
 from squeeze.passes import pass_registry
+from squeeze.prune.importance import Criterion, importance_registry
 from squeeze.recipe import load_recipe
 from squeeze.registry import Registry
 
@@ -103,7 +105,6 @@ def test_list_importances(cli):
 
 
 def test_plugin_runtime_is_accepted_in_target_files(monkeypatch, tmp_path):
-    from squeeze.measure.runtimes import OrtRuntime, runtime_registry
     from squeeze.target import load_target
 
     ep = entry_point("ort-copy", "squeeze.measure.runtimes:OrtRuntime", "squeeze.runtimes")
@@ -111,3 +112,16 @@ def test_plugin_runtime_is_accepted_in_target_files(monkeypatch, tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("name: t\nruntime: ort-copy\n")
     assert load_target(str(path)).runtime == "ort-copy" and runtime_registry.get("ort-copy") is OrtRuntime
+
+
+# Contracts every registered runtime and criterion keeps (the passes' contract is in test_recipe.py).
+@pytest.mark.parametrize("name", runtime_registry.names())
+def test_every_runtime_is_named_after_its_registration(name):
+    cls = runtime_registry.get(name)
+    assert issubclass(cls, Runtime) and cls.name == name
+
+
+@pytest.mark.parametrize("name", importance_registry.names())
+def test_every_criterion_has_a_summary_and_its_name(name):
+    cls = importance_registry.get(name)
+    assert issubclass(cls, Criterion) and cls.name == name and cls.summary
