@@ -88,13 +88,13 @@ class Registry(Generic[T]):
         self.load_plugins(importlib.metadata.entry_points(group=self.group))
 
     def load_plugins(self, entry_points: Iterable[importlib.metadata.EntryPoint]) -> None:
-        """Load each plugin; one that fails to load is a one-line warning, never a crash of squeeze."""
+        """Load each plugin; one that fails to load (or takes a name already registered) is a one-line warning,
+        never a crash of squeeze: the built-ins and the other plugins still work."""
         for ep in entry_points:
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken third-party package: any error its import raises
+                if not isinstance(obj, types.ModuleType):  # a module registered itself by being imported
+                    self.register(ep.name, obj, owner=f"plugin `{ep.name}` ({ep.value})")
+            except Exception as exc:  # any error a third-party import raises, or a name clash
                 log.warning(f"plugin `{ep.name}` ({ep.value}) in {self.group} failed to load and is skipped: "
                             f"{first_line(exc)}")
-                continue
-            if not isinstance(obj, types.ModuleType):  # a module registered itself by being imported
-                self.register(ep.name, obj, owner=f"plugin `{ep.name}` ({ep.value})")

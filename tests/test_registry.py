@@ -80,6 +80,15 @@ def with_plugins(monkeypatch, registry: Registry, eps: list[importlib.metadata.E
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
 
 
+def test_plugin_taking_a_registered_name_is_warned_about_and_the_first_stays(caplog):
+    reg = Registry("function", group="squeeze.tests")
+    reg.register("sqrt", abs, owner="squeeze.builtins")
+    with caplog.at_level(logging.WARNING, logger="squeeze.plugins"):
+        reg.load_plugins([entry_point("sqrt", "math:sqrt")])
+    assert reg.get("sqrt") is abs
+    assert "registered twice: by squeeze.builtins and by plugin `sqrt` (math:sqrt)" in caplog.records[0].getMessage()
+
+
 @pytest.fixture
 def noop_plugin(monkeypatch):
     """The example plugin (examples/plugin) as if pip-installed."""
