@@ -232,3 +232,27 @@ def test_validate_rejects_a_prune_recipe_without_budget(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\nstages:\n  - method: prune.netadapt\n")
     assert_clean_error(cli("validate", recipe), "budget")
+
+
+def test_a_newly_registered_pruning_method_is_a_choice_of_squeeze_prune(cli, tmp_path, monkeypatch):
+    """Registering `prune.<name>` is all it takes for `squeeze prune --method <name>` (no list to edit)."""
+    from squeeze.errors import SqueezeError
+    from squeeze.passes import Pass, list_passes
+    from squeeze.passes.base import pass_registry
+    from squeeze.passes.prune import UniformOptions
+
+    class Toy(Pass):
+        name = "prune.toy"
+        summary = "a search that only says it ran"
+        Options = UniformOptions
+        needs_budget = True
+
+        def run(self, state, ctx):
+            raise SqueezeError(f"the toy search ran with round_to {self.options.round_to}.")
+
+    monkeypatch.setitem(pass_registry._items, Toy.name, Toy)
+    assert Toy in list_passes()
+    r = cli("prune", "zoo:digits-cnn", "--method", "toy", "--macs", "0.5x", "--round-to", "4", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "the toy search ran with round_to 4." in r.stderr
+    r = cli("prune", "zoo:digits-cnn", "--method", "nope", "--macs", "0.5x", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "Choose one of: netadapt, toy, uniform" in r.stderr

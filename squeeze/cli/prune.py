@@ -14,7 +14,13 @@ from squeeze.cli.common import (Force, InputShape, KeyOpt, NoCache, NormalizeOpt
 from squeeze.errors import SqueezeError
 from squeeze.shapes import parse_input_shape
 
-METHODS = ("netadapt", "uniform")
+
+
+def _methods() -> list[str]:
+    """The registered `prune.*` passes (plugins included): a new one needs no edit here."""
+    from squeeze.passes import list_passes
+
+    return [p.name.removeprefix("prune.") for p in list_passes() if p.name.startswith("prune.")]
 
 
 RATIO_HINT = "Write it as 0.5x, 0.5 or 50% of the original."
@@ -33,7 +39,7 @@ def prune(
     model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for model.pt, model.onnx and report.json (created)."),
     target: str = TargetOpt,
-    method: str = typer.Option("netadapt", "--method", "-m", help=f"Search: {', '.join(METHODS)}."),
+    method: str = typer.Option("netadapt", "--method", "-m", help="A registered pruning search: netadapt, uniform or a plugin's (squeeze list methods: prune.*)."),
     latency: Optional[str] = typer.Option(None, "--latency", help="Latency budget as a ratio of the original's measured latency (0.5x)."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Latency budget in milliseconds."),
     macs: Optional[str] = typer.Option(None, "--macs", help="MACs budget as a ratio of the original (0.5x)."),
@@ -66,8 +72,8 @@ def prune(
 
     get_importance(importance)  # an unknown criterion fails before any model is loaded
     preprocessing = preprocessing_flags(normalize, resize)
-    if method not in METHODS:
-        raise SqueezeError(f"Unknown pruning method `{method}`.", f"Choose one of: {', '.join(METHODS)}.")
+    if method not in _methods():
+        raise SqueezeError(f"Unknown pruning method `{method}`.", f"Choose one of: {', '.join(_methods())}.")
     if not any(v is not None for v in (latency, latency_ms, macs, size_bytes)):
         raise SqueezeError("No budget given.", "Pass one of --latency 0.5x, --latency-ms 12, --macs 0.5x, --size-bytes N.")
     try:
@@ -97,8 +103,12 @@ def _recipe(method, target, data, latency, latency_ms, macs, size_bytes, importa
                     macs_ratio=parse_ratio(macs, "--macs") if macs else None, size_bytes=size_bytes)
     options = {"importance": importance, "round_to": round_to, "latency_source": latency_source, "distill": distill,
                "long_term": {"optimizer": "sgd", "lr": 0.01, "epochs": long_term_epochs}}
-    if method == "netadapt":
-        options |= {"select": select, "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": short_term_iters}}
+    from squeeze.passes import get_pass
+
+    # Flags a method's options do not have (netadapt's --select on uniform, say) do not reach it.
+    accepted = get_pass(f"prune.{method}").Options.model_fields
+    extra = {"select": select, "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": short_term_iters}}
+    options |= {k: v for k, v in extra.items() if k in accepted}
     recipe = Recipe(name=f"prune-{method}", target=target, budget=budget, data=data,
                     stages=[Stage(method=f"prune.{method}", options=options)])
     for stage in recipe.stages:
