@@ -33,7 +33,8 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str, *, plural: str | None = None, group: str | None = None,
                  error: type[SqueezeError] = SqueezeError,
-                 unknown: Callable[[str, list[str]], SqueezeError] | None = None) -> None:
+                 unknown: Callable[[str, list[str]], SqueezeError] | None = None,
+                 modules: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self.group = group
@@ -41,7 +42,10 @@ class Registry(Generic[T]):
         self._unknown = unknown  # builds the unknown-name error where a registry keeps an older wording
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
-        self._plugins_loaded = group is None
+        # squeeze's own modules that register on import, imported on the first lookup like plugins: a module
+        # that registers into this registry then need not be imported by the registry's own module (a cycle).
+        self._modules = modules
+        self._plugins_loaded = group is None and not modules
 
     def register(self, name: str, obj: T | None = None, owner: str | None = None):
         """`register(name, obj)`, or `@register(name)` as a decorator; returns the object unchanged."""
@@ -85,7 +89,10 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True  # first: a plugin that looks names up while importing must not recurse
-        self.load_plugins(importlib.metadata.entry_points(group=self.group))
+        for module in self._modules:
+            importlib.import_module(module)
+        if self.group:
+            self.load_plugins(importlib.metadata.entry_points(group=self.group))
 
     def load_plugins(self, entry_points: Iterable[importlib.metadata.EntryPoint]) -> None:
         """Load each plugin; one that fails to load (or takes a name already registered) is a one-line warning,

@@ -54,8 +54,10 @@ class Runtime(ABC):
 
 
 # Third-party runtimes come from the `squeeze.runtimes` entry-point group; target files are validated against it.
+# The tvm runtime registers from its own module (which imports TVM only when a TVM target is used).
 runtime_registry: Registry[Callable[[], Runtime]] = Registry("runtime", group="squeeze.runtimes",
-                                                              error=RuntimeUnavailableError)
+                                                              error=RuntimeUnavailableError,
+                                                              modules=("squeeze.measure.tvm",))
 
 
 def register_runtime(name: str):
@@ -141,7 +143,3 @@ class OrtRuntime(Runtime):
                 "Check that a GPU and its driver are visible (nvidia-smi), or use --target host-cpu.",
             )
         return _OrtSession(sess, {artifact.input_name: seeded_input(artifact, protocol)})
-
-
-# Registers "tvm"; the module imports TVM only when a TVM target is used.
-from squeeze.measure import tvm as _tvm  # noqa: E402,F401
