@@ -1,4 +1,5 @@
-"""The Python API behind the CLI: info, bench, gate, recipes."""
+"""The Python API behind the CLI: info, bench, gate, recipes, and one registered method at a time (compress,
+prune, quantize)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from squeeze.outputs import check_out_dir, write_outputs
 from squeeze.passes import ModelState, PassContext, get_pass
 from squeeze.passes.builtin import ensure_artifact
 from squeeze.preprocessing import Preprocessing
-from squeeze.recipe import Recipe, load_recipe
+from squeeze.recipe import Budget, Recipe, load_recipe
 from squeeze.target import Target, load_target, refuse_emulated_latency
 
 # torch and onnx are imported by the functions that build, export or summarize a model, so that importing
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from squeeze.model import LoadedModel
     from squeeze.summary import ModelSummary
 
-__all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline"]
+__all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline", "compress", "prune",
+           "quantize"]
 
 log = logging.getLogger("squeeze")
 
@@ -301,3 +303,48 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         files["model.pt"] = checkpoint_bytes(state.model)
     report["written"] = [str(p) for p in write_outputs(out_dir, files, force)]
     return report
+
+
+def compress(model_spec: str, out_dir: str | Path, method: str, *, target: str = "host-cpu",
+             budget: Budget | None = None, data: str | None = None, options: dict[str, Any] | None = None,
+             model_options: ModelOptions | None = None, preprocessing: Preprocessing | None = None,
+             measure: dict[str, Any] | None = None, use_cache: bool = True, force: bool = False) -> dict[str, Any]:
+    """One registered method (`prune.netadapt`, `quant.int8`, ...) as a one-stage recipe, so that the CLI, a
+    recipe and a notebook run the same thing. Returns the report (also written to out_dir/report.json).
+
+    Option values are validated against the method's options class before any model is loaded
+    (pydantic.ValidationError names the bad key).
+    """
+    from squeeze.recipe import MeasureOverrides, Stage
+
+    get_pass(method)  # an unknown method lists the registered ones
+    recipe = Recipe(name=method.replace(".", "-"), target=target, budget=budget, data=data,
+                    stages=[Stage(method=method, options=options or {})],
+                    measure=MeasureOverrides(**(measure or {})))
+    recipe.stages[0].typed_options()
+    return run_recipe(recipe, model_spec, Path(out_dir), model_options or ModelOptions(), preprocessing=preprocessing,
+                      use_cache=use_cache, force=force)
+
+
+def _budget(latency: float | None, latency_ms: float | None, macs: float | None,
+            size_bytes: int | None) -> Budget | None:
+    if all(v is None for v in (latency, latency_ms, macs, size_bytes)):
+        return None
+    return Budget(latency_ratio=latency, latency_ms=latency_ms, macs_ratio=macs, size_bytes=size_bytes)
+
+
+def prune(model_spec: str, out_dir: str | Path, *, method: str = "netadapt", latency: float | None = None,
+          latency_ms: float | None = None, macs: float | None = None, size_bytes: int | None = None,
+          **kwargs: Any) -> dict[str, Any]:
+    """`squeeze prune` for code: e.g. `squeeze.prune("zoo:digits-cnn", "out", latency=0.5, data="digits")`.
+    Budgets are ratios of the original (latency, macs) or absolute (latency_ms, size_bytes); the other keyword
+    arguments are `compress`'s (options= takes the method's typed options)."""
+    return compress(model_spec, out_dir, f"prune.{method}", budget=_budget(latency, latency_ms, macs, size_bytes),
+                    **kwargs)
+
+
+def quantize(model_spec: str, out_dir: str | Path, *, method: str = "int8", latency: float | None = None,
+             latency_ms: float | None = None, size_bytes: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """`squeeze quantize` for code: e.g. `squeeze.quantize("model.pt", "out", data="digits")`."""
+    return compress(model_spec, out_dir, f"quant.{method}", budget=_budget(latency, latency_ms, None, size_bytes),
+                    **kwargs)
