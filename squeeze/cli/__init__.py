@@ -26,4 +26,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, exit_interrupted)
     from squeeze.cli.app import app
 
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # one that got past a command's handling: Python would exit by SIGINT (-2)
+        exit_interrupted()
