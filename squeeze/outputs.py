@@ -9,7 +9,15 @@ from pathlib import Path
 
 from squeeze.errors import SqueezeError
 
-__all__ = ["check_out_dir", "check_writable", "write_outputs"]
+__all__ = ["check_out_dir", "check_writable", "write_outputs", "remove_unfinished"]
+
+_unfinished: set[Path] = set()  # output folders (or staging folders) being written right now
+
+
+def remove_unfinished() -> None:
+    """What an interrupted process must not leave behind (called from the Ctrl-C handler)."""
+    for path in list(_unfinished):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_out_dir(out_dir: Path, force: bool = False) -> Path:
@@ -52,8 +60,11 @@ def write_outputs(out_dir: Path, files: dict[str, bytes | Path], force: bool = F
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    pending = out_dir if created else None
     try:
         with tempfile.TemporaryDirectory(prefix=".squeeze-", dir=out_dir) as tmp:
+            pending = pending or Path(tmp)
+            _unfinished.add(pending)
             staged = {}
             for name, content in files.items():
                 p = Path(tmp) / name
@@ -69,4 +80,6 @@ def write_outputs(out_dir: Path, files: dict[str, bytes | Path], force: bool = F
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    finally:
+        _unfinished.discard(pending)
     return written

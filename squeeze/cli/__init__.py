@@ -1,8 +1,9 @@
 """The `squeeze` command line: one module per command; each parses, calls squeeze.api, renders.
 
-`main` is the entry point. It stays light: Ctrl-C during start-up (importing torch takes seconds) or argument
-parsing ends the process at once with exit 130, since nothing has been written yet; inside a command,
-`handles_errors` turns it into KeyboardInterrupt so that workers are ended and staged outputs removed.
+`main` is the entry point. It stays light, and Ctrl-C at any moment (start-up, where importing torch takes
+seconds, parsing, or a command) ends the process at once with exit 130: the measurement workers are killed and
+an output folder being written is removed first, so nothing is left. Deciding in the signal handler, not by
+letting KeyboardInterrupt unwind, leaves no moment where an interrupt in library code ends differently.
 """
 
 import os
@@ -17,6 +18,11 @@ INTERRUPTED = "interrupted; nothing was written."
 
 
 def exit_interrupted(signum=None, frame=None) -> None:
+    # Only modules already imported can hold workers or unfinished outputs.
+    for name, cleanup in (("squeeze.measure.worker", "kill_all"), ("squeeze.outputs", "remove_unfinished")):
+        module = sys.modules.get(name)
+        if module is not None:
+            getattr(module, cleanup)()
     sys.stderr.write(INTERRUPTED + "\n")
     sys.stderr.flush()
     os._exit(130)
@@ -26,7 +32,4 @@ def main() -> None:
     signal.signal(signal.SIGINT, exit_interrupted)
     from squeeze.cli.app import app
 
-    try:
-        app()
-    except KeyboardInterrupt:  # one that got past a command's handling: Python would exit by SIGINT (-2)
-        exit_interrupted()
+    app()

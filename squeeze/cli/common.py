@@ -8,8 +8,6 @@ import functools
 import json
 import os
 import re
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,20 +33,6 @@ def _disk_full(exc: OSError) -> None:
               highlight=False, soft_wrap=True)
 
 
-@contextlib.contextmanager
-def _interruptible():
-    """Inside a command Ctrl-C raises KeyboardInterrupt, so that `finally` blocks end workers and remove
-    staged outputs (outside one, the entry point exits at once)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A SqueezeError becomes one paragraph on stderr and exit code 2 (a full disk too); Ctrl-C exits 130;
     other errors exit 3. With --debug the traceback is shown instead.
@@ -57,8 +41,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with _interruptible():
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except SqueezeError as exc:
             if state["debug"]:
                 if exc.detail:
@@ -68,7 +51,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # exit codes and usage errors chosen by the command itself
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # in-process callers (tests, notebooks); the `squeeze` command exits in its handler
             from squeeze.cli import INTERRUPTED
 
             err.print(INTERRUPTED)

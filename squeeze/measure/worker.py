@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import IO, Any
 
 from squeeze.errors import SqueezeError, first_line
 
-__all__ = ["WorkerClient", "WorkerError"]
+__all__ = ["WorkerClient", "WorkerError", "kill_all"]
 
 _HEADER = struct.Struct("<Q")
 
@@ -103,6 +102,15 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
         _send(out, ("error", payload))
 
 
+_live: "weakref.WeakSet[WorkerClient]" = weakref.WeakSet()
+
+
+def kill_all() -> None:
+    """End every worker of this process now (the Ctrl-C handler: an interrupt leaves none running)."""
+    for client in list(_live):
+        client.kill_process()
+
+
 class WorkerClient:
     """A worker process for one target and protocol; artifacts are opened and dropped as needed, so one
     worker can serve a whole search (its start costs about a second)."""
@@ -113,9 +121,13 @@ class WorkerClient:
         package_root = str(Path(__file__).resolve().parents[2])  # importable even when squeeze is not installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen([sys.executable, "-m", "squeeze.measure.worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env)
+                                      stdout=subprocess.PIPE, env=env,
+                                      # Out of the terminal's process group: Ctrl-C is the parent's to handle (it
+                                      # ends this worker); an interrupt in the worker's start-up printed a traceback.
+                                      start_new_session=True)
         # An idle worker ends when its client is garbage-collected: it exits on end of input.
         weakref.finalize(self, self._proc.stdin.close)
+        _live.add(self)
         self.environment: dict[str, Any] = self._request((target, protocol), "ready")["environment"]
 
     @property
@@ -159,6 +171,11 @@ class WorkerClient:
     def drop(self, ids: list[int]) -> None:
         self._request(("drop", ids), "dropped")
 
+    def kill_process(self) -> None:
+        """Only the process: safe from a signal handler that interrupted a read of its pipe."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+
     def kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
@@ -181,8 +198,6 @@ class WorkerClient:
 
 
 if __name__ == "__main__":
-    # Ctrl-C reaches the whole process group: the parent decides what an interrupt means, and ends this worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Frames go to the real stdout; anything a library prints goes to stderr instead.
     frames_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
