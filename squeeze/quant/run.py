@@ -267,6 +267,10 @@ class Int8Plan:
     parity: ParitySource
     record: dict[str, Any] = field(default_factory=dict)
 
+    def quantize(self, config: QuantConfig) -> OnnxArtifact:
+        """The fp32 model quantized as `config` says, on this plan's calibration samples (cached)."""
+        return quantize_onnx(self.fp32, self.calibration, config)
+
 
 def _base_config(opts, activation: str, weight: str, reduce_range: bool) -> QuantConfig:
     return QuantConfig(activation_type=activation, weight_type=weight, reduce_range=reduce_range,
@@ -389,9 +393,7 @@ def _auto_exclude(plan: Int8Plan, ctx: PassContext, opts, goal: _LatencyGoal, la
                   confirm: Callable[[QuantConfig], RatioEstimate]) -> Int8Plan:
     """Exclusion search from `plan`'s config; the result must be confirmed faster and pass the floor too,
     else the fp32 model is handed back."""
-    def quantize(config: QuantConfig) -> OnnxArtifact:
-        return quantize_onnx(plan.fp32, plan.calibration, config)
-
+    quantize = plan.quantize
     final, steps = exclusion_search(
         plan.config, layers, goal.met, lambda c: _measure_vs(plan.fp32, [quantize(c)], ctx)[1][0],
         _blame(plan.fp32, quantize, ctx, opts.profile_runs), opts.max_exclude_steps)
