@@ -150,11 +150,6 @@ def _compare(original: OnnxArtifact, final: OnnxArtifact, target: Target, protoc
     return {"original": m_orig.to_json(), "final": m_final.to_json(), "speedup": _speedup(m_orig, m_final).to_json()}
 
 
-def _eval_split(data) -> tuple[str, Any]:
-    """Accuracy is reported on the test split, val where the data has none."""
-    return ("test", data.test) if data.test is not None else ("val", data.val)
-
-
 def _load_run_data(recipe: Recipe, model: LoadedModel, data_spec: str | None,
                    preprocessing: Preprocessing | None) -> tuple[Any, str | None]:
     """The run's data and where its normalization came from: `given` (flags, recipe), `model` (recorded in
@@ -197,7 +192,7 @@ def _original_top1(original: OnnxArtifact, data) -> float | None:
         return None
     from squeeze.train import evaluate_onnx
 
-    top1 = evaluate_onnx(original, _eval_split(data)[1]).top1
+    top1 = evaluate_onnx(original, data.held_out()[1]).top1
     warning = _near_chance_warning(top1, data)
     if warning:
         log.warning(warning)
@@ -219,7 +214,7 @@ def _accuracy(original_top1: float | None, final: OnnxArtifact, data) -> dict[st
         return None
     from squeeze.train import evaluate_onnx
 
-    split, ds = _eval_split(data)
+    split, ds = data.held_out()
     after = evaluate_onnx(final, ds)
     delta_pt = 100 * (after.top1 - original_top1)
     near_chance = _near_chance_warning(original_top1, data)

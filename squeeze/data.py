@@ -84,6 +84,10 @@ class DataBundle:
     preprocessing: Preprocessing  # complete: mean/std per channel of [0, 1] pixels
     classes: tuple[str, ...] = ()
 
+    def held_out(self) -> tuple[str, Dataset]:
+        """The split reported accuracy is measured on, with its name: test, else val."""
+        return ("test", self.test) if self.test is not None else ("val", self.val)
+
     @property
     def mean(self) -> tuple[float, ...]:
         return self.preprocessing.mean

@@ -540,7 +540,7 @@ def finish(setup: HAQSetup, names: tuple[str, ...], records: list | None = None,
     chosen = setup.policy(names)
     simulated = [n for n, p in chosen.items() if not p.kernel]
     tuned = setup.fine_tuned(names, opts.long_term)
-    torch_top1 = None if simulated else evaluate(tuned, data.test if data.test is not None else data.val).top1
+    torch_top1 = None if simulated else evaluate(tuned, data.held_out()[1]).top1
     final_model = _with_module(setup.original, strip_fake_quant(tuned, set(simulated)))
     artifact = export_policy(final_model, chosen, setup.calibration, opts.calibration)
     final_m, fp32_m, int8_m = measure([artifact, setup.fp32_artifact, setup.int8_artifact], setup.target,
@@ -625,9 +625,9 @@ def _accuracies(setup: HAQSetup, haq: OnnxArtifact, names: tuple[str, ...], torc
     """Top-1 of the exported files through ONNX Runtime on the test split (val when there is none)."""
     from squeeze.train import evaluate_onnx
 
-    split = setup.data.test if setup.data.test is not None else setup.data.val
+    split_name, split = setup.data.held_out()
     return {
-        "split": "test" if setup.data.test is not None else "val",
+        "split": split_name,
         "fp32_top1": evaluate_onnx(setup.fp32_artifact, split).top1,
         "uniform_int8_ptq_top1": evaluate_onnx(setup.int8_artifact, split).top1,
         "haq_top1": evaluate_onnx(haq, split).top1,

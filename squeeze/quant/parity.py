@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from squeeze.errors import SqueezeError
 from squeeze.export.artifact import OnnxArtifact
 
-__all__ = ["ParityFloor", "ParityCheck", "ParitySource", "OrtParity", "ParityError", "eval_split",
+__all__ = ["ParityFloor", "ParityCheck", "ParitySource", "OrtParity", "ParityError",
            "refuse_below_floor"]
 
 
@@ -82,11 +82,6 @@ class ParityCheck:
 ParitySource = Callable[[OnnxArtifact], ParityCheck]
 
 
-def eval_split(data):
-    """The held-out split accuracy is reported on: test, else val."""
-    return ("test", data.test) if data.test is not None else ("val", data.val)
-
-
 class OrtParity:
     """Parity of artifacts against `reference` through ONNX Runtime on the first `samples` held-out images;
     the reference's outputs are computed once, each artifact's once (by content hash)."""
@@ -94,7 +89,7 @@ class OrtParity:
     def __init__(self, reference: OnnxArtifact, data, samples: int) -> None:
         from squeeze.quant.ptq import onnx_outputs
 
-        self.split, ds = eval_split(data)
+        self.split, ds = data.held_out()
         n = min(len(ds), samples)
         items = [ds[i] for i in range(n)]
         self.inputs = np.stack([np.asarray(x, dtype=np.float32) for x, _ in items])

@@ -356,7 +356,7 @@ def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict
     qat = build_qat_model(state.model.module, plan.fp32, plan.artifact, plan.config,
                           plan.calibration.inputs[:16], opts.activation_ranges == "learned")
     split, x = eval_inputs(data)
-    eval_ds = data.test if data.test is not None else data.val
+    eval_ds = data.held_out()[1]
     before = evaluate(qat.module, eval_ds)
     teacher = state.model.module if opts.distill else None
     result = fine_tune(qat.module, data.train, opts.fine_tune, teacher=teacher, val_ds=data.val)

@@ -39,7 +39,6 @@ from squeeze.quant.parity import (
     ParityCheck,
     ParityFloor,
     ParitySource,
-    eval_split,
     refuse_below_floor,
 )
 from squeeze.quant.ptq import (
@@ -411,7 +410,7 @@ def _auto_exclude(plan: Int8Plan, ctx: PassContext, opts, goal: _LatencyGoal, la
 
 
 def eval_inputs(data) -> tuple[str, np.ndarray]:
-    split, ds = eval_split(data)
+    split, ds = data.held_out()
     n = min(len(ds), PARITY_SAMPLES)
     return split, np.stack([np.asarray(ds[i][0], dtype=np.float32) for i in range(n)])
 
