@@ -28,7 +28,7 @@ from squeeze.data import load_data
 from squeeze.errors import SqueezeError
 from squeeze.measure.protocol import Protocol
 from squeeze.model import load_model
-from squeeze.passes.haq import HAQOptions
+from squeeze.methods.haq import HAQOptions
 from squeeze.quant.haq import cost_of, finish, names_of, prepare, search
 from squeeze.recipe import Budget, Recipe, Stage
 from squeeze.target import load_target

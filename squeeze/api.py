@@ -17,8 +17,8 @@ from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, 
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.outputs import check_out_dir, write_outputs
-from squeeze.passes import ModelState, PassContext, get_pass
-from squeeze.passes.builtin import ensure_artifact
+from squeeze.methods import ModelState, PassContext, get_pass
+from squeeze.methods.builtin import ensure_artifact
 from squeeze.preprocessing import Preprocessing
 from squeeze.recipe import Budget, Recipe, load_recipe
 from squeeze.target import Target, load_target, refuse_emulated_latency

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from squeeze.errors import RecipeError, SqueezeError
-from squeeze.passes import PassOptions, get_pass, list_passes
+from squeeze.methods import PassOptions, get_pass, list_passes
 from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize, parse_resize
 from squeeze.resources import data_dir
 from squeeze.yamlio import format_validation_error, load_yaml_model

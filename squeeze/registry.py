@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import pkgutil
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -34,7 +35,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, *, plural: str | None = None, group: str | None = None,
                  error: type[SqueezeError] = SqueezeError,
                  unknown: Callable[[str, list[str]], SqueezeError] | None = None,
-                 modules: tuple[str, ...] = ()) -> None:
+                 modules: tuple[str, ...] = (), packages: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self.group = group
@@ -45,7 +46,9 @@ class Registry(Generic[T]):
         # squeeze's own modules that register on import, imported on the first lookup like plugins: a module
         # that registers into this registry then need not be imported by the registry's own module (a cycle).
         self._modules = modules
-        self._plugins_loaded = group is None and not modules
+        # Packages whose every module is imported the same way: a new built-in is one new file, no list to edit.
+        self._packages = packages
+        self._plugins_loaded = group is None and not modules and not packages
 
     def register(self, name: str, obj: T | None = None, owner: str | None = None):
         """`register(name, obj)`, or `@register(name)` as a decorator; returns the object unchanged."""
@@ -91,6 +94,10 @@ class Registry(Generic[T]):
         self._plugins_loaded = True  # first: a plugin that looks names up while importing must not recurse
         for module in self._modules:
             importlib.import_module(module)
+        for package in self._packages:
+            path = importlib.import_module(package).__path__
+            for info in pkgutil.walk_packages(path, f"{package}."):
+                importlib.import_module(info.name)
         if self.group:
             self.load_plugins(importlib.metadata.entry_points(group=self.group))
 

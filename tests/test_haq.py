@@ -17,7 +17,7 @@ from squeeze.export.onnx import export_onnx
 from squeeze.measure.lut import LatencyTable, LayerConfig, layer_configs
 from squeeze.measure.protocol import Protocol
 from squeeze.model import LoadedModel, load_model
-from squeeze.passes.haq import HAQOptions
+from squeeze.methods.haq import HAQOptions
 from squeeze.prune.budget import BudgetError
 from squeeze.quant.calibrate import CalibrationData
 from squeeze.quant.costs import PRECISIONS, CostTable, modelled_precision, precision
@@ -322,7 +322,7 @@ def test_haq_export_below_the_floor_is_refused(digits):
 
 def test_cli_episode_flags_reach_the_search_and_only_haq(cli, tmp_path, monkeypatch):
     from squeeze.errors import SqueezeError
-    from squeeze.passes.haq import HAQPass
+    from squeeze.methods.haq import HAQPass
 
     seen = {}
 

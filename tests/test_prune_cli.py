@@ -237,9 +237,9 @@ def test_validate_rejects_a_prune_recipe_without_budget(cli, tmp_path):
 def test_a_newly_registered_pruning_method_is_a_choice_of_squeeze_prune(cli, tmp_path, monkeypatch):
     """Registering `prune.<name>` is all it takes for `squeeze prune --method <name>` (no list to edit)."""
     from squeeze.errors import SqueezeError
-    from squeeze.passes import Pass, list_passes
-    from squeeze.passes.base import pass_registry
-    from squeeze.passes.prune import UniformOptions
+    from squeeze.methods import Pass, list_passes
+    from squeeze.methods.base import pass_registry
+    from squeeze.methods.prune.uniform import UniformOptions
 
     class Toy(Pass):
         name = "prune.toy"

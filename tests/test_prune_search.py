@@ -18,8 +18,9 @@ from squeeze.data import load_data
 from squeeze.measure.oracle import LatencyOracle, MeasuredOracle, RelativeOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.model import LoadedModel, load_model, save_checkpoint
-from squeeze.passes.base import ModelState, PassContext
-from squeeze.passes.prune import NetAdaptOptions, UniformOptions
+from squeeze.methods.base import ModelState, PassContext
+from squeeze.methods.prune.netadapt import NetAdaptOptions, NetAdaptPass, netadapt
+from squeeze.methods.prune.uniform import UniformOptions, UniformPass, uniform
 from squeeze.prune import (
     apply_plan,
     plan_from_json,
@@ -28,9 +29,7 @@ from squeeze.prune import (
     uniform_plan,
 )
 from squeeze.prune.budget import BudgetError, Resource, resolve_budget
-from squeeze.prune.netadapt import finish, netadapt, smallest_model
-from squeeze.prune.run import run_pruning_search
-from squeeze.prune.uniform import uniform
+from squeeze.prune.search import finish, smallest_model
 from squeeze.recipe import Budget, ExportOptions
 from squeeze.summary import summarize
 from squeeze.target import load_target
@@ -343,7 +342,7 @@ def test_latency_budget_is_met_by_measurement():
     # 32-channel convs on 48x48: compute, not per-call overhead, sets the latency, so pruning shows.
     model = load_model("testnets:conv_stack", input_shape=(1, 3, 48, 48))
     opts = NetAdaptOptions(latency_source="measured")
-    state, record = run_pruning_search(ModelState(model), _latency_ctx(0.7), opts, "netadapt")
+    state, record = NetAdaptPass(opts).run(ModelState(model), _latency_ctx(0.7))
     budget = record["budget"]
     assert record["search"] == "netadapt" and record["latency_source"] == "measured"
     assert budget["resource"] == "latency_ms" and budget["target"] == pytest.approx(0.7 * budget["original"])
@@ -380,12 +379,12 @@ class _FirstReadingLow(LatencyOracle):
 
 
 def test_a_budget_missed_by_the_confirming_measurement_is_not_reported_as_met(digits_model, monkeypatch):
-    import squeeze.prune.run
+    import squeeze.prune.search
 
-    monkeypatch.setattr(squeeze.prune.run, "RelativeOracle", _FirstReadingLow)
+    monkeypatch.setattr(squeeze.prune.search, "RelativeOracle", _FirstReadingLow)
     opts = NetAdaptOptions(latency_source="measured")
     try:
-        _, record = run_pruning_search(ModelState(digits_model), _latency_ctx(0.7), opts, "netadapt")
+        _, record = NetAdaptPass(opts).run(ModelState(digits_model), _latency_ctx(0.7))
     except BudgetError:
         return  # refusing to claim the budget is a correct answer too
     target = record["budget"]["target"]
@@ -558,7 +557,7 @@ def test_uniform_with_taylor_uses_the_data(digits_model, digits_data):
     ctx = PassContext(HOST, MeasuredOracle(HOST, FAST), FAST, ExportOptions(), Budget(macs_ratio=0.6),
                       data=digits_data)
     opts = UniformOptions(importance="taylor", long_term={"optimizer": "sgd", "lr": 0.01, "epochs": 1})
-    state, record = run_pruning_search(ModelState(digits_model), ctx, opts, "uniform")
+    state, record = UniformPass(opts).run(ModelState(digits_model), ctx)
     assert summarize(state.model).macs == record["final_measured"] <= record["budget"]["target"]
     assert record["plan"]["importance"] == "taylor"
 
@@ -606,7 +605,7 @@ class BuildingOracle(ConfigCostOracle):
 
 
 def test_priced_proposals_pick_what_building_each_proposal_picks(digits_model, monkeypatch):
-    import squeeze.prune.netadapt as na
+    import squeeze.prune.search as na
 
     builds = []
     real = na.pruned_candidate

@@ -13,7 +13,7 @@ KINDS = ("methods", "models", "targets", "recipes", "runtimes", "importances")
 
 def _rows(kind: str) -> list[tuple[str, str]]:
     if kind == "methods":
-        from squeeze.passes import list_passes
+        from squeeze.methods import list_passes
 
         return [(p.name, p.summary) for p in list_passes()]
     if kind == "models":

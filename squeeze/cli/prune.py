@@ -18,7 +18,7 @@ from squeeze.shapes import parse_input_shape
 
 def _methods() -> list[str]:
     """The registered `prune.*` passes (plugins included): a new one needs no edit here."""
-    from squeeze.passes import list_passes
+    from squeeze.methods import list_passes
 
     return [p.name.removeprefix("prune.") for p in list_passes() if p.name.startswith("prune.")]
 
@@ -103,7 +103,7 @@ def _recipe(method, target, data, latency, latency_ms, macs, size_bytes, importa
                     macs_ratio=parse_ratio(macs, "--macs") if macs else None, size_bytes=size_bytes)
     options = {"importance": importance, "round_to": round_to, "latency_source": latency_source, "distill": distill,
                "long_term": {"optimizer": "sgd", "lr": 0.01, "epochs": long_term_epochs}}
-    from squeeze.passes import get_pass
+    from squeeze.methods import get_pass
 
     # Flags a method's options do not have (netadapt's --select on uniform, say) do not reach it.
     accepted = get_pass(f"prune.{method}").Options.model_fields

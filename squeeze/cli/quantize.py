@@ -29,7 +29,7 @@ from squeeze.shapes import parse_input_shape
 
 def _pass_for(method: str):
     """The registered pass `quant.<method>`; an unknown method lists the registered quant.* ones."""
-    from squeeze.passes import get_pass, list_passes
+    from squeeze.methods import get_pass, list_passes
 
     names = [p.name.removeprefix("quant.") for p in list_passes() if p.name.startswith("quant.")]
     if method not in names:

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from squeeze.export.artifact import OnnxArtifact
     from squeeze.measure.protocol import Protocol
     from squeeze.model import LoadedModel
-    from squeeze.passes.haq import HAQOptions
+    from squeeze.methods.haq import HAQOptions
     from squeeze.recipe import Budget
     from squeeze.target import Target
 

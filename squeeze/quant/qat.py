@@ -40,7 +40,7 @@ from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import check_parity
-from squeeze.passes.base import ModelState, PassContext
+from squeeze.methods.base import ModelState, PassContext
 from squeeze.quant.ptq import (
     QuantConfig,
     QuantizeError,

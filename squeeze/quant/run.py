@@ -31,8 +31,8 @@ import numpy as np
 from squeeze.errors import DataError, SqueezeError, TargetError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.measure.stats import RatioEstimate, paired_ratio
-from squeeze.passes.base import ModelState, PassContext
-from squeeze.passes.builtin import ensure_artifact
+from squeeze.methods.base import ModelState, PassContext
+from squeeze.methods.builtin import ensure_artifact
 from squeeze.quant.calibrate import CalibrationData, calibration_data
 from squeeze.quant.parity import (
     OrtParity,

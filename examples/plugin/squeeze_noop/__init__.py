@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from squeeze.passes import ModelState, Pass, PassContext, register_pass
+from squeeze.methods import ModelState, Pass, PassContext, register_pass
 
 
 @register_pass

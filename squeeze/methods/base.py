@@ -70,7 +70,9 @@ class Pass(ABC):
 
 
 # Third-party methods come from the `squeeze.methods` entry-point group (see the README, "Plugins").
-pass_registry: Registry[type[Pass]] = Registry("method", group="squeeze.methods", error=RecipeError)
+# Every module under squeeze/methods/ is imported on the first lookup: each registers the method it holds.
+pass_registry: Registry[type[Pass]] = Registry("method", group="squeeze.methods", error=RecipeError,
+                                               packages=("squeeze.methods",))
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:

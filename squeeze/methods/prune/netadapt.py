@@ -20,111 +20,42 @@ called unreachable only when every group is at its minimum width and that model 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
+from pydantic import Field
 
-from squeeze.model import LoadedModel
-from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, check_reachable, confirm_floor
-from squeeze.prune.engine import apply_plan, make_plan
-from squeeze.prune.graph import prunable_layers
-from squeeze.prune.plan import ChannelPlan, compose_plans, plan_to_json, round_width
+from squeeze.methods.base import register_pass
+from squeeze.methods.prune import PruneOptions, PruneSearch
+from squeeze.train.config import FineTuneConfig
 
 if TYPE_CHECKING:
     from squeeze.data import DataBundle
-    from squeeze.passes.prune import NetAdaptOptions
+    from squeeze.model import LoadedModel
+    from squeeze.prune.budget import Resource, ResolvedBudget
+    from squeeze.prune.search import Candidate, IterationRecord, SearchResult
 
-__all__ = ["Candidate", "IterationRecord", "SearchResult", "netadapt", "pruned_candidate", "smallest_model",
-           "taylor_batch", "finish", "width_grid"]
-
-SMALLEST = "every prunable group at its minimum width"
-
-
-@dataclass
-class Candidate:
-    model: LoadedModel  # pruned module; model.plans holds the one plan composed on the original
-    plan: ChannelPlan | None
-    resource: float
-    layer: str | None = None
-    width: int | None = None
-    accuracy: float | None = None
-    score: float | None = None
+__all__ = ["NetAdaptOptions", "NetAdaptPass", "netadapt"]
 
 
-@dataclass
-class IterationRecord:
-    iteration: int
-    target: float
-    layer: str
-    width_before: int
-    width_after: int
-    resource: float
-    measured: float | None
-    accuracy: float | None
-    proposals: list[dict[str, Any]]
-    seconds: float
+class NetAdaptOptions(PruneOptions):
+    initial_reduction: float = Field(0.025, gt=0, lt=1, description="r0: first step, as a fraction of the original")
+    decay: float = Field(0.96, gt=0, le=1)
+    max_iterations: int = Field(100, ge=1)
+    select: Literal["accuracy", "accuracy_per_latency"] = "accuracy"
+    short_term: FineTuneConfig = FineTuneConfig(optimizer="sgd", lr=0.001, iterations=100)
 
 
-@dataclass
-class SearchResult:
-    model: LoadedModel
-    budget: ResolvedBudget
-    history: list[IterationRecord] = field(default_factory=list)
-    final_measured: float | None = None
-    search_seconds: float = 0.0
+@register_pass
+class NetAdaptPass(PruneSearch):
+    name = "prune.netadapt"
+    summary = "NetAdapt: iterative per-layer channel pruning driven by measured/table latency, short fine-tunes."
+    Options = NetAdaptOptions
 
-    @property
-    def budget_met(self) -> bool | None:
-        """Within 2% of the budget: latency readings of the same model vary about that much."""
-        return None if self.final_measured is None else self.final_measured <= 1.02 * self.budget.target
-
-    def to_json(self) -> dict[str, Any]:
-        return {"budget": asdict(self.budget), "final_measured": self.final_measured, "budget_met": self.budget_met,
-                "search_seconds": round(self.search_seconds, 2), "history": [asdict(h) for h in self.history]}
+    def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
+        return netadapt(original, budget, resource, self.options, data, recalibrate, log)
 
 
-def pruned_candidate(base: LoadedModel, base_plan: ChannelPlan | None, keep: dict[str, int] | float,
-                     importance: str, round_to: int, data_batch=None) -> tuple[LoadedModel, ChannelPlan]:
-    """`base` pruned to `keep`, as a LoadedModel whose plan is composed onto the original architecture."""
-    x = base.example_input()
-    plan = make_plan(base.module, x, keep, importance=importance, round_to=round_to, data=data_batch)
-    module = apply_plan(base.module, plan, x)
-    total = plan if base_plan is None else compose_plans(base_plan, plan)
-    # Plans the input model already carried (a pruned checkpoint pruned again) are replayed first.
-    earlier = base.plans if base_plan is None else base.plans[:-1]
-    model = LoadedModel(base.name, base.kind, base.input_shape, module, arch=base.arch,
-                        plans=[*earlier, plan_to_json(total)], metadata=dict(base.metadata))
-    return model, total
-
-
-def taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
-    if importance != "taylor":
-        return None
-    if data is None:
-        raise BudgetError("The taylor importance needs data.", "Pass --data, or use --importance l1.")
-    xs, ys = zip(*(data.train[i] for i in range(min(n, len(data.train)))))
-    return torch.stack(xs), torch.tensor(ys)
-
-
-def width_grid(layer, round_to: int) -> list[int]:
-    """The widths below the layer's current one that a search may give it, ascending."""
-    step = max(1, round_to)
-    grid = {round_width(w, layer.out_channels, round_to, layer.channel_step) for w in range(step, layer.out_channels, step)}
-    return sorted(w for w in grid if w < layer.out_channels)
-
-
-def shrinkable(table, round_to: int) -> list:
-    """The prunable groups of `table` that are not yet at their minimum width."""
-    return [layer for layer in table if layer.prunable and width_grid(layer, round_to)]
-
-
-def smallest_model(original: LoadedModel, round_to: int) -> LoadedModel:
-    """Every prunable group at the smallest width of its grid: no search step goes below this model.
-    (Which channels are kept does not change its latency, MACs or size, so L1 picks them.)"""
-    layers = shrinkable(prunable_layers(original.module, original.example_input()), round_to)
-    return pruned_candidate(original, None, {g.name: width_grid(g, round_to)[0] for g in layers}, "l1", round_to)[0]
-
+# The search. The pruning engine (torch) loads when it runs, not when `squeeze list` imports this module.
 
 class _Proposals:
     """One NetAdapt iteration's proposals from the current model."""
@@ -133,11 +64,15 @@ class _Proposals:
                  opts: NetAdaptOptions, data: DataBundle | None) -> None:
         self.current, self.original_widths, self.resource, self.opts, self.data = (
             current, original_widths, resource, opts, data)
+        from squeeze.prune.search import taylor_batch
+
         self.batch = taylor_batch(data, opts.importance)
         self.built: dict[tuple[str, int], Candidate] = {}
         self.price = resource.width_predictor(current.model) or self._build_and_price
 
     def candidate(self, layer: str, width: int) -> Candidate:
+        from squeeze.prune.search import Candidate, pruned_candidate
+
         if (layer, width) not in self.built:
             model, plan = pruned_candidate(self.current.model, self.current.plan, {layer: width},
                                            self.opts.importance, self.opts.round_to, self.batch)
@@ -153,6 +88,8 @@ class _Proposals:
         Bisection over grid positions (the resource falls with the width), all layers in step, so that a
         lookup table measures the entries one step misses in one batch.
         """
+        from squeeze.prune.search import width_grid
+
         grids = {layer.name: width_grid(layer, self.opts.round_to) for layer in layers}
         bounds = {name: (0, len(g) - 1) for name, g in grids.items()}
         best: dict[str, tuple[int, float]] = {}
@@ -172,6 +109,8 @@ class _Proposals:
     def one_step_down(self, layers) -> dict[str, tuple[int, float]]:
         """Per layer, the next width down its grid and its resource: the way on when no proposal read under
         the target (readings of a busy machine can all come out high at once; this one is not believed)."""
+        from squeeze.prune.search import width_grid
+
         steps = [(layer.name, width_grid(layer, self.opts.round_to)[-1]) for layer in layers]
         return {name: (width, value) for (name, width), value in zip(steps, self.price(steps))}
 
@@ -209,6 +148,8 @@ class _Proposals:
 
 def _record(i: int, target: float, best: Candidate, proposals: list[dict[str, Any]], measured,
             layer_widths: dict[str, int], t0: float) -> IterationRecord:
+    from squeeze.prune.search import IterationRecord
+
     return IterationRecord(i, target, best.layer, layer_widths[best.layer], best.width, best.resource, measured,
                            best.accuracy, proposals, round(time.perf_counter() - t0, 2))
 
@@ -233,6 +174,10 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
              data: DataBundle | None = None, recalibrate: Callable[[LoadedModel], float] | None = None,
              log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
     """Prune `original` until `budget` is met; `recalibrate(model)` (table oracles) re-fits the table."""
+    from squeeze.prune.budget import BudgetError, check_reachable, confirm_floor
+    from squeeze.prune.graph import prunable_layers
+    from squeeze.prune.search import SMALLEST, Candidate, SearchResult, shrinkable, smallest_model
+
     t_start = time.perf_counter()
     x = original.example_input()
     original_widths = prunable_layers(original.module, x).widths()
@@ -275,14 +220,4 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
                           f"{budget.resource} (budget {budget.target:.4g}).", "Raise max_iterations or initial_reduction.")
     result.model = current.model
     result.search_seconds = time.perf_counter() - t_start
-    return result
-
-
-def finish(result: SearchResult, resource: Resource, opts, data: DataBundle | None, teacher=None) -> SearchResult:
-    """Long-term fine-tune (with data), then the measured/counted resource of the final model."""
-    if data is not None:
-        from squeeze.train import fine_tune
-
-        fine_tune(result.model.module, data.train, opts.long_term, teacher=teacher, progress=True)
-    result.final_measured = resource.confirm(result.model)
     return result

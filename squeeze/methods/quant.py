@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from squeeze.passes.base import (
+from squeeze.methods.base import (
     ModelState,
     Pass,
     PassContext,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from squeeze.passes.base import ModelState, Pass, PassContext, PassOptions, register_pass
+from squeeze.methods.base import ModelState, Pass, PassContext, PassOptions, register_pass
 
 __all__ = ["ExportOnnx", "MeasureLatency"]
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from squeeze.passes.base import ModelState, Pass, PassContext, register_pass
+from squeeze.methods.base import ModelState, Pass, PassContext, register_pass
 from squeeze.quant.parity import ParityFloor
 from squeeze.train.config import FineTuneConfig
 

@@ -10,21 +10,42 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from squeeze.model import LoadedModel
-from squeeze.prune.budget import FLOOR_RESOLUTION, Resource, ResolvedBudget, check_reachable, confirm_floor
-from squeeze.prune.netadapt import Candidate, IterationRecord, SearchResult, pruned_candidate, taylor_batch
+from pydantic import Field
+
+from squeeze.methods.base import register_pass
+from squeeze.methods.prune import PruneOptions, PruneSearch
 
 if TYPE_CHECKING:
     from squeeze.data import DataBundle
-    from squeeze.passes.prune import UniformOptions
+    from squeeze.model import LoadedModel
+    from squeeze.prune.budget import Resource, ResolvedBudget
+    from squeeze.prune.search import Candidate, SearchResult
 
-__all__ = ["uniform"]
+__all__ = ["UniformOptions", "UniformPass", "uniform"]
+
+
+class UniformOptions(PruneOptions):
+    min_ratio: float = Field(0.05, gt=0, lt=1)
+    bisection_steps: int = Field(10, ge=1)
+
+
+@register_pass
+class UniformPass(PruneSearch):
+    name = "prune.uniform"
+    summary = "Baseline: the same channel ratio in every layer, bisected to meet the budget."
+    Options = UniformOptions
+
+    def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
+        return uniform(original, budget, resource, self.options, recalibrate, log, data)
 
 
 def uniform(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: UniformOptions,
             recalibrate: Callable[[LoadedModel], float] | None = None,
             log: Callable[[str], None] = lambda _msg: None, data: DataBundle | None = None) -> SearchResult:
     """Largest ratio whose pruned network meets the budget (confirmed by measurement for latency)."""
+    from squeeze.prune.budget import FLOOR_RESOLUTION, check_reachable, confirm_floor
+    from squeeze.prune.search import Candidate, IterationRecord, SearchResult, pruned_candidate, taylor_batch
+
     t_start = time.perf_counter()
     lo, hi = opts.min_ratio, 1.0
     best: Candidate | None = None
