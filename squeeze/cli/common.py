@@ -15,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from squeeze.cli.progress import reporter_for
 from squeeze.errors import SqueezeError
+from squeeze.progress import reporting
 
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
            "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags", "NormalizeOpt",
@@ -35,13 +37,16 @@ def _disk_full(exc: OSError) -> None:
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A SqueezeError becomes one paragraph on stderr and exit code 2 (a full disk too); Ctrl-C exits 130;
-    other errors exit 3. With --debug the traceback is shown instead.
+    other errors exit 3. With --debug the traceback is shown instead. The core's long steps show as progress
+    bars on stderr while the command runs (when stderr is a terminal).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            reporter = reporter_for(err)
+            with reporting(reporter) if reporter else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except SqueezeError as exc:
             if state["debug"]:
                 if exc.detail:
