@@ -10,17 +10,23 @@ fi
 # torch first, pinned: an unpinned torch (or a dependency asking for a newer one) pulls the CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev,tvm]"
-# The arm-a72 target cross-compiles with aarch64-linux-gnu-g++. As root on Debian/Ubuntu it is installed here;
-# elsewhere the tests that need it skip, naming the package.
-if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
+# System packages some features need. As root on Debian/Ubuntu they are installed with apt here; elsewhere
+# setup says what is skipped, and the tests that need them skip, naming the package.
+# apt_install PACKAGE WHAT-IT-IS-FOR WHAT-SKIPS-WITHOUT-IT
+apt_install() {
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing g++-aarch64-linux-gnu with apt (the arm-a72 target cross-compiles with it)" >&2
+    echo "setup: installing $1 with apt ($2)" >&2
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      g++-aarch64-linux-gnu; } >/tmp/squeeze-setup-apt.log 2>&1; then
-      echo "setup: apt-get failed (see /tmp/squeeze-setup-apt.log); the cross-compiling tests will skip" >&2
+      "$1"; } >/tmp/squeeze-setup-apt.log 2>&1; then
+      echo "setup: apt-get failed (see /tmp/squeeze-setup-apt.log); $3 will skip" >&2
     fi
   else
-    echo "setup: aarch64-linux-gnu-g++ not found; the cross-compiling tests will skip" \
-      "(install: sudo apt-get install g++-aarch64-linux-gnu)" >&2
+    echo "setup: $1 not installed; $3 will skip (install: sudo apt-get install $1)" >&2
   fi
+}
+if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
+  apt_install g++-aarch64-linux-gnu "the arm-a72 target cross-compiles with it" "the cross-compiling tests"
+fi
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt_install dataset-fashion-mnist "--data fashion-mnist and zoo:fashion-cnn read it" "the Fashion-MNIST tests"
 fi

@@ -6,19 +6,25 @@ Accepted specs (see `load_data`):
   path/to/folder           class sub-folders of images, either split already
                            (`root/train/<class>/*.png`, `root/val/<class>/...`, optional `root/test/`)
                            or not (`root/<class>/...`, split 80/20 per class with a fixed seed)
+  fashion-mnist            Fashion-MNIST (28x28 grey, 10 classes) from the Debian package dataset-fashion-mnist
+                           (/usr/share/datasets/fashion-mnist/): a fixed stratified 55k/5k train/val split of
+                           the 60k training images, and the official 10k test images as the test split
+  idx:DIR                  any MNIST-format folder (train-/t10k- images and labels IDX files, gzipped or not),
+                           split as Fashion-MNIST is (val is 1/12 of the training images)
   package.module:function  a function returning (train, val[, test]) datasets, or a dict with those keys
 
 Images become (C, H, W) float32 tensors at the model's input size and channel count (grey <-> RGB as
 needed; the resize mode is part of the preprocessing), then `(x - mean) / std` per channel on [0, 1]
 pixels. The preprocessing (squeeze.preprocessing.Preprocessing, `--normalize` / `--resize`) defaults to
-the train split's statistics and bilinear resizing for digits and folders, and to no normalization for
+the train split's statistics and bilinear resizing for digits, IDX data and folders, and to no normalization for
 `package.module:function` data; the complete spec used is on the bundle, to be recorded. Images are read
-with Pillow.
+with Pillow; IDX files with numpy (decoded once per process).
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +41,9 @@ from squeeze.refs import import_ref, is_ref
 
 __all__ = [
     "DigitsSplits",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "read_idx",
     "digits_splits",
     "DataBundle",
     "load_data",
@@ -58,9 +67,9 @@ _IMAGE_DEFAULTS = Preprocessing(normalize="data", resize="bilinear")
 _MODULE_DEFAULTS = Preprocessing(normalize="none", resize="none")
 
 _SPEC_FORMS = (
-    "`digits` (the built-in digits), a folder of class sub-folders of images (`root/train/<class>/*.png` "
-    "with `root/val/<class>/...`, or `root/<class>/...`), or `package.module:function` returning "
-    "(train, val) datasets"
+    "`digits` (the built-in digits), `fashion-mnist`, `idx:DIR` (a folder of MNIST-format IDX files), a folder "
+    "of class sub-folders of images (`root/train/<class>/*.png` with `root/val/<class>/...`, or "
+    "`root/<class>/...`), or `package.module:function` returning (train, val) datasets"
 )
 _STATS_SAMPLE = 256  # images read to estimate mean/std of a train split
 _FOLDER_VAL_FRACTION = 0.2
@@ -119,14 +128,18 @@ def load_data(
 
     Without `input_shape`, digits are 1x16x16 and folder images keep the first image's size and
     channels. What `preprocessing` leaves undecided takes the source's default (see the module
-    docstring). `seed` fixes the digits and single-folder splits.
-    `digits` always means the built-in set; write `./digits` for a folder of that name. A data function
-    is called without arguments.
+    docstring). `seed` fixes the digits, IDX and single-folder splits.
+    `digits` and `fashion-mnist` always mean those sources; write `./digits` for a folder of that name. A data
+    function is called without arguments.
     """
     chw = _sample_shape(input_shape)
     asked = preprocessing or Preprocessing()
     if spec == "digits":
         return _load_digits(spec, chw, asked.over(_IMAGE_DEFAULTS), seed)
+    if spec == "fashion-mnist":
+        return _load_idx(spec, FASHION_MNIST_DIR, chw, asked.over(_IMAGE_DEFAULTS), seed, FASHION_MNIST_CLASSES)
+    if spec.startswith("idx:"):
+        return _load_idx(spec, Path(spec[4:]).expanduser(), chw, asked.over(_IMAGE_DEFAULTS), seed)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(spec, path, chw, asked.over(_IMAGE_DEFAULTS), seed)
@@ -312,6 +325,136 @@ def _resize(images: torch.Tensor, size_hw: tuple[int, int], mode: str, what: str
         return F.interpolate(images, size=size_hw, mode="nearest-exact")
     resized = F.interpolate(images, size=size_hw, mode=mode, align_corners=False, antialias=True)
     return resized.clamp_(0.0, 1.0) if mode == "bicubic" else resized  # bicubic overshoots, as PIL clamps
+
+
+# ---------------------------------------------------------------------------------------------------
+# IDX files (the MNIST format): Fashion-MNIST from its Debian package, or any folder of them.
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+# (split, kind) -> the file's standard name; each may also be gzipped (name + ".gz").
+_IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+# 5k of Fashion-MNIST's 60k training images (500 per class): the validation split.
+_IDX_VAL_FRACTION = 1 / 12
+# IDX magic number, third byte: element type (big-endian); the fourth byte is the number of dimensions.
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_FIX = "Replace the file with a complete copy (MNIST-format IDX, gzipped or not)."
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as an array of its declared shape and type; a bad file is a DataError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a truncated stream an EOFError
+        raise DataError(f"{path} cannot be read as an IDX file ({first_line(exc)}).", _IDX_FIX) from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DataError(
+            f"{path} is not an IDX file: its magic number is 0x{raw[:4].hex() or 'empty'}, where IDX files start "
+            "with 0x0000, a type byte (0x08 for unsigned bytes) and the number of dimensions.",
+            _IDX_FIX,
+        )
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4)) if len(raw) >= header else ()
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize if dims else None
+    if expected != len(raw):
+        declared = f"declares shape {dims}, which needs {expected} bytes" if dims else "is cut inside its header"
+        raise DataError(f"{path} is truncated or damaged: it {declared}, and holds {len(raw)}.", _IDX_FIX)
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _idx_paths(folder: Path, spec: str) -> dict[tuple[str, str], Path]:
+    """The four IDX files of `folder` (each plain or gzipped); a missing one is a DataError naming what to install."""
+    found, missing = {}, []
+    for key, name in _IDX_FILES.items():
+        path = next((p for p in (folder / f"{name}.gz", folder / name) if p.is_file()), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[key] = path
+    if not missing:
+        return found
+    names = ", ".join(_IDX_FILES.values())
+    alternative = (f"or pass `--data idx:DIR` with a folder holding the four MNIST-format files ({names}; "
+                   "gzipped or not).")
+    if spec == "fashion-mnist":
+        raise DataError(
+            f"--data fashion-mnist reads the Debian package dataset-fashion-mnist, which is not installed: "
+            f"{folder} lacks {', '.join(missing)} (.gz).",
+            f"Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; scripts/setup.sh does "
+            f"this when run as root), {alternative}",
+        )
+    raise DataError(f"--data {spec}: {folder} lacks {', '.join(missing)} (plain or .gz).",
+                    f"An MNIST-format folder holds the four IDX files {names}.")
+
+
+@functools.cache
+def _idx_arrays(paths: tuple[tuple[str, int, int], ...]) -> tuple[np.ndarray, ...]:
+    """(train images, train labels, test images, test labels) from the four (path, mtime, size) files."""
+    arrays = [read_idx(path) for path, _, _ in paths]
+    for (images_path, _, _), images, labels in ((paths[0], arrays[0], arrays[1]), (paths[2], arrays[2], arrays[3])):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{images_path} holds images of shape {images.shape} with labels of shape {labels.shape}; "
+                "IDX image files are (N, H, W) with N labels (N,).",
+                "Check that the images and labels files belong together.",
+            )
+    return tuple(arrays)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows), sorted: per class a seeded shuffle puts round(count * fraction) rows in val."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    by_class = order[np.argsort(labels[order], kind="stable")]  # grouped by class, shuffled within
+    classes, starts, counts = np.unique(labels[by_class], return_index=True, return_counts=True)
+    rank = np.arange(len(labels)) - np.repeat(starts, counts)  # position within its class
+    in_val = rank < np.repeat(np.round(counts * fraction).astype(np.int64), counts)
+    return np.sort(by_class[~in_val]), np.sort(by_class[in_val])
+
+
+def _load_idx(spec: str, folder: Path, chw: tuple[int, int, int] | None, pre: Preprocessing, seed: int,
+              classes: tuple[str, ...] = ()) -> DataBundle:
+    paths = _idx_paths(folder, spec)
+    stats = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths.values())
+    train_images, train_labels, test_images, test_labels = _idx_arrays(stats)
+    channels, height, width = chw or (1, *train_images.shape[1:])
+    if channels not in (1, 3):
+        raise DataError(
+            f"{spec} holds grey images, fed as (1, {height}, {width}) or, repeated, as (3, {height}, {width}); "
+            f"the model takes ({channels}, {height}, {width}) per sample.",
+            "Use a model with 1 or 3 input channels, or a data set that fits it.",
+        )
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    if classes and num_classes > len(classes):
+        raise DataError(f"{spec} has labels up to {num_classes - 1}, but {len(classes)} classes.", _IDX_FIX)
+    train_rows, val_rows = _stratified_split(train_labels, _IDX_VAL_FRACTION, seed)
+
+    def pixels(images: np.ndarray) -> torch.Tensor:
+        # (N, H, W) integers -> (N, C, H', W') float32 in [0, 1] at the model's size.
+        scale = 255.0 if images.dtype == np.uint8 else max(1.0, float(images.max()))
+        x = _resize(torch.from_numpy(images.astype(np.float32) / scale).unsqueeze(1), (height, width),
+                    pre.resize, spec)
+        return x.expand(-1, 3, -1, -1) if channels == 3 else x
+
+    train_x = pixels(train_images)
+    pre = _resolve_normalization(pre, channels, lambda: _channel_stats(train_x[torch.from_numpy(train_rows)]))
+    test_x = pixels(test_images)
+    train_y, test_y = (torch.from_numpy(labels.astype(np.int64)) for labels in (train_labels, test_labels))
+    train, val = (TensorDataset(_normalize(train_x[rows], pre.mean, pre.std), train_y[rows])
+                  for rows in (torch.from_numpy(train_rows), torch.from_numpy(val_rows)))
+    test = TensorDataset(_normalize(test_x, pre.mean, pre.std), test_y)
+    return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=num_classes,
+                      input_shape=(1, channels, height, width), preprocessing=pre,
+                      classes=classes or tuple(str(c) for c in range(num_classes)))
 
 
 # ---------------------------------------------------------------------------------------------------
