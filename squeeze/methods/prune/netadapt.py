@@ -50,6 +50,8 @@ class NetAdaptPass(PruneSearch):
     name = "prune.netadapt"
     summary = "NetAdapt: iterative per-layer channel pruning driven by measured/table latency, short fine-tunes."
     Options = NetAdaptOptions
+    smoke_options = {"initial_reduction": 0.1, "short_term": {"iterations": 2},
+                     "long_term": {"iterations": 2}}
 
     def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
         return netadapt(original, budget, resource, self.options, data, recalibrate, log)

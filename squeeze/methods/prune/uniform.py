@@ -34,6 +34,7 @@ class UniformPass(PruneSearch):
     name = "prune.uniform"
     summary = "Baseline: the same channel ratio in every layer, bisected to meet the budget."
     Options = UniformOptions
+    smoke_options = {"bisection_steps": 4, "long_term": {"iterations": 2}}
 
     def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
         return uniform(original, budget, resource, self.options, recalibrate, log, data)
