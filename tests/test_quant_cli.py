@@ -110,6 +110,14 @@ def _fake_speed(monkeypatch, speedup_of, blamed=None):
 
 
 NO_VNNI = {"int8_isa": ["AVX2"], "int8_dot_product": False}
+VNNI = {"int8_isa": ["AVX2", "AVX-512 VNNI"], "int8_dot_product": True}
+
+
+def _cpu(monkeypatch, features):
+    """Candidates depend on the CPU (7-bit weights are tried without VNNI): tests that count them pin it."""
+    from squeeze.measure import environment
+
+    monkeypatch.setattr(environment, "cpu_features", lambda: features)
 
 
 def _fake_parity(monkeypatch, fails_of):
@@ -136,9 +144,7 @@ def _fake_parity(monkeypatch, fails_of):
 
 def _saturating_cpu(monkeypatch):
     """An AVX2 machine without VNNI: 8-bit int8 weights (|q| up to 127) break u8s8 (51.4% agreement)."""
-    from squeeze.measure import environment
-
-    monkeypatch.setattr(environment, "cpu_features", lambda: NO_VNNI)
+    _cpu(monkeypatch, NO_VNNI)
     _fake_parity(monkeypatch, lambda top, floats: 0.514 if top > 64 and top <= 127 else None)
 
 
@@ -166,6 +172,7 @@ def test_a_candidate_below_the_floor_is_never_chosen(cli, tmp_path, monkeypatch)
 def test_no_candidate_above_the_floor_writes_nothing(cli, model_file, tmp_path, monkeypatch):
     _fake_speed(monkeypatch, lambda layers: 2.0)
     _fake_parity(monkeypatch, lambda top, floats: 0.9)
+    _cpu(monkeypatch, VNNI)
     before = file_digest(model_file)
     out = tmp_path / "out"
     assert_clean_error(cli("quantize", model_file, "--data", "digits", "--out", out, *FAST),
@@ -301,6 +308,7 @@ measure: {repeat: 5, warmup: 2, min_repeat_ms: 2}
 
 def test_quant_stage_in_a_recipe(cli, tmp_path, monkeypatch):
     _fake_speed(monkeypatch, lambda layers: 2.0)
+    _cpu(monkeypatch, VNNI)
     recipe = tmp_path / "q.yaml"
     recipe.write_text(RECIPE)
     assert cli("validate", recipe).exit_code == 0
