@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from squeeze.export.onnx import export_onnx
-from squeeze.measure.bench import InterleavedRun
 from squeeze.measure.cache import MeasurementCache
-from squeeze.measure.oracle import LatencyOracle
+from squeeze.measure.oracle import LatencyOracle, interleaved
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import paired_ratio
 from squeeze.measure.runtimes import get_runtime
@@ -161,10 +160,7 @@ class LatencyTable:
         for cfg in configs:
             module, shape = cfg.build()
             artifacts.append(export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript"))
-        with InterleavedRun(artifacts, self.target, self.protocol) as run:
-            for _ in range(self.protocol.repeat):
-                run.round()
-        return run.measurements()
+        return interleaved(artifacts, self.target, self.protocol)
 
     def _store(self, entries: list[LutEntry]) -> None:
         with self._connect() as db:

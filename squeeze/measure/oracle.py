@@ -1,7 +1,9 @@
-"""The latency oracle: the only way searches see latency.
+"""The latency oracle: the only way searches and quantization see latency.
 
 Given a model (or an exported artifact), return its latency on the oracle's target. `MeasuredOracle`
-exports and measures the whole model (cached by content); lookup-table oracles implement the same interface.
+exports and measures the whole model (cached by content), or several models interleaved in one run with
+their paired speedups over a reference; lookup-table oracles implement the same interface, and price their
+entries through `interleaved` (one uncached run, the table stores it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from squeeze.measure.worker import WorkerClient
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LatencyOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns"]
+__all__ = ["LatencyOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns", "interleaved"]
 
 Timed = LoadedModel | OnnxArtifact
 
@@ -61,11 +63,32 @@ class MeasuredOracle(LatencyOracle):
         self.use_cache = use_cache
 
     def measurement(self, model: Timed) -> Measurement:
-        artifact = model if isinstance(model, OnnxArtifact) else export_onnx(model, use_cache=self.use_cache)
-        return measure([artifact], self.target, self.protocol, use_cache=self.use_cache)[0]
+        return self.measurements([model])[0]
+
+    def measurements(self, models: list[Timed], fresh: bool = False) -> list[Measurement]:
+        """All `models` in one interleaved run, so that ratios between them come from one run; `fresh`: a new
+        run even when the cache holds one (a confirmation must be independent)."""
+        artifacts = [m if isinstance(m, OnnxArtifact) else export_onnx(m, use_cache=self.use_cache) for m in models]
+        return measure(artifacts, self.target, self.protocol, use_cache=self.use_cache and not fresh)
+
+    def speedups(self, reference: Timed, candidates: list[Timed], fresh: bool = False
+                 ) -> tuple[Measurement, list[RatioEstimate]]:
+        """One interleaved run: the reference's measurement and each candidate's speedup over it
+        (reference / candidate, from paired samples)."""
+        ref, *rest = self.measurements([reference, *candidates], fresh)
+        return ref, [paired_ratio(m.samples_ms, ref.samples_ms) for m in rest]
 
     def latency_ms(self, model: Timed) -> float:
         return self.measurement(model).stats.median_ms
+
+
+def interleaved(artifacts: list[OnnxArtifact], target: Target, protocol: Protocol) -> list[Measurement]:
+    """`protocol.repeat` rounds of the artifacts interleaved in one fresh worker, not cached: lookup tables
+    store what they measure themselves."""
+    with InterleavedRun(artifacts, target, protocol) as run:
+        for _ in range(protocol.repeat):
+            run.round()
+    return run.measurements()
 
 
 class WorkerRuns:

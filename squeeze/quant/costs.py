@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from squeeze.errors import TargetError
-from squeeze.measure.bench import InterleavedRun
 from squeeze.measure.lut import LatencyTable, LayerConfig
+from squeeze.measure.oracle import interleaved
 from squeeze.target import Target
 
 __all__ = ["Precision", "PRECISIONS", "modelled_precision", "precision", "PrecisionConfig", "CostRow", "CostTable",
@@ -186,11 +186,7 @@ class CostTable(LatencyTable):
         return int4_weights(fp32, ["0"])  # the standalone layer is module `0` of its Sequential
 
     def _run(self, configs):
-        artifacts = [self._artifact(c) for c in configs]
-        with InterleavedRun(artifacts, self.target, self.protocol) as run:
-            for _ in range(self.protocol.repeat):
-                run.round()
-        return run.measurements()
+        return interleaved([self._artifact(c) for c in configs], self.target, self.protocol)
 
     def measured_precisions(self, layer: LayerConfig) -> list[str]:
         """The measured precisions of a layer on this target (int4w only for Linear)."""

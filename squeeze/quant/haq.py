@@ -45,7 +45,7 @@ from torch import nn
 
 from squeeze.errors import DataError
 from squeeze.measure.lut import LayerConfig, layer_configs
-from squeeze.measure.oracle import LatencyOracle
+from squeeze.measure.oracle import LatencyOracle, MeasuredOracle
 from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, resolve_budget
 from squeeze.quant.costs import CostRow, CostTable, Precision, layer_size_bytes, precision
 from squeeze.quant.mixed import INT4_BLOCK
@@ -461,7 +461,6 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
             budget: Budget | None, opts: HAQOptions) -> HAQSetup:
     """Layers and their costs on the target, references measured, budget resolved and checked."""
     from squeeze.export.onnx import export_onnx
-    from squeeze.measure.bench import measure
     from squeeze.quant.calibrate import calibration_data
     from squeeze.quant.ptq import QuantConfig, quantize_onnx
     from squeeze.summary import summarize
@@ -479,7 +478,8 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
     setup.int8_artifact = quantize_onnx(setup.fp32_artifact, setup.calibration,
                                         QuantConfig(calibration=opts.calibration,
                                                     reduce_range=int8_reduce_range()))
-    fp32_m, int8_m = measure([setup.fp32_artifact, setup.int8_artifact], target, protocol, use_cache=False)
+    fp32_m, int8_m = MeasuredOracle(target, protocol, use_cache=False).measurements(
+        [setup.fp32_artifact, setup.int8_artifact])
     fp32_ms, int8_ms = fp32_m.stats.median_ms, int8_m.stats.median_ms
     if setup.resource == "latency_ms":
         setup.resolved = resolve_budget(budget, original, Resource("latency_ms", _Fixed(fp32_ms), _Fixed(fp32_ms)))
@@ -533,7 +533,6 @@ def finish(setup: HAQSetup, names: tuple[str, ...], records: list | None = None,
            ) -> tuple[LoadedModel, OnnxArtifact, HAQResult]:
     """Fine-tune `names` (one precision per layer) longer, export it as one ONNX model, and measure it
     interleaved with fp32 and uniform int8. Returns the fine-tuned float model, the artifact, the record."""
-    from squeeze.measure.bench import measure
     from squeeze.train import evaluate
 
     data, opts, resolved = setup.data, setup.opts, setup.resolved
@@ -543,8 +542,8 @@ def finish(setup: HAQSetup, names: tuple[str, ...], records: list | None = None,
     torch_top1 = None if simulated else evaluate(tuned, data.held_out()[1]).top1
     final_model = _with_module(setup.original, strip_fake_quant(tuned, set(simulated)))
     artifact = export_policy(final_model, chosen, setup.calibration, opts.calibration)
-    final_m, fp32_m, int8_m = measure([artifact, setup.fp32_artifact, setup.int8_artifact], setup.target,
-                                      setup.protocol, use_cache=False)
+    final_m, fp32_m, int8_m = MeasuredOracle(setup.target, setup.protocol, use_cache=False).measurements(
+        [artifact, setup.fp32_artifact, setup.int8_artifact])
     haq_ms, fp32_ms, int8_ms = (m.stats.median_ms for m in (final_m, fp32_m, int8_m))
     budget_json: dict[str, Any] = asdict(resolved)
     counted = {"fp32": setup.fp32_size_bytes, "final": _size_bytes(setup, chosen)}

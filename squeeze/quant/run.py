@@ -30,7 +30,7 @@ import numpy as np
 
 from squeeze.errors import DataError, SqueezeError, TargetError
 from squeeze.export.artifact import OnnxArtifact
-from squeeze.measure.stats import RatioEstimate, paired_ratio
+from squeeze.measure.stats import RatioEstimate
 from squeeze.methods.base import ModelState, PassContext
 from squeeze.methods.builtin import ensure_artifact
 from squeeze.quant.calibrate import CalibrationData, calibration_data
@@ -180,11 +180,11 @@ def is_faster(speedup: RatioEstimate) -> bool:
 
 def _measure_vs(reference: OnnxArtifact, candidates: list[OnnxArtifact], ctx: PassContext, fresh: bool = False):
     """One interleaved run: (reference measurement, [speedup of each candidate = reference / candidate]).
-    `fresh`: a new run even when the cache holds one (a confirmation must be independent)."""
-    from squeeze.measure.bench import measure
+    `fresh`: a new run even when the cache holds one (a confirmation must be independent). Always a
+    measuring oracle, whatever the context's: a quantized model is accepted on measurements, never a table."""
+    from squeeze.measure.oracle import MeasuredOracle
 
-    ms = measure([reference, *candidates], ctx.target, ctx.protocol, use_cache=ctx.use_cache and not fresh)
-    return ms[0], [paired_ratio(m.samples_ms, ms[0].samples_ms) for m in ms[1:]]
+    return MeasuredOracle(ctx.target, ctx.protocol, ctx.use_cache).speedups(reference, candidates, fresh)
 
 
 def type_candidates(activation_type: str, weight_type: str, reduce_range: str = "off",
