@@ -178,4 +178,10 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts: PruneOptions, 
         "not_pruned": table.not_pruned(),  # layer -> why its output channels stay (classifier, shuffle...)
         "plan": result.model.plans[-1],
     }
+    proxy = getattr(opts, "proxy", None)
+    if proxy is not None and ctx.data is not None:  # the proxy the candidates were scored with, and its last check
+        from squeeze.prune.proxy import last_rho, rho_key
+
+        record["proxy"] = {"label": proxy.label(), **proxy.model_dump(),
+                           "last_rho": last_rho(rho_key(original.name, ctx.data.spec, name), proxy)}
     return state, record

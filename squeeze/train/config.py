@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["FineTuneConfig"]
+__all__ = ["FineTuneConfig", "ProxyConfig"]
 
 
 class FineTuneConfig(BaseModel):
@@ -62,3 +62,31 @@ class FineTuneConfig(BaseModel):
                 f"warmup_iterations {self.warmup_iterations} leaves no steps of the {self.iterations} iterations"
             )
         return self
+
+
+class ProxyConfig(BaseModel):
+    """A cheaper evaluation of a search's candidates (EcoNAS): fewer held-out samples, fewer short fine-tune
+    steps, smaller inputs, and optionally the best few promoted to the full evaluation. Safe only where it keeps
+    the candidates' ranking: `squeeze proxy check` measures that (Spearman's rho against the full setting)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eval_fraction: float = Field(1.0, gt=0, le=1, description="share of the held-out samples a candidate is scored on")
+    iterations_fraction: float = Field(1.0, gt=0, le=1, description="share of the short-term fine-tune steps")
+    resolution: float = Field(1.0, gt=0, le=1, description="input side scale (models with global pooling)")
+    promote: int = Field(0, ge=0, description="hierarchical: the top k by the proxy finish the full fine-tune "
+                                              "and are scored on every held-out sample")
+
+    @property
+    def is_full(self) -> bool:
+        return self.eval_fraction == self.iterations_fraction == self.resolution == 1
+
+    def label(self) -> str:
+        if self.is_full:
+            return "full"
+        parts = [f"eval {self.eval_fraction:.0%}", f"steps {self.iterations_fraction:.0%}"]
+        if self.resolution < 1:
+            parts.append(f"resolution x{self.resolution:g}")
+        if self.promote:
+            parts.append(f"top {self.promote} promoted")
+        return ", ".join(parts)

@@ -26,12 +26,13 @@ from pydantic import Field
 
 from squeeze.methods.base import register_pass
 from squeeze.methods.prune import PruneOptions, PruneSearch
-from squeeze.train.config import FineTuneConfig
+from squeeze.train.config import FineTuneConfig, ProxyConfig
 
 if TYPE_CHECKING:
     from squeeze.data import DataBundle
     from squeeze.model import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
+    from squeeze.prune.proxy import CandidateEvaluator
     from squeeze.prune.search import Candidate, IterationRecord, SearchResult
 
 __all__ = ["NetAdaptOptions", "NetAdaptPass", "netadapt"]
@@ -43,6 +44,8 @@ class NetAdaptOptions(PruneOptions):
     max_iterations: int = Field(100, ge=1)
     select: Literal["accuracy", "accuracy_per_latency"] = "accuracy"
     short_term: FineTuneConfig = FineTuneConfig(optimizer="sgd", lr=0.001, iterations=100)
+    proxy: ProxyConfig = Field(ProxyConfig(), description="cheaper proposal evaluation (EcoNAS); check that it "
+                               "keeps the ranking with `squeeze proxy check`")
 
 
 @register_pass
@@ -63,9 +66,10 @@ class _Proposals:
     """One NetAdapt iteration's proposals from the current model."""
 
     def __init__(self, current: Candidate, original_widths: dict[str, int], resource: Resource,
-                 opts: NetAdaptOptions, data: DataBundle | None) -> None:
+                 opts: NetAdaptOptions, data: DataBundle | None, evaluator: CandidateEvaluator | None) -> None:
         self.current, self.original_widths, self.resource, self.opts, self.data = (
             current, original_widths, resource, opts, data)
+        self.evaluator = evaluator
         from squeeze.prune.search import taylor_batch
 
         self.batch = taylor_batch(data, opts.importance)
@@ -116,11 +120,10 @@ class _Proposals:
         steps = [(layer.name, width_grid(layer, self.opts.round_to)[-1]) for layer in layers]
         return {name: (width, value) for (name, width), value in zip(steps, self.price(steps))}
 
-    def evaluate(self, cand: Candidate) -> Candidate:
-        from squeeze.train import evaluate, fine_tune
-
-        fine_tune(cand.model.module, self.data.train, self.opts.short_term, progress=False)
-        cand.accuracy = evaluate(cand.model.module, self.data.val).top1
+    def evaluate(self, cand: Candidate, promoted: bool = False) -> Candidate:
+        """Short fine-tune and held-out top-1 (cut by the proxy; a promoted proposal finishes both in full)."""
+        module = cand.model.module
+        cand.accuracy = self.evaluator.finish(module) if promoted else self.evaluator.score(module)
         if self.opts.select == "accuracy":
             cand.score = cand.accuracy
         else:  # smallest accuracy drop per unit of resource saved
@@ -143,7 +146,11 @@ class _Proposals:
                        for n, (w, v) in widths.items()]
             return best, records
         props = [self.evaluate(self.candidate(name, w)) for name, (w, _) in widths.items()]
-        best = max(props, key=lambda c: (c.score, -c.resource))
+        promoted = set()
+        if self.opts.proxy.promote and not self.opts.proxy.is_full:  # EcoNAS: the proxy's best few in full
+            for c in sorted(props, key=lambda c: (c.score, -c.resource), reverse=True)[:self.opts.proxy.promote]:
+                promoted.add(id(self.evaluate(c, promoted=True)))
+        best = max(props, key=lambda c: (id(c) in promoted, c.score, -c.resource))
         return best, [{"layer": p.layer, "width": p.width, "resource": p.resource, "accuracy": p.accuracy,
                        "score": p.score} for p in props]
 
@@ -185,10 +192,13 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
     original_widths = prunable_layers(original.module, x).widths()
     check_reachable("NetAdapt", smallest_model(original, opts.round_to), budget, resource, SMALLEST)
     current = Candidate(original, None, budget.original)
+    evaluator = None
     if data is not None:
-        from squeeze.train import evaluate
+        from squeeze.prune.proxy import CandidateEvaluator
 
-        current.accuracy = evaluate(original.module, data.val).top1
+        evaluator = CandidateEvaluator(data.train, data.val, opts.short_term, opts.proxy, seed=0)
+        evaluator.check_model(original.module, original.input_shape)
+        current.accuracy = evaluator.accuracy(original.module)
     result = SearchResult(original, budget)
     confirm = recalibrate or resource.confirm
     for i in range(opts.max_iterations):
@@ -199,7 +209,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
             current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
             break
         step = opts.initial_reduction * budget.original * opts.decay ** i
-        proposals = _Proposals(current, original_widths, resource, opts, data)
+        proposals = _Proposals(current, original_widths, resource, opts, data, evaluator)
         target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
         best, records = proposals.choose(widths_found)
         measured = None

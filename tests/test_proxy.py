@@ -1,0 +1,114 @@
+"""Cheap candidate evaluation (EcoNAS proxies): the rank statistics, the proxy's cuts, the check, and NetAdapt
+scoring its proposals through a proxy."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from squeeze.data import load_data
+from squeeze.errors import SqueezeError
+from squeeze.methods.prune.netadapt import NetAdaptOptions, netadapt
+from squeeze.model import load_model
+from squeeze.prune.budget import Resource, resolve_budget
+from squeeze.prune.proxy import (CandidateEvaluator, last_rho, proxy_check, rank_agreement, record_rho,
+                                 resolution_error, scaled_steps)
+from squeeze.recipe import Budget
+from squeeze.train.config import FineTuneConfig, ProxyConfig
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return load_model("zoo:digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def digits_data(digits_model):
+    return load_data("digits", input_shape=digits_model.input_shape)
+
+
+def test_rank_statistics_on_known_rankings():
+    same = rank_agreement([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [10, 20, 30, 40, 50, 60])
+    assert same.spearman == pytest.approx(1) and same.kendall == pytest.approx(1) and same.top_k_overlap == 1
+    assert same.spearman_low <= 1 <= same.spearman_high + 1e-9
+    flipped = rank_agreement([6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6])
+    assert flipped.spearman == pytest.approx(-1) and flipped.top_k_overlap == 0
+    # One swap among 5: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 120 = 0.9; tau = (9 - 1) / 10.
+    swapped = rank_agreement([1, 2, 3, 5, 4], [1, 2, 3, 4, 5])
+    assert swapped.spearman == pytest.approx(0.9) and swapped.kendall == pytest.approx(0.8)
+    assert swapped.spearman_low < 0.9 <= swapped.spearman_high
+    # A proxy that scores every candidate alike cannot rank: rho 0, never "kept".
+    assert rank_agreement([0.5] * 5, [1, 2, 3, 4, 5]).spearman == 0
+    with pytest.raises(SqueezeError, match="at least 3 candidates"):
+        rank_agreement([1, 2], [1, 2])
+
+
+def test_a_proxy_cuts_steps_and_samples_and_the_full_setting_cuts_nothing():
+    cfg = FineTuneConfig(iterations=100, warmup_iterations=10)
+    assert scaled_steps(cfg, 0.25, 50).iterations == 25
+    assert scaled_steps(FineTuneConfig(epochs=2), 0.5, 30).iterations == 30
+    assert scaled_steps(cfg, 1, 50) is cfg
+    assert scaled_steps(cfg, 0.001, 50).iterations == 1
+    data = [(torch.zeros(1, 16, 16), i % 10) for i in range(101)]
+    full = CandidateEvaluator(data, data, cfg)
+    cheap = CandidateEvaluator(data, data, cfg, ProxyConfig(eval_fraction=0.25, iterations_fraction=0.5))
+    assert len(full.eval) == 101 and len(cheap.eval) == math.ceil(0.25 * 101)
+    assert cheap.eval.indices == CandidateEvaluator(data, data, cfg, ProxyConfig(eval_fraction=0.25)).eval.indices
+    assert cheap.cheap_steps.iterations == 50 and full.cheap_steps is cfg
+    assert ProxyConfig().label() == "full"
+    assert ProxyConfig(eval_fraction=0.5, iterations_fraction=0.25, promote=3).label() == \
+        "eval 50%, steps 25%, top 3 promoted"
+
+
+def test_a_resolution_proxy_needs_global_pooling():
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 2))
+    assert resolution_error(pooled, (1, 1, 16, 16), 0.5) is None
+    assert "8x8 inputs" in resolution_error(flat, (1, 1, 16, 16), 0.5)
+    ev = CandidateEvaluator([], [(torch.zeros(1, 16, 16), 0)], None, ProxyConfig(resolution=0.5))
+    with pytest.raises(SqueezeError, match="resolution x0.5 does not fit this model"):
+        ev.check_model(flat, (1, 1, 16, 16))
+
+
+def test_proxy_check_measures_rank_and_cost(digits_model, digits_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
+    proxies = [ProxyConfig(eval_fraction=0.25, iterations_fraction=0.25), ProxyConfig(eval_fraction=0.5)]
+    check = proxy_check(digits_model, digits_data, "netadapt", candidates=6,
+                        short_term=FineTuneConfig(optimizer="sgd", lr=0.001, iterations=20), proxies=proxies)
+    assert [r.proxy for r in check.rows] == proxies and check.full_seconds > 0
+    for row in check.rows:
+        assert -1 <= row.agreement.spearman <= 1 and row.agreement.n == 6 and row.cost_ratio > 0
+    # A quarter of the steps and of the samples costs less than the full evaluation of the same candidates.
+    assert check.rows[0].cost_ratio < 1
+    best = check.recommended
+    assert best is None or best.agreement.spearman >= 0.8
+    record_rho("k", proxies[0], check.rows[0].agreement)
+    assert last_rho("k", proxies[0]) == check.rows[0].agreement.spearman and last_rho("k", proxies[1]) is None
+
+
+def test_amc_candidates_are_whole_policies_scored_without_fine_tune(digits_model, digits_data):
+    check = proxy_check(digits_model, digits_data, "amc", candidates=5, short_term=None,
+                        proxies=[ProxyConfig(eval_fraction=0.5)])
+    assert check.rows[0].agreement.n == 5
+
+
+def test_netadapt_scores_proposals_through_its_proxy(digits_model, digits_data, monkeypatch):
+    import squeeze.prune.proxy as proxy_module
+
+    scored, finished = [], []
+    real_score, real_finish = proxy_module.CandidateEvaluator.score, proxy_module.CandidateEvaluator.finish
+    monkeypatch.setattr(proxy_module.CandidateEvaluator, "score",
+                        lambda self, m: scored.append(len(self.eval)) or real_score(self, m))
+    monkeypatch.setattr(proxy_module.CandidateEvaluator, "finish",
+                        lambda self, m: finished.append(len(self.full_eval)) or real_finish(self, m))
+    resource = Resource("macs")
+    budget = resolve_budget(Budget(macs_ratio=0.8), digits_model, resource)
+    proxy = ProxyConfig(eval_fraction=0.5, iterations_fraction=0.5, promote=1)
+    opts = NetAdaptOptions(initial_reduction=0.1, proxy=proxy,
+                           short_term=FineTuneConfig(optimizer="sgd", lr=0.001, iterations=4))
+    result = netadapt(digits_model, budget, resource, opts, digits_data)
+    n_val = len(digits_data.val)
+    # Every proposal on half the validation set; each iteration's best one finished on all of it.
+    assert set(scored) == {math.ceil(n_val / 2)} and len(scored) == sum(len(h.proposals) for h in result.history)
+    assert finished == [n_val] * len(result.history)
