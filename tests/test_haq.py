@@ -14,6 +14,7 @@ from torch import nn
 from squeeze.data import load_data
 from squeeze.errors import DataError
 from squeeze.export.onnx import export_onnx
+from squeeze.export.ort import run_batched
 from squeeze.measure.lut import LatencyTable, LayerConfig, layer_configs
 from squeeze.measure.protocol import Protocol
 from squeeze.model import LoadedModel, load_model
@@ -22,9 +23,10 @@ from squeeze.prune.budget import BudgetError
 from squeeze.quant.calibrate import CalibrationData
 from squeeze.quant.costs import PRECISIONS, CostTable, modelled_precision, precision
 from squeeze.quant.haq import (_fake_weight, _pareto, action_to_index, budget_wall, export_policy, fake_quant_model,
-                               haq_search, haq_view, input_ranges, strip_fake_quant)
-from squeeze.quant.ptq import onnx_outputs, op_counts
+                               haq_search, input_ranges, strip_fake_quant)
+from squeeze.quant.ptq import op_counts
 from squeeze.recipe import Budget, Recipe, Stage
+from squeeze.report.quant import haq_view
 from squeeze.target import load_target
 
 HOST = load_target("host-cpu")
@@ -172,7 +174,7 @@ def tiny():
 
 def test_fake_int8_weights_equal_onnxruntime_quantization(tiny):
     from squeeze.quant import QuantConfig, quantize_onnx
-    from squeeze.quant.haq import int8_reduce_range
+    from squeeze.quant.fakequant import int8_reduce_range
 
     model, _, calibration = tiny
     # HAQ's int8 layers are 7-bit on CPUs without an int8 dot product, in fake-quant and export alike.
@@ -190,7 +192,7 @@ def test_fake_quant_model_tracks_the_exported_policy(tiny):
     fq = fake_quant_model(model.module, policy, input_ranges(model.module, ["0", "4"], x))
     exported = export_policy(model, policy, calibration, "minmax")
     assert op_counts(exported.path).get("MatMulNBits") == 1 and op_counts(exported.path)["DequantizeLinear"] >= 2
-    ort = onnx_outputs(exported, x.numpy())
+    ort = run_batched(exported, x.numpy())
     with torch.no_grad():
         fq_err = np.abs(fq(x).numpy() - ort).max()
         float_err = np.abs(model.module(x).numpy() - ort).max()

@@ -10,23 +10,23 @@ from onnx import numpy_helper
 from squeeze.data import load_data
 from squeeze.errors import DataError
 from squeeze.export.onnx import export_onnx
-from squeeze.measure.protocol import Protocol
-from squeeze.measure.stats import RatioEstimate
-from squeeze.model import load_model
-from squeeze.quant.calibrate import calibration_data
-from squeeze.quant.profile import (
+from squeeze.export.ort import run_batched
+from squeeze.measure.profile import (
     LayerProfile,
     layer_identities,
     profile_layers,
     slower_layers,
 )
+from squeeze.measure.protocol import Protocol
+from squeeze.measure.stats import RatioEstimate
+from squeeze.model import load_model
+from squeeze.quant.calibrate import calibration_data
 from squeeze.quant.ptq import (
     QuantConfig,
     QuantizeError,
     compare_outputs,
     layer_nodes,
     layer_precisions,
-    onnx_outputs,
     op_counts,
     quantize_onnx,
 )
@@ -167,7 +167,7 @@ def test_compare_outputs_math():
 def test_int8_parity_on_digits(fp32, calib, test_x, config):
     """The candidates whose kernels cannot saturate keep parity on any x86 CPU (8-bit u8s8 may not, on one
     without VNNI: that is what the floor is for, tested on fakes below)."""
-    p = compare_outputs(onnx_outputs(fp32, test_x), onnx_outputs(quantize_onnx(fp32, calib, config), test_x))
+    p = compare_outputs(run_batched(fp32, test_x), run_batched(quantize_onnx(fp32, calib, config), test_x))
     assert p.n == 360 and p.top1_agreement >= 0.99 and p.snr_db > 25
 
 
@@ -341,7 +341,7 @@ def test_budgets_quantization_cannot_meet():
 
 @pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
 def test_weight_fake_quant_equals_ort_weights(fp32, calib, reduce_range):
-    from squeeze.quant.qat import WeightFakeQuant
+    from squeeze.quant.fakequant import WeightFakeQuant
 
     model = onnx.load(str(quantize_onnx(fp32, calib, QuantConfig(reduce_range=reduce_range)).path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -378,7 +378,7 @@ def test_qat_model_matches_its_ort_int8_export(digits_model, fp32, calib, test_x
     exported = export_qat(qat, fp32, calib, config)
     with torch.no_grad():
         torch_out = qat.module(torch.from_numpy(test_x)).numpy()
-    p = compare_outputs(torch_out, onnx_outputs(exported, test_x))
+    p = compare_outputs(torch_out, run_batched(exported, test_x))
     assert p.top1_agreement >= 0.99 and p.snr_db > 30
     assert layer_precisions(exported.path) == dict.fromkeys(DIGITS_LAYERS, "int8")
 

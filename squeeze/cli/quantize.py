@@ -93,7 +93,7 @@ def quantize(
     """Quantize for the target, measured: the result is faster than fp32 or nothing is handed back."""
     import pydantic
 
-    from squeeze.quant.report import quant_view
+    from squeeze.report.quant import quant_view
     from squeeze.recipe import Budget, MeasureOverrides, Recipe, Stage
     from squeeze.report.render import recipe_view
     from squeeze.target import load_target

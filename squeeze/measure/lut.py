@@ -30,7 +30,8 @@ from squeeze.measure.runtimes import get_runtime
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle"]
+__all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle",
+           "fit_table_constant"]
 
 # Standalone layers are measured in batches, one worker process per batch.
 _BATCH = 24
@@ -206,6 +207,17 @@ class LatencyTable:
         return [asdict(e) for e in self.stored(keys).values()]
 
 
+def fit_table_constant(layers_ms: float, reference_layers_ms: float, measured_ratio: float,
+                       current_ms: float = 0.0) -> float:
+    """C with (layers_ms + C) / (reference_layers_ms + C) = measured_ratio: what a table's layers miss
+    (pooling, adds, per-call overhead), fitted to a model's measured ratio to its reference. Within 2% of 1
+    the fit divides noise by noise, so `current_ms` is kept; C is held within [-0.5, 10] x reference_layers_ms."""
+    if abs(measured_ratio - 1) <= 0.02:
+        return current_ms
+    c = (layers_ms - measured_ratio * reference_layers_ms) / (measured_ratio - 1)
+    return min(max(c, -0.5 * reference_layers_ms), 10 * reference_layers_ms)
+
+
 class TableOracle(LatencyOracle):
     """Latency predicted from the table as a ratio to a reference model, times its measured latency.
 
@@ -232,9 +244,7 @@ class TableOracle(LatencyOracle):
         measured_ms = self.measured.latency_ms(model)
         rho = measured_ms / self.reference_ms
         layers = sum(self.table.layers_ms(model.module, model.example_input()).values())
-        if abs(rho - 1) > 0.02:  # closer to 1, the fit divides noise by noise
-            c = (layers - rho * self.reference_layers_ms) / (rho - 1)
-            self.constant_ms = min(max(c, -0.5 * self.reference_layers_ms), 10 * self.reference_layers_ms)
+        self.constant_ms = fit_table_constant(layers, self.reference_layers_ms, rho, self.constant_ms)
         return measured_ms
 
     def predict(self, model: LoadedModel) -> Prediction:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.ort import open_session
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
 from squeeze.quant.ptq import _layer_nodes
@@ -133,15 +134,11 @@ def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dic
 def _session(artifact: OnnxArtifact, providers: list[str], threads: int, folder: Path, tag: str):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    so.intra_op_num_threads = threads
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_profiling = True
-    so.profile_file_prefix = str(folder / tag)
-    so.optimized_model_filepath = str(folder / f"{tag}-optimized.onnx")
-    return ort.InferenceSession(str(artifact.path), so, providers=providers)
+    return open_session(artifact, providers, intra_op_num_threads=threads,
+                        execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
+                        graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                        enable_profiling=True, profile_file_prefix=str(folder / tag),
+                        optimized_model_filepath=str(folder / f"{tag}-optimized.onnx"))
 
 
 def _kernel_times(profile_path: str) -> dict[str, list[float]]:

@@ -1,9 +1,8 @@
-"""Quantization: calibration, int8 QDQ / fp16 export, per-layer profiles, QAT, and the measured orchestration.
+"""Quantization: calibration, int8 QDQ / fp16 export, QAT, and the measured orchestration.
 
   calibrate.py  CalibrationData: N samples of a --data set for ONNX Runtime's calibrators
   ptq.py        QuantConfig, layer_nodes, quantize_onnx (int8 QDQ, cached), to_fp16, output parity
   parity.py     the accuracy floor every quantized model must pass against fp32 (agreement, SNR, top-1)
-  profile.py    per-layer time from ONNX Runtime's profiler, mapped back to torch layers
   qat.py        fake-quant fine-tuning in torch, exported to the same QDQ graph as PTQ
   run.py        the passes' orchestration: type choice by measurement, auto-exclusion, budgets, report
 
@@ -24,7 +23,6 @@ _SOURCES = {
     "layer_precisions": "ptq",
     "to_fp16": "ptq",
     "compare_outputs": "ptq",
-    "onnx_outputs": "ptq",
 }
 
 __all__ = sorted(_SOURCES)

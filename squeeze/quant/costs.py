@@ -111,6 +111,8 @@ def _fp16_executes(providers: list[str]) -> tuple[bool, str]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from squeeze.export.ort import open_session
+
     weight = numpy_helper.from_array(np.zeros((8, 8, 3, 3), np.float16), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 8, 8])],
@@ -118,12 +120,11 @@ def _fp16_executes(providers: list[str]) -> tuple[bool, str]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+        optimized = Path(tmp) / "opt.onnx"
+        open_session(model.SerializeToString(), providers,
+                     graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                     optimized_model_filepath=str(optimized))
+        ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     if "Cast" in ops:
         return False, f"ONNX Runtime has no fp16 Conv kernel on {', '.join(providers)} (it casts to fp32)"
     return True, ""

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from squeeze.errors import DataError
-from squeeze.measure.lut import LayerConfig, layer_configs
+from squeeze.measure.lut import LayerConfig, fit_table_constant, layer_configs
 from squeeze.measure.oracle import LatencyOracle, MeasuredOracle
 from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, resolve_budget
 from squeeze.quant.costs import CostRow, CostTable, Precision, layer_size_bytes, precision
+from squeeze.quant.fakequant import fake_int4_weight, fake_quant_weight, int8_reduce_range, round_ste, weight_levels
 from squeeze.quant.mixed import INT4_BLOCK
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["action_to_index", "budget_wall", "HAQLayer", "HAQEnv", "fake_quant_model", "strip_fake_quant",
            "input_ranges", "export_policy", "HAQSetup", "prepare", "search", "finish", "haq_search", "HAQResult",
-           "haq_view", "cost_of", "names_of"]
+           "cost_of", "names_of"]
 
 log = logging.getLogger("squeeze.quant.haq")
 
@@ -170,36 +171,12 @@ class HAQEnv:
 # Fake quantization in torch, as ONNX Runtime quantizes.
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
-def int8_reduce_range() -> bool:
-    """7-bit int8 weights where the CPU has no int8 dot product: ORT's u8s8 kernels there sum products
-    pairwise in 16 bits, which 8-bit weights can saturate (squeeze.quant.parity). Stored as int8 all the same."""
-    from squeeze.measure.environment import cpu_features
-
-    return not cpu_features()["int8_dot_product"]
-
-
 def _fake_weight(w: torch.Tensor, p: Precision) -> torch.Tensor:
+    """The weight on precision `p`'s grid: MatMulNBits blocks for int4w, else symmetric per output channel
+    (int8 as ORT, 7-bit where the CPU has no int8 dot product)."""
     if p.name == "int4w":
-        # MatMulNBits, symmetric: blocks of INT4_BLOCK along the input dim; the value of largest magnitude
-        # maps to -8, so scale = that value / -8 and levels are -8..7.
-        n, k = w.shape
-        pad = (-k) % INT4_BLOCK
-        blocks = F.pad(w, (0, pad)).reshape(n, -1, INT4_BLOCK)
-        idx = blocks.abs().argmax(dim=2, keepdim=True)
-        scale = (blocks.gather(2, idx) / -8).detach()
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = torch.clamp(_round_ste(blocks / scale), -8, 7) * scale
-        return q.reshape(n, -1)[:, :k]
-    # Symmetric per output channel, levels -(2^(b-1)-1)..2^(b-1)-1 (int8: max|w| / 127, as ORT; 7-bit
-    # int8 weights: ORT's reduce_range levels -64..64).
-    levels = 64 if p.weight_bits == 8 and int8_reduce_range() else 2 ** (p.weight_bits - 1) - 1
-    absmax = w.detach().abs().flatten(1).max(dim=1).values.clamp_min(1e-12)
-    scale = (absmax / levels).view(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(_round_ste(w / scale), -levels, levels) * scale
+        return fake_int4_weight(w, INT4_BLOCK)
+    return fake_quant_weight(w, weight_levels(p.weight_bits, p.weight_bits == 8 and int8_reduce_range()))
 
 
 class _QuantLayer(nn.Module):
@@ -215,7 +192,7 @@ class _QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision.act_bits == 8:
-            q = torch.clamp(_round_ste(x / self.scale) + self.zero_point, 0, 255)
+            q = torch.clamp(round_ste(x / self.scale) + self.zero_point, 0, 255)
             x = (q - self.zero_point) * self.scale
         w = _fake_weight(self.layer.weight, self.precision)
         if isinstance(self.layer, nn.Linear):
@@ -414,11 +391,8 @@ def _table_sums(rows: list[CostRow], precision: str) -> float:
 def _latency_target(rows: list[CostRow], fp32_ms: float, int8_ms: float, target_ms: float) -> tuple[float, float]:
     """The budget in table units, and C: predicted(policy) = fp32_ms (T(policy) + C) / (T(fp32) + C), with C
     fitted so that the uniform-int8 model predicts its measured latency (as TableOracle.recalibrate)."""
-    t_fp32, t_int8 = _table_sums(rows, "fp32"), _table_sums(rows, "int8")
-    rho = int8_ms / fp32_ms
-    c = 0.0
-    if abs(rho - 1) > 0.02:  # closer to 1 the fit divides noise by noise
-        c = min(max((t_int8 - rho * t_fp32) / (rho - 1), -0.5 * t_fp32), 10 * t_fp32)
+    t_fp32 = _table_sums(rows, "fp32")
+    c = fit_table_constant(_table_sums(rows, "int8"), t_fp32, int8_ms / fp32_ms)
     return target_ms / fp32_ms * (t_fp32 + c) - c, c
 
 
@@ -610,9 +584,7 @@ def _refit_and_lower(setup: HAQSetup, names: tuple[str, ...], measured_ratio: fl
     table units, and run the wall on `names` again."""
     policy = [layer.choices.index(precision(n)) for layer, n in zip(setup.layers, names)]
     t_policy, t_fp32 = cost_of(setup.layers, policy), _table_sums(setup.rows, "fp32")
-    if abs(measured_ratio - 1) > 0.02:
-        c = (t_policy - measured_ratio * t_fp32) / (measured_ratio - 1)
-        setup.constant_ms = min(max(c, -0.5 * t_fp32), 10 * t_fp32)
+    setup.constant_ms = fit_table_constant(t_policy, t_fp32, measured_ratio, setup.constant_ms)
     setup.target_cost = setup.resolved.ratio * (t_fp32 + setup.constant_ms) - setup.constant_ms
     floors = [layer.floor for layer in setup.layers]
     return names_of(setup.layers, budget_wall(policy, [layer.costs for layer in setup.layers], floors,
@@ -678,42 +650,3 @@ def _impossible(setup: HAQSetup, names: tuple[str, ...], min_cost: float, fp32_m
         f"counts {min_cost + rest:.0f} bytes (fp32: {resolved.original:.0f}).",
         "Ask for more bytes, lower min_bits (2 at the least), or let the first and last layers go below 8 bits "
         "(keep_first_last: false).")
-
-
-def haq_view(record: dict[str, Any]):
-    """Terminal view of a `quant.haq` record: the policy per layer, latency against the budget, accuracy."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    budget = record["search_budget"]
-    unit = "ms (table)" if budget["resource"] == "latency_ms" else "bytes"
-    t = Table(title=f"HAQ policy (cost in {unit})")
-    for col in ("layer", "precision", "bits w/a", "cost", "cost is", "exported as"):
-        t.add_column(col, justify="right" if col in ("bits w/a", "cost") else "left", overflow="fold")
-    for r in record["rows"]:
-        t.add_row(r["layer"], r["precision"], f"{r['weight_bits']}/{r['act_bits']}", f"{r['cost']:.4g}",
-                  "measured" if r["measured"] else "modelled", r["exported_as"])
-    lat, acc = record["latency"], record["accuracy"]
-    met = "met" if budget["met"] else "NOT met"
-    if budget["resource"] == "latency_ms":
-        budget_line = (f"latency budget {budget['target']:.4g} ms ({budget['target'] / budget['original']:.2f}x fp32): "
-                       f"{met}; predicted {lat['predicted_haq_ms']:.4g} ms")
-    else:
-        counted = record["counted_size_bytes"]
-        budget_line = (f"size budget {budget['target']:,.0f} bytes: {met}, counted {counted['final']:,.0f} "
-                       f"(fp32 {counted['fp32']:,.0f})")
-    lines = [
-        Text(budget_line),
-        Text(f"measured interleaved: fp32 {lat['fp32_ms']:.4g} ms, uniform int8 {lat['uniform_int8_ms']:.4g} ms "
-             f"({lat['uniform_int8_vs_fp32']:.2f}x), HAQ {lat['haq_ms']:.4g} ms ({lat['haq_vs_fp32']:.2f}x)"),
-        Text(f"top-1 ({acc['split']}, ONNX Runtime): fp32 {100 * acc['fp32_top1']:.2f}%, uniform int8 "
-             f"{100 * acc['uniform_int8_ptq_top1']:.2f}%, HAQ {100 * acc['haq_top1']:.2f}%"),
-        Text(f"search: {len(record['episodes'])} episodes in {record['search_seconds']:.0f} s"),
-    ]
-    if record["simulated_layers"]:
-        lines.append(Text(f"simulated (no kernel, weights on their bit grid, run as int8): "
-                          f"{', '.join(record['simulated_layers'])}", style="yellow"))
-    for p, why in record["unsupported_precisions"].items():
-        lines.append(Text(f"{p}: not a choice here: {why}"))
-    return Group(t, *lines)

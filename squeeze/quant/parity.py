@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.errors import SqueezeError
 from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.ort import run_batched
 
 __all__ = ["ParityFloor", "ParityCheck", "ParitySource", "OrtParity", "ParityError",
            "refuse_below_floor"]
@@ -87,24 +88,22 @@ class OrtParity:
     the reference's outputs are computed once, each artifact's once (by content hash)."""
 
     def __init__(self, reference: OnnxArtifact, data, samples: int) -> None:
-        from squeeze.quant.ptq import onnx_outputs
-
         self.split, ds = data.held_out()
         n = min(len(ds), samples)
         items = [ds[i] for i in range(n)]
         self.inputs = np.stack([np.asarray(x, dtype=np.float32) for x, _ in items])
         self.labels = np.asarray([int(y) for _, y in items], dtype=np.int64)
-        self.reference = onnx_outputs(reference, self.inputs)
+        self.reference = run_batched(reference, self.inputs)
         self._memo: dict[str, ParityCheck] = {}
 
     def _top1(self, logits: np.ndarray) -> float:
         return float(np.mean(logits.argmax(axis=1) == self.labels))
 
     def __call__(self, artifact: OnnxArtifact) -> ParityCheck:
-        from squeeze.quant.ptq import compare_outputs, onnx_outputs
+        from squeeze.quant.ptq import compare_outputs
 
         if artifact.sha256 not in self._memo:
-            outputs = onnx_outputs(artifact, self.inputs)
+            outputs = run_batched(artifact, self.inputs)
             p = compare_outputs(self.reference, outputs)
             self._memo[artifact.sha256] = ParityCheck(self.split, p.n, p.top1_agreement, p.snr_db, p.max_abs_err,
                                                       self._top1(self.reference), self._top1(outputs))

@@ -53,7 +53,7 @@ from squeeze.quant.calibrate import (
 )
 
 __all__ = ["QuantConfig", "LayerPrecision", "QuantizeError", "OutputParity", "layer_nodes", "quantize_onnx",
-           "layer_precisions", "op_counts", "to_fp16", "onnx_outputs", "compare_outputs", "LAYER_OPS"]
+           "layer_precisions", "op_counts", "to_fp16", "compare_outputs", "LAYER_OPS"]
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 LayerPrecision = Literal["fp32", "int8", "int16"]
@@ -388,18 +388,6 @@ class OutputParity:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def onnx_outputs(artifact: OnnxArtifact | str | Path, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """First output of the model on `inputs` (N, ...), run by ONNX Runtime on the CPU in batches."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    sess = ort.InferenceSession(str(getattr(artifact, "path", artifact)), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: inputs[i:i + batch_size]})[0]
-                           for i in range(0, len(inputs), batch_size)])
 
 
 def compare_outputs(reference: np.ndarray, outputs: np.ndarray) -> OutputParity:

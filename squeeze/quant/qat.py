@@ -10,8 +10,8 @@
    point fixed. Tensors sharing one scale in the ONNX graph (MaxPool's output shares its input's) share
    one fake-quant module.
 3. Each quantized layer's weight gets the quantizer ORT applies at export: per output channel (or per
-   tensor), symmetric over [-127, 127] for int8, asymmetric over [0, 255] for uint8. Rounding passes
-   gradients straight through (STE); values clipped by the range get none.
+   tensor), symmetric over [-127, 127] for int8, asymmetric over [0, 255] for uint8 (squeeze.quant.fakequant,
+   shared with HAQ). Rounding passes gradients straight through (STE); values clipped by the range get none.
 4. Fine-tuning is squeeze.train.fine_tune, distilling from the fp32 model by default.
 5. Export: the trained float weights are written into the fp32 ONNX graph (same initializer names,
    checked for parity with the trained model with fake-quant off), which is quantized by `quantize_onnx`
@@ -40,28 +40,24 @@ from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import check_parity
+from squeeze.export.ort import open_session, run_batched
 from squeeze.methods.base import ModelState, PassContext
+from squeeze.quant.fakequant import WeightFakeQuant, round_ste
 from squeeze.quant.ptq import (
     QuantConfig,
     QuantizeError,
     _layer_nodes,
     _preprocessed,
     compare_outputs,
-    onnx_outputs,
     quantize_onnx,
 )
 
-__all__ = ["FakeQuant", "WeightFakeQuant", "quantized_activations", "QatModel", "build_qat_model", "export_qat",
+__all__ = ["FakeQuant", "quantized_activations", "QatModel", "build_qat_model", "export_qat",
            "run_qat"]
 
 log = logging.getLogger("squeeze.quant")
 
 _ACT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
-
-
-def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    """round() forward, identity backward (straight-through estimator)."""
-    return v + (torch.round(v) - v).detach()
 
 
 class FakeQuant(nn.Module):
@@ -85,42 +81,8 @@ class FakeQuant(nn.Module):
         if self.scale.requires_grad:
             g = 1.0 / math.sqrt(x[0].numel() * self.qmax)
             s = s * g + (s - s * g).detach()  # value s, gradient scaled by g
-        q = torch.clamp(_round_ste(x / s + self.zero_point), self.qmin, self.qmax)
+        q = torch.clamp(round_ste(x / s + self.zero_point), self.qmin, self.qmax)
         return (q - self.zero_point) * s
-
-
-class WeightFakeQuant(nn.Module):
-    """A parametrization of a Conv/Linear weight: the weight as ORT quantizes it at export.
-
-    (C_out, ...) weights; scales per output channel (dim 0) or per tensor. Symmetric int8: scale =
-    max|w| / L over [-L, L], zero point 0, L = 127 (64 for 7-bit weights, ORT's reduce_range); asymmetric uint8: scale = (max(w, 0) - min(w, 0)) / 255,
-    zero point round(-min / scale) over [0, 255] (onnxruntime.quantization.quant_utils.compute_scale_zp).
-    """
-
-    def __init__(self, per_channel: bool, symmetric: bool, reduce_range: bool = False) -> None:
-        super().__init__()
-        self.per_channel, self.symmetric = per_channel, symmetric
-        self.levels = 64 if reduce_range else 127
-        self.enabled = True
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        dims = tuple(range(1, w.ndim)) if self.per_channel else tuple(range(w.ndim))
-        with torch.no_grad():
-            lo = w.amin(dim=dims, keepdim=True).clamp_max(0)
-            hi = w.amax(dim=dims, keepdim=True).clamp_min(0)
-            if self.symmetric:
-                scale = torch.maximum(-lo, hi) / self.levels
-                zero, qmin, qmax = torch.zeros_like(scale), -self.levels, self.levels
-            else:
-                scale = (hi - lo) / 255.0
-                zero, qmin, qmax = None, 0, 255
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel stays zero
-            if zero is None:
-                zero = torch.round(-lo / scale)
-        q = torch.clamp(_round_ste(w / scale + zero), qmin, qmax)
-        return (q - zero) * scale
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,17 +107,12 @@ def quantized_activations(model: onnx.ModelProto) -> dict[str, tuple[str, float,
 
 def _onnx_values(fp32: OnnxArtifact, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     """Values of the named tensors of the (pre-processed) fp32 graph on input x."""
-    import onnxruntime as ort
-
     model = onnx.load(str(_preprocessed(fp32)))
     present = {o.name for o in model.graph.output}
     for name in names:
         if name not in present:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    outputs = sess.run(names, {fp32.input_name: x})
+    outputs = open_session(model.SerializeToString()).run(names, {fp32.input_name: x})
     return dict(zip(names, outputs))
 
 
@@ -380,7 +337,7 @@ def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict
             "torch_top1_before": before.top1,
             "torch_top1_after": evaluate(qat.module, eval_ds).top1,
             "ptq_top1": evaluate_onnx(plan.artifact, eval_ds).top1,
-            "torch_vs_onnx": {"split": split, **compare_outputs(torch_out, onnx_outputs(artifact, x)).to_json()},
+            "torch_vs_onnx": {"split": split, **compare_outputs(torch_out, run_batched(artifact, x)).to_json()},
         },
     }
     state.artifact = artifact

@@ -295,7 +295,7 @@ def _blame(fp32: OnnxArtifact, quantize: Callable[[QuantConfig], OnnxArtifact], 
     """config -> layers slower quantized than in fp32 (ORT's profiles of both, interleaved)."""
     import onnx
 
-    from squeeze.quant.profile import layer_identities, profile_layers, slower_layers
+    from squeeze.measure.profile import layer_identities, profile_layers, slower_layers
 
     identities = layer_identities(onnx.load(str(fp32.path)))
     providers = ctx.target.providers

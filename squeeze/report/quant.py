@@ -1,13 +1,15 @@
-"""Terminal view of a quantization stage's record (printed under the recipe table by `squeeze quantize`);
-HAQ's records have their own view (squeeze.quant.haq.haq_view)."""
+"""Terminal views of a quantization stage's record, printed under the recipe table by `squeeze quantize`:
+int8 / fp16 / QAT (`quant_view`), and HAQ's policy (`haq_view`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["quant_view"]
+__all__ = ["quant_view", "haq_view"]
 
 
 def _ratio(r: dict | None) -> str:
@@ -49,8 +51,6 @@ def quant_view(report: dict) -> Group:
     if stage is None:
         return Group()
     if stage["method"] == "quant.haq":
-        from squeeze.quant.haq import haq_view
-
         return haq_view(stage["record"])
     rec = stage["record"]
     parts: list = []
@@ -103,3 +103,38 @@ def quant_view(report: dict) -> Group:
             limits.append(f"size {b['size_bytes']:,} <= {b['max_size_bytes']:,} bytes")
         lines.append(Text("budget met: " + ", ".join(limits)))
     return Group(*parts, *lines)
+
+
+def haq_view(record: dict[str, Any]) -> Group:
+    """Terminal view of a `quant.haq` record: the policy per layer, latency against the budget, accuracy."""
+    budget = record["search_budget"]
+    unit = "ms (table)" if budget["resource"] == "latency_ms" else "bytes"
+    t = Table(title=f"HAQ policy (cost in {unit})")
+    for col in ("layer", "precision", "bits w/a", "cost", "cost is", "exported as"):
+        t.add_column(col, justify="right" if col in ("bits w/a", "cost") else "left", overflow="fold")
+    for r in record["rows"]:
+        t.add_row(r["layer"], r["precision"], f"{r['weight_bits']}/{r['act_bits']}", f"{r['cost']:.4g}",
+                  "measured" if r["measured"] else "modelled", r["exported_as"])
+    lat, acc = record["latency"], record["accuracy"]
+    met = "met" if budget["met"] else "NOT met"
+    if budget["resource"] == "latency_ms":
+        budget_line = (f"latency budget {budget['target']:.4g} ms ({budget['target'] / budget['original']:.2f}x fp32): "
+                       f"{met}; predicted {lat['predicted_haq_ms']:.4g} ms")
+    else:
+        counted = record["counted_size_bytes"]
+        budget_line = (f"size budget {budget['target']:,.0f} bytes: {met}, counted {counted['final']:,.0f} "
+                       f"(fp32 {counted['fp32']:,.0f})")
+    lines = [
+        Text(budget_line),
+        Text(f"measured interleaved: fp32 {lat['fp32_ms']:.4g} ms, uniform int8 {lat['uniform_int8_ms']:.4g} ms "
+             f"({lat['uniform_int8_vs_fp32']:.2f}x), HAQ {lat['haq_ms']:.4g} ms ({lat['haq_vs_fp32']:.2f}x)"),
+        Text(f"top-1 ({acc['split']}, ONNX Runtime): fp32 {100 * acc['fp32_top1']:.2f}%, uniform int8 "
+             f"{100 * acc['uniform_int8_ptq_top1']:.2f}%, HAQ {100 * acc['haq_top1']:.2f}%"),
+        Text(f"search: {len(record['episodes'])} episodes in {record['search_seconds']:.0f} s"),
+    ]
+    if record["simulated_layers"]:
+        lines.append(Text(f"simulated (no kernel, weights on their bit grid, run as int8): "
+                          f"{', '.join(record['simulated_layers'])}", style="yellow"))
+    for p, why in record["unsupported_precisions"].items():
+        lines.append(Text(f"{p}: not a choice here: {why}"))
+    return Group(t, *lines)
