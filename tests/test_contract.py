@@ -138,3 +138,41 @@ def test_a_new_method_is_one_module_and_nothing_else(tmp_path):
     assert checked.returncode == 0, checked.stderr
     matrix = run("-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "contract and toy")
     assert "1 passed" in matrix.stdout, matrix.stdout[-2000:]
+
+
+def _cpu_target(runtime: str, fake_target: Path) -> str:
+    """A shipped target on this machine's CPU that uses `runtime` (the fake one for the fake runtime)."""
+    from squeeze.target import list_targets
+
+    if runtime == "fake":
+        return str(fake_target)
+    shipped = [t for t in list_targets() if t.runtime == runtime and t.device == "cpu"]
+    if not shipped:
+        pytest.skip(f"no shipped target runs `{runtime}` on this machine's CPU")
+    return shipped[0].name
+
+
+@pytest.mark.parametrize("runtime", runtime_registry.names())
+def test_every_registered_runtime_keeps_the_protocol(runtime, fake_target):
+    """Each runtime times two artifacts interleaved under the declared protocol: every sample is there, the
+    environment names the runtime that ran, and the protocol travels with the figures."""
+    from squeeze.errors import RuntimeUnavailableError
+    from squeeze.export.onnx import export_onnx
+    from squeeze.measure.bench import measure
+
+    target = load_target(_cpu_target(runtime, fake_target))
+    if target.tvm is not None:  # the protocol, not tuning (minutes), is under test
+        target = target.model_copy(update={"tvm": target.tvm.model_copy(update={"tuning": "none",
+                                                                               "tuning_trials": 0})})
+    model = load_model("testnets:tiny_cnn", input_shape=(1, 3, 16, 16))
+    artifact = export_onnx(model)
+    protocol = Protocol(warmup=1, repeat=5, min_repeat_ms=0)
+    try:
+        measured = measure([artifact, artifact], target, protocol, use_cache=False)
+    except RuntimeUnavailableError as exc:  # an optional runtime not installed here: it says how to get it
+        assert "pip install" in str(exc) or "install" in str(exc.hint if hasattr(exc, "hint") else exc)
+        pytest.skip(f"{runtime} is not installed here: {exc}")
+    assert len(measured) == 2 and measured[0].run_id == measured[1].run_id
+    for m in measured:
+        assert m.stats.n == len(m.samples_ms) == 5 and m.stats.median_ms > 0 and not m.cached
+        assert m.environment["runtime"] == runtime and m.protocol["repeat"] == 5

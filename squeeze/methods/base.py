@@ -60,7 +60,7 @@ class Pass(ABC):
     summary: ClassVar[str]
     Options: ClassVar[type[PassOptions]] = PassOptions
     needs_budget: ClassVar[bool] = False  # recipes using this pass must give `budget:`
-    devices: ClassVar[tuple[str, ...]] = ("cpu", "gpu")  # target devices it serves; others are refused
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "arm")  # target devices it serves; others are refused
     runtimes: ClassVar[tuple[str, ...] | None] = None  # the runtimes its exports are written for (None: any)
     # A run on a small net in seconds: the contract tests (tests/test_contract.py) run every method with these.
     smoke_options: ClassVar[dict[str, Any]] = {}
