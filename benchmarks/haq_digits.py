@@ -28,8 +28,8 @@ from squeeze.data import load_data
 from squeeze.errors import SqueezeError
 from squeeze.measure.protocol import Protocol
 from squeeze.model import load_model
-from squeeze.methods.haq import HAQOptions
-from squeeze.quant.haq import cost_of, finish, names_of, prepare, search
+from squeeze.methods.quant.haq import HAQOptions, finish, prepare, search
+from squeeze.quant.haq import cost_of, names_of
 from squeeze.recipe import Budget, Recipe, Stage
 from squeeze.target import load_target
 

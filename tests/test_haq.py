@@ -18,12 +18,12 @@ from squeeze.export.ort import run_batched
 from squeeze.measure.lut import LatencyTable, LayerConfig, layer_configs
 from squeeze.measure.protocol import Protocol
 from squeeze.model import LoadedModel, load_model
-from squeeze.methods.haq import HAQOptions
+from squeeze.methods.quant.haq import HAQOptions, _pareto, haq_search
 from squeeze.prune.budget import BudgetError
 from squeeze.quant.calibrate import CalibrationData
 from squeeze.quant.costs import PRECISIONS, CostTable, modelled_precision, precision
-from squeeze.quant.haq import (_fake_weight, _pareto, action_to_index, budget_wall, export_policy, fake_quant_model,
-                               haq_search, input_ranges, strip_fake_quant)
+from squeeze.quant.haq import (_fake_weight, action_to_index, budget_wall, export_policy, fake_quant_model,
+                               input_ranges, strip_fake_quant)
 from squeeze.quant.ptq import op_counts
 from squeeze.recipe import Budget, Recipe, Stage
 from squeeze.report.quant import haq_view
@@ -97,7 +97,8 @@ def test_pareto_drops_choices_not_faster_than_a_wider_one():
 def test_a_missed_latency_budget_refits_the_table_and_lowers_the_policy():
     from squeeze.prune.budget import ResolvedBudget
     from squeeze.quant.costs import CostRow
-    from squeeze.quant.haq import HAQLayer, HAQSetup, _refit_and_lower, _table_sums
+    from squeeze.methods.quant.haq import HAQSetup, _refit_and_lower, _table_sums
+    from squeeze.quant.haq import HAQLayer
 
     int8, fp32 = PRECISIONS["int8"], PRECISIONS["fp32"]
     cfg = LayerConfig("conv2d", 8, 8, 8, 8, (3, 3), (1, 1), (1, 1), 1)
@@ -327,7 +328,7 @@ def test_haq_export_below_the_floor_is_refused(digits):
 
 def test_cli_episode_flags_reach_the_search_and_only_haq(cli, tmp_path, monkeypatch):
     from squeeze.errors import SqueezeError
-    from squeeze.methods.haq import HAQPass
+    from squeeze.methods.quant.haq import HAQPass
 
     seen = {}
 

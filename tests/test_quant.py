@@ -19,6 +19,7 @@ from squeeze.measure.profile import (
 )
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate
+from squeeze.methods.quant.int8 import exclusion_search, rank_fastest, type_candidates
 from squeeze.model import load_model
 from squeeze.quant.calibrate import calibration_data
 from squeeze.quant.ptq import (
@@ -35,10 +36,7 @@ from squeeze.quant.run import (
     QuantTargetError,
     check_budget,
     check_target,
-    rank_fastest,
-    exclusion_search,
     is_faster,
-    type_candidates,
 )
 from squeeze.recipe import Budget
 from squeeze.target import Target, load_target

@@ -14,6 +14,8 @@ from conftest import file_digest
 from test_cli import assert_clean_error
 
 from squeeze.measure.stats import RatioEstimate
+from squeeze.methods.quant import int8
+from squeeze.quant import parity
 from squeeze.quant import run as qrun
 from squeeze.quant.ptq import layer_precisions, op_counts
 
@@ -56,7 +58,7 @@ def test_the_chosen_types_are_the_fastest_measured(quantized):
     rec = quantized["report"]["stages"][0]["record"]
     choice = rec["type_choice"]
     assert choice["by_measurement"] and choice["measured_on"] == "host-cpu"
-    tried = qrun.type_candidates("auto", "auto", "auto", rec["cpu_int8"]["int8_dot_product"])
+    tried = int8.type_candidates("auto", "auto", "auto", rec["cpu_int8"]["int8_dot_product"])
     assert [(c["activation_type"], c["weight_type"], c["reduce_range"]) for c in choice["candidates"]] == tried
     # Candidates above the accuracy floor are confirmed fastest first in a second, fresh run; the first
     # confirmed is chosen.
@@ -97,16 +99,16 @@ def test_quantize_reports_accuracy_parity_and_latency(quantized):
 def _fake_speed(monkeypatch, speedup_of, blamed=None):
     """Measurements whose speedups come from `speedup_of(layer precisions of the candidate)`; blame from
     `blamed(float layers)`. The fp32 measurement itself is real (a short one)."""
-    real = qrun._measure_vs
+    real = qrun.measure_speedups
 
     def measure_vs(reference, candidates, ctx, fresh=False):
         fp32_m, _ = real(reference, [], ctx)
         ratios = [speedup_of(layer_precisions(c.path)) for c in candidates]
         return fp32_m, [RatioEstimate(r, r - 0.02, r + 0.02, 0.95, 5, "fake") for r in ratios]
 
-    monkeypatch.setattr(qrun, "_measure_vs", measure_vs)
+    monkeypatch.setattr(qrun, "measure_speedups", measure_vs)
     if blamed is not None:
-        monkeypatch.setattr(qrun, "_blame", lambda *a: lambda config: blamed(config.float_layers()))
+        monkeypatch.setattr(int8, "_blame", lambda *a: lambda config: blamed(config.float_layers()))
 
 
 NO_VNNI = {"int8_isa": ["AVX2"], "int8_dot_product": False}
@@ -139,7 +141,7 @@ def _fake_parity(monkeypatch, fails_of):
             agree = 1.0 if agree is None else agree
             return ParityCheck("test", 360, agree, 40.0 if agree == 1.0 else 5.2, 0.1, 0.99, 0.99 * agree)
 
-    monkeypatch.setattr(qrun, "OrtParity", FakeParity)
+    monkeypatch.setattr(parity, "OrtParity", FakeParity)
 
 
 def _saturating_cpu(monkeypatch):

@@ -24,7 +24,8 @@ from squeeze.measure.worker import WorkerClient
 from squeeze.model import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LatencyOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns", "interleaved"]
+__all__ = ["LatencyOracle", "FixedOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns",
+           "interleaved"]
 
 Timed = LoadedModel | OnnxArtifact
 
@@ -54,6 +55,16 @@ class LatencyOracle(ABC):
     def reading(self, model: Timed) -> Reading:
         ms = self.latency_ms(model)
         return Reading(ms, ms, ms)
+
+
+class FixedOracle(LatencyOracle):
+    """A latency measured once elsewhere (e.g. interleaved with other models), for code that takes an oracle."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def latency_ms(self, model: Timed) -> float:
+        return self.ms
 
 
 class MeasuredOracle(LatencyOracle):

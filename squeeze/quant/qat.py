@@ -1,7 +1,8 @@
-"""Quantization-aware training: fake-quant fine-tuning in torch, exported to the same ONNX QDQ graph as PTQ.
+"""Quantization-aware training's torch side: the fake-quant model of a QDQ graph, and its export back to the
+same graph as PTQ. The method (`quant.qat`: plan, fine-tune, report) is squeeze.methods.quant.qat.
 
 1. The precision plan (activation/weight types, layers left float) is decided as for `quant.int8`: by
-   measuring on the target (squeeze.quant.run.plan_int8). Its PTQ graph names every quantized activation
+   measuring on the target (squeeze.methods.quant.int8.plan_int8). Its PTQ graph names every quantized activation
    tensor with its calibrated (scale, zero point).
 2. Those tensors are found in the torch model: batch norms are folded into their convolutions
    (torch.fx), then every FX node's output is compared with the ONNX tensor's values on a calibration
@@ -27,7 +28,6 @@ import hashlib
 import logging
 import math
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import onnx
@@ -40,20 +40,17 @@ from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import check_parity
-from squeeze.export.ort import open_session, run_batched
-from squeeze.methods.base import ModelState, PassContext
+from squeeze.export.ort import open_session
 from squeeze.quant.fakequant import WeightFakeQuant, round_ste
 from squeeze.quant.ptq import (
     QuantConfig,
     QuantizeError,
     _layer_nodes,
     _preprocessed,
-    compare_outputs,
     quantize_onnx,
 )
 
-__all__ = ["FakeQuant", "quantized_activations", "QatModel", "build_qat_model", "export_qat",
-           "run_qat"]
+__all__ = ["FakeQuant", "quantized_activations", "QatModel", "build_qat_model", "export_qat"]
 
 log = logging.getLogger("squeeze.quant")
 
@@ -276,69 +273,3 @@ def _write_weights(qat: QatModel, fp32: OnnxArtifact) -> OnnxArtifact:
 def export_qat(qat: QatModel, fp32: OnnxArtifact, calibration, config: QuantConfig) -> OnnxArtifact:
     """Step 5: the QAT model as the same QDQ graph PTQ produces, with its trained weights and ranges."""
     return quantize_onnx(_write_weights(qat, fp32), calibration, config, activation_ranges=qat.activation_ranges())
-
-
-# ---------------------------------------------------------------------------------------------------
-# The pass.
-
-
-def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict[str, Any]]:
-    from squeeze.quant.run import (
-        check_budget,
-        check_result_budget,
-        check_target,
-        describe,
-        eval_inputs,
-        final_parity,
-        plan_int8,
-        run_summary,
-    )
-    from squeeze.summary import summarize
-    from squeeze.train import evaluate, evaluate_onnx, fine_tune
-
-    check_target("qat", ctx.target)
-    check_budget(ctx.budget, summarize(state.model).params, 1, "int8")
-    if state.model.module is None:
-        raise QuantizeError("QAT fine-tunes a torch model; this model was given as ONNX.",
-                            "Pass the torch model (checkpoint, zoo: or package.module:factory), or use --method int8.")
-    plan = plan_int8(state, ctx, opts)
-    fp32_ms = plan.record["type_choice"]["fp32_median_ms"]
-    if plan.config is None:  # auto-exclusion fell back to fp32: nothing to fine-tune
-        state.artifact = plan.fp32
-        return state, {"summary": run_summary("qat", None, None), "method": "qat",
-                       "fallback": "fp32: no int8 model was faster on the target", **plan.record,
-                       **describe(plan.fp32, plan.fp32),
-                       "budget": check_result_budget(ctx.budget, None, fp32_ms, plan.fp32, "qat")}
-    data = ctx.data
-    qat = build_qat_model(state.model.module, plan.fp32, plan.artifact, plan.config,
-                          plan.calibration.inputs[:16], opts.activation_ranges == "learned")
-    split, x = eval_inputs(data)
-    eval_ds = data.held_out()[1]
-    before = evaluate(qat.module, eval_ds)
-    teacher = state.model.module if opts.distill else None
-    result = fine_tune(qat.module, data.train, opts.fine_tune, teacher=teacher, val_ds=data.val)
-    artifact = export_qat(qat, plan.fp32, plan.calibration, plan.config)
-    with torch.no_grad():
-        torch_out = qat.module(torch.from_numpy(x)).numpy()
-    record = {
-        "summary": run_summary("qat", plan.config, plan.speedup),
-        "method": "qat",
-        "config": plan.config.model_dump(),
-        "fallback": None,
-        **plan.record,
-        "speedup_vs_fp32": plan.speedup.to_json(),
-        "budget": check_result_budget(ctx.budget, plan.speedup, fp32_ms, artifact, "qat"),
-        **describe(artifact, plan.fp32),
-        "output_parity": final_parity("The QAT model", plan.parity, artifact, opts),
-        "qat": {
-            "activation_ranges": opts.activation_ranges,
-            "fake_quant_activations": len(qat.owners),
-            "fine_tune": result.to_json(),
-            "torch_top1_before": before.top1,
-            "torch_top1_after": evaluate(qat.module, eval_ds).top1,
-            "ptq_top1": evaluate_onnx(plan.artifact, eval_ds).top1,
-            "torch_vs_onnx": {"split": split, **compare_outputs(torch_out, run_batched(artifact, x)).to_json()},
-        },
-    }
-    state.artifact = artifact
-    return state, record
