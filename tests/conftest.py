@@ -51,6 +51,22 @@ def model_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def digits_model():
+    """The trained zoo digits-cnn (trained once per test run into the run's cache)."""
+    from squeeze.model import load_model
+
+    return load_model("zoo:digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_data(digits_model):
+    """The built-in digits at digits-cnn's input shape."""
+    from squeeze.data import load_data
+
+    return load_data("digits", input_shape=digits_model.input_shape)
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

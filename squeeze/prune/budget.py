@@ -49,13 +49,18 @@ class Resource:
     def width_predictor(self, model: LoadedModel) -> Callable[[list[tuple[str, int]]], list[float]] | None:
         """Prices proposals (group name, width) of `model` without pruning it, where the oracle can: a
         lookup table prices layer configurations. None: each proposal must be built and measured."""
+        price = self.policy_predictor(model)
+        return None if price is None else lambda proposals: price([{n: w} for n, w in proposals])
+
+    def policy_predictor(self, model: LoadedModel) -> Callable[[list[dict[str, int]]], list[float]] | None:
+        """As `width_predictor`, for policies that set several groups at once ({group name: width})."""
         predict = getattr(self.oracle, "predict_configs", None)
         if self.name != "latency_ms" or predict is None:
             return None
         from squeeze.prune.effects import WidthEffects
 
         effects = WidthEffects(model.module, model.example_input())
-        return lambda proposals: [p.total_ms for p in predict([effects.configs_at(n, w) for n, w in proposals])]
+        return lambda policies: [p.total_ms for p in predict([effects.configs_with(w) for w in policies])]
 
     def confirm(self, model: LoadedModel) -> float:
         """The value a report may claim: measured for latency, counted otherwise."""

@@ -10,6 +10,7 @@ consumers). Pruning k channels removes k channels from every member, concatenati
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -41,13 +42,19 @@ class WidthEffects:
 
     def configs_at(self, root: str, width: int) -> dict[str, LayerConfig]:
         """The model's layer configurations with group `root` pruned to `width` output channels."""
-        k = self.widths[root] - width
+        return self.configs_with({root: width})
+
+    def configs_with(self, widths: Mapping[str, int]) -> dict[str, LayerConfig]:
+        """The model's layer configurations with every group in `widths` pruned to its width: the cuts add up
+        (a conv between two groups loses input channels to one and output channels to the other)."""
         out = dict(self.configs)
-        for name, sides in self.members[root].items():
-            c = out[name]
-            if c.op == "bn2d" or (c.groups == c.c_in == c.c_out and c.groups > 1):  # per-channel ops: both sides
-                n = c.c_out - k
-                out[name] = replace(c, c_in=n, c_out=n, groups=n if c.groups > 1 else 1)
-            else:
-                out[name] = replace(c, c_in=c.c_in - k * ("in" in sides), c_out=c.c_out - k * ("out" in sides))
+        for root, width in widths.items():
+            k = self.widths[root] - width
+            for name, sides in self.members[root].items():
+                c = out[name]
+                if c.op == "bn2d" or (c.groups == c.c_in == c.c_out and c.groups > 1):  # per-channel ops: both sides
+                    n = c.c_out - k
+                    out[name] = replace(c, c_in=n, c_out=n, groups=n if c.groups > 1 else 1)
+                else:
+                    out[name] = replace(c, c_in=c.c_in - k * ("in" in sides), c_out=c.c_out - k * ("out" in sides))
         return out

@@ -67,6 +67,7 @@ class SearchResult:
     history: list[IterationRecord] = field(default_factory=list)
     final_measured: float | None = None
     search_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # a search's own record entries (AMC: ratios, rewards)
 
     @property
     def budget_met(self) -> bool | None:
@@ -75,7 +76,8 @@ class SearchResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": asdict(self.budget), "final_measured": self.final_measured, "budget_met": self.budget_met,
-                "search_seconds": round(self.search_seconds, 2), "history": [asdict(h) for h in self.history]}
+                "search_seconds": round(self.search_seconds, 2), "history": [asdict(h) for h in self.history],
+                **self.extra}
 
 
 def pruned_candidate(base: LoadedModel, base_plan: ChannelPlan | None, keep: dict[str, int] | float,
