@@ -17,6 +17,8 @@ class Fp16Pass(Pass):
     name = "quant.fp16"
     summary = "fp16 weights and compute for GPU targets (ONNX Runtime CUDA EP); measured against fp32."
     Options = ParityFloor
+    devices = ("cuda",)  # a CPU runs fp16 convolutions as fp32 between Casts: refused there
+    runtimes = ("onnxruntime",)
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         return run_fp16(state, ctx, self.options)

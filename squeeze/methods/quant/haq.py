@@ -77,6 +77,11 @@ class HAQPass(Pass):
     summary = "HAQ: per-layer precision (fp32/int8/4-bit; 2-7 bit under a size budget), DDPG on measured costs."
     Options = HAQOptions
     needs_budget = True
+    runtimes = ("onnxruntime",)
+    # 8 bits at the least: lower widths are simulated, and two short fine-tunes cannot recover them.
+    smoke_options = {"episodes": 2, "warmup": 1, "min_bits": 8, "samples": 32, "short_term": {"iterations": 2},
+                     "long_term": {"iterations": 2}}
+    smoke_budget = {"size_bytes": 200_000}  # about 0.37x of digits-cnn's fp32 weights: int8 fits
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         model, artifact, result = haq_search(state.model, ctx.data, ctx.target, ctx.protocol, ctx.budget, self.options)

@@ -69,6 +69,7 @@ class Int8Pass(Pass):
     name = "quant.int8"
     summary = "Static int8 QDQ (ONNX Runtime), types chosen by measuring on the target; never slower than fp32."
     Options = Int8Options
+    runtimes = ("onnxruntime",)  # QDQ models run through ONNX Runtime's int8 kernels only
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         return run_int8(state, ctx, self.options)

@@ -33,6 +33,8 @@ class QatPass(Pass):
     name = "quant.qat"
     summary = "Quantization-aware fine-tuning (fake-quant, STE) exported to the same int8 QDQ graph as quant.int8."
     Options = QatOptions
+    runtimes = ("onnxruntime",)
+    smoke_options = {"fine_tune": {"iterations": 2}}
 
     def run(self, state: ModelState, ctx: PassContext) -> tuple[ModelState, dict[str, Any]]:
         return run_qat(state, ctx, self.options)
