@@ -486,7 +486,9 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
         "ratios": {s.name: round(final["widths"][s.name] / s.width, 4) for s in steps},
         "reward_curve": [round(r.reward, 6) for r in records],
         "best_episode": best["record"].episode,
-        "final_predicted": final["predicted"],  # priced before its own reading; final_measured: after fine-tune
+        # What the search believed when it found the policy (selection: its price with the last fit before its
+        # own reading); final_measured, the harness's reading after the fine-tune, is the one to compare.
+        "final_predicted": final["predicted"] if final["episode"] is None else history[final["episode"]].resource,
         "recalibrations": recalibrations,
         "selection": selection,
     }
