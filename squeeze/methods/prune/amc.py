@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.graph import LayerTable
     from squeeze.prune.plan import ChannelPlan
-    from squeeze.prune.search import SearchResult
+    from squeeze.prune.search import IterationRecord, SearchResult
 
 __all__ = ["AMCOptions", "AMCPass", "AMCEnv", "LayerFeatures", "PolicyPricer", "Step", "amc", "budget_wall",
            "make_steps", "state_features"]
@@ -366,14 +366,16 @@ def _sample(m: nn.Module, x: torch.Tensor, y: torch.Tensor, points: int, generat
 class _Policies:
     """Builds a policy's model (importance criterion, then reconstruction) and scores it on the fixed subset."""
 
-    def __init__(self, original: LoadedModel, table: LayerTable, data: DataBundle, opts: AMCOptions) -> None:
+    def __init__(self, original: LoadedModel, table: LayerTable, data: DataBundle, opts: AMCOptions,
+                 pricer: PolicyPricer) -> None:
         import torch
         from torch.utils.data import Subset
 
         from squeeze.prune.search import taylor_batch
 
-        self.original, self.opts = original, opts
+        self.original, self.opts, self.pricer = original, opts, pricer
         self.full = table.widths()
+        self.last_model: LoadedModel | None = None
         self.eval_set = Subset(data.val, range(min(opts.eval_samples, len(data.val))))
         self.batch = taylor_batch(data, opts.importance)
         self.features = None
@@ -391,18 +393,18 @@ class _Policies:
             self.features.reconstruct(model.module, plan)
         return model
 
-    def accuracy(self, model: LoadedModel) -> float:
+    def score(self, policy: Policy) -> tuple[float, dict[str, Any]]:
+        """The episode's reward, the reference's acc_reward (accuracy % x 0.01) or acc_flops_reward (-error x
+        log FLOPs); the model built for it stays as `last_model`."""
         import torch
 
         from squeeze.train import evaluate
 
+        self.last_model = model = self.build(policy)
         with torch.no_grad():
-            return evaluate(model.module, self.eval_set).top1
-
-
-def _reward(kind: str, accuracy: float, macs: float) -> float:
-    # The reference's acc_reward (accuracy % x 0.01) and acc_flops_reward (-error x log FLOPs).
-    return accuracy if kind == "accuracy" else -(1.0 - accuracy) * math.log(macs)
+            accuracy = evaluate(model.module, self.eval_set).top1
+        reward = accuracy if self.opts.reward == "accuracy" else -(1.0 - accuracy) * math.log(self.pricer.macs(policy))
+        return reward, {"accuracy": accuracy}
 
 
 def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: AMCOptions,
@@ -415,7 +417,7 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
     from squeeze.errors import DataError
     from squeeze.prune.budget import BudgetError, check_reachable
     from squeeze.prune.graph import prunable_layers
-    from squeeze.prune.search import IterationRecord, SearchResult, pruned_candidate
+    from squeeze.prune.search import SearchResult, pruned_candidate
     from squeeze.summary import summarize
 
     if data is None:
@@ -433,67 +435,77 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
     floor, _ = pruned_candidate(original, None, {s.name: s.grid[0] for s in steps}, "l1", opts.round_to)
     check_reachable("AMC", floor, budget, resource, smallest)
     macs = budget.original if budget.resource == "macs" else float(summarize(original).macs)
-    price = pricer = PolicyPricer(original, resource, macs)
-    policies = _Policies(original, table, data, opts)
-    built: dict[str, Any] = {}
-
-    def score(policy: Policy) -> tuple[float, dict[str, Any]]:
-        built["model"] = model = policies.build(policy)
-        accuracy = policies.accuracy(model)
-        return _reward(opts.reward, accuracy, pricer.macs(policy)), {"accuracy": accuracy}
-
-    env = AMCEnv(steps, price, budget.target, opts.lbound, score)
+    pricer = PolicyPricer(original, resource, macs)
+    policies = _Policies(original, table, data, opts, pricer)
+    env = AMCEnv(steps, pricer, budget.target, opts.lbound, policies.score)
     config = DDPGConfig(warmup_episodes=min(opts.warmup, opts.episodes // 4), noise_decay=0.95,
                         replay_per_step=100, seed=opts.seed)
     agent = DDPG(env.states.shape[1], 1, len(steps), config)
     refit = recalibrate if opts.latency_source == "table+recalibrate" else None
-    best: dict[str, Any] = {"key": (-math.inf, 0.0)}
-    history: list[IterationRecord] = []
-    recalibrations: list[dict[str, Any]] = []
-    unit = "ms" if budget.resource == "latency_ms" else "MACs"
-
-    def on_episode(rec) -> None:
-        info = rec.info
-        measured = None
-        if (rec.reward, -info["predicted"]) > best["key"]:
-            best.update(key=(rec.reward, -info["predicted"]), record=rec, model=built["model"])
-            log(f"amc episode {rec.episode + 1}: new best reward {rec.reward:.4f}, val top-1 {info['accuracy']:.4f}, "
-                f"{budget.resource} {info['predicted']:.4g} (budget {budget.target:.4g}), ratios "
-                + " ".join(f"{info['widths'][s.name] / s.width:.2f}" for s in steps))
-        if refit is not None and (rec.episode + 1) % opts.recalibrate_every == 0:
-            predicted = price([best["record"].info["widths"]])[0]
-            measured = refit(best["model"])
-            pricer.forget()
-            recalibrations.append({"episode": rec.episode, "best_episode": best["record"].episode,
-                                   "predicted": predicted, "measured": measured,
-                                   "refitted": price([best["record"].info["widths"]])[0]})
-            log(f"amc episode {rec.episode + 1}: the best policy priced {predicted:.4g} ms, measured {measured:.4g} ms; "
-                "table re-fitted")
-        history.append(IterationRecord(rec.episode, budget.target, "*", 0, 0, info["predicted"], measured,
-                                       info["accuracy"], [{"reward": rec.reward, "noise_sigma": rec.noise_sigma,
-                                                           "widths": info["widths"], "asked": info["asked"]}],
-                                       round(rec.seconds, 3)))
-        bar.advance(1, reward=f"{rec.reward:.4f}", best=f"{best['key'][0]:.4f}",
-                    **{f"best_{unit}": f"{-best['key'][1]:.4g}"})
-
     with progress.task("AMC episodes", total=opts.episodes, unit="episodes") as bar:
-        records = run_episodes(env, agent, opts.episodes, on_episode)
+        episodes = _Episodes(steps, budget, policies, pricer, refit, opts.recalibrate_every, bar, log)
+        records = run_episodes(env, agent, opts.episodes, episodes.observe)
     confirm = resource.of if budget.resource == "macs" else (refit or resource.confirm)
     chosen, selection = _select(records, env, policies, budget, confirm, pricer)
     final = next(e for e in selection if e["chosen"])
-    result = SearchResult(chosen, budget, history)
+    result = SearchResult(chosen, budget, episodes.history)
     result.extra = {
         "ratios": {s.name: round(final["widths"][s.name] / s.width, 4) for s in steps},
         "reward_curve": [round(r.reward, 6) for r in records],
-        "best_episode": best["record"].episode,
+        "best_episode": episodes.best.episode,
         # What the search believed when it found the policy (selection: its price with the last fit before its
         # own reading); final_measured, the harness's reading after the fine-tune, is the one to compare.
-        "final_predicted": final["predicted"] if final["episode"] is None else history[final["episode"]].resource,
-        "recalibrations": recalibrations,
+        "final_predicted": (final["predicted"] if final["episode"] is None
+                            else episodes.history[final["episode"]].resource),
+        "recalibrations": episodes.recalibrations,
         "selection": selection,
     }
     result.search_seconds = time.perf_counter() - t_start
     return result
+
+
+class _Episodes:
+    """After each episode: the best policy so far, the table re-fitted to its reading every `every` episodes,
+    the episode's history entry, the progress bar."""
+
+    def __init__(self, steps: list[Step], budget: ResolvedBudget, policies: _Policies, pricer: PolicyPricer,
+                 refit: Callable[[LoadedModel], float] | None, every: int, bar, log: Callable[[str], None]) -> None:
+        self.steps, self.budget, self.policies, self.pricer = steps, budget, policies, pricer
+        self.refit, self.every, self.bar, self.log = refit, every, bar, log
+        self.best = None  # the best EpisodeRecord (highest reward, then cheapest)
+        self.best_model: LoadedModel | None = None
+        self.history: list[IterationRecord] = []
+        self.recalibrations: list[dict[str, Any]] = []
+        self.unit = "ms" if budget.resource == "latency_ms" else "MACs"
+
+    def observe(self, rec) -> None:
+        from squeeze.prune.search import IterationRecord
+
+        info = rec.info
+        if self.best is None or (rec.reward, -info["predicted"]) > (self.best.reward, -self.best.info["predicted"]):
+            self.best, self.best_model = rec, self.policies.last_model
+            self.log(f"amc episode {rec.episode + 1}: new best reward {rec.reward:.4f}, val top-1 "
+                     f"{info['accuracy']:.4f}, {self.budget.resource} {info['predicted']:.4g} (budget "
+                     f"{self.budget.target:.4g}), ratios " + " ".join(
+                         f"{info['widths'][s.name] / s.width:.2f}" for s in self.steps))
+        if self.refit is not None and (rec.episode + 1) % self.every == 0:
+            self._recalibrate(rec.episode)
+        self.history.append(IterationRecord(
+            rec.episode, self.budget.target, "*", 0, 0, info["predicted"], None, info["accuracy"],
+            [{"reward": rec.reward, "noise_sigma": rec.noise_sigma, "widths": info["widths"], "asked": info["asked"]}],
+            round(rec.seconds, 3)))
+        self.bar.advance(1, reward=f"{rec.reward:.4f}", best=f"{self.best.reward:.4f}",
+                         **{f"best_{self.unit}": f"{self.best.info['predicted']:.4g}"})
+
+    def _recalibrate(self, episode: int) -> None:
+        widths = self.best.info["widths"]
+        predicted = self.pricer([widths])[0]
+        measured = self.refit(self.best_model)
+        self.pricer.forget()
+        self.recalibrations.append({"episode": episode, "best_episode": self.best.episode, "predicted": predicted,
+                                    "measured": measured, "refitted": self.pricer([widths])[0]})
+        self.log(f"amc episode {episode + 1}: the best policy priced {predicted:.4g} ms, measured {measured:.4g} ms; "
+                 "table re-fitted")
 
 
 def _select(records, env: AMCEnv, policies: _Policies, budget: ResolvedBudget,
