@@ -1,37 +1,58 @@
-"""The Python API behind the CLI: info, bench, gate, recipes, and one registered method at a time (compress,
-prune, quantize)."""
+"""The Python API behind the CLI: info, bench, gate, recipes, one registered method at a time (compress, prune,
+quantize), what is registered (methods, catalog), lookup tables and target checks.
+
+Light by design: every command imports this module, so torch and onnx load inside the functions that need them.
+It also re-exports what a caller needs around these functions (the CLI reaches the core only through here):
+the error type, the parsers of shapes and preprocessing flags, the target loader, the measurement protocol.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from pydantic import BaseModel
+
+from squeeze import __version__
+from squeeze.cache import atomic_write_bytes
 from squeeze.errors import DataError, SqueezeError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.measure.bench import Measurement, measure
 from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, run_gate
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
-from squeeze.outputs import check_out_dir, write_outputs
-from squeeze.methods import ModelState, PassContext, get_pass
+from squeeze.methods import ModelState, Pass, PassContext, get_pass, list_passes
 from squeeze.methods.builtin import ensure_artifact
-from squeeze.preprocessing import Preprocessing
+from squeeze.outputs import check_out_dir, check_writable, write_outputs
+from squeeze.preprocessing import Preprocessing, from_flags
+from squeeze.progress import reporting
 from squeeze.recipe import Budget, Recipe, load_recipe
-from squeeze.target import Target, load_target, refuse_emulated_latency
+from squeeze.shapes import parse_input_shape
+from squeeze.target import RPC_ENV, Target, list_targets, load_target, parse_host_port, refuse_emulated_latency
 
 # torch and onnx are imported by the functions that build, export or summarize a model, so that importing
 # this module (every command does) stays light.
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
     from squeeze.export.onnx import Exporter
+    from squeeze.measure.check import CheckReport
+    from squeeze.measure.lut import LatencyTable
     from squeeze.model import LoadedModel
+    from squeeze.prune.tables import BuildResult, CheckResult
     from squeeze.summary import ModelSummary
 
-__all__ = ["ModelOptions", "BenchRow", "info", "bench", "gate", "run_recipe", "load_baseline", "compress", "prune",
-           "quantize"]
+__all__ = ["ModelOptions", "BenchRow", "CompressOptions", "UnknownOptionError", "info", "bench", "gate", "run_recipe",
+           "load_baseline", "compress", "prune", "quantize", "methods", "option_default", "method_options", "CATALOGS",
+           "catalog", "validate_recipe", "lut_build", "lut_check", "check_target", "parse_preprocessing", "write_json",
+           # re-exported
+           "__version__", "SqueezeError", "Target", "Protocol", "GateConfig", "RPC_ENV", "load_target", "list_targets",
+           "parse_host_port", "parse_input_shape", "check_writable", "reporting"]
 
 log = logging.getLogger("squeeze")
 
@@ -300,20 +321,34 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     return report
 
 
+class CompressOptions(TypedDict, total=False):
+    """What `prune` and `quantize` take besides the method and the budget, as `compress` does."""
+
+    target: str
+    data: str | None
+    options: dict[str, Any] | None  # the method's typed options, validated against its options class
+    model_options: ModelOptions | None
+    preprocessing: Preprocessing | None
+    measure: dict[str, Any] | None  # protocol overrides: repeat, warmup, min_repeat_ms, batch_size
+    use_cache: bool
+    force: bool
+
+
 def compress(model_spec: str, out_dir: str | Path, method: str, *, target: str = "host-cpu",
              budget: Budget | None = None, data: str | None = None, options: dict[str, Any] | None = None,
              model_options: ModelOptions | None = None, preprocessing: Preprocessing | None = None,
-             measure: dict[str, Any] | None = None, use_cache: bool = True, force: bool = False) -> dict[str, Any]:
+             measure: dict[str, Any] | None = None, use_cache: bool = True, force: bool = False,
+             name: str | None = None) -> dict[str, Any]:
     """One registered method (`prune.netadapt`, `quant.int8`, ...) as a one-stage recipe, so that the CLI, a
     recipe and a notebook run the same thing. Returns the report (also written to out_dir/report.json).
 
     Option values are validated against the method's options class before any model is loaded
-    (pydantic.ValidationError names the bad key).
+    (pydantic.ValidationError names the bad key). `name` is the recipe's (default: the method's, dashed).
     """
     from squeeze.recipe import MeasureOverrides, Stage
 
     get_pass(method)  # an unknown method lists the registered ones
-    recipe = Recipe(name=method.replace(".", "-"), target=target, budget=budget, data=data,
+    recipe = Recipe(name=name or method.replace(".", "-"), target=target, budget=budget, data=data,
                     stages=[Stage(method=method, options=options or {})],
                     measure=MeasureOverrides(**(measure or {})))
     recipe.stages[0].typed_options()
@@ -330,16 +365,177 @@ def _budget(latency: float | None, latency_ms: float | None, macs: float | None,
 
 def prune(model_spec: str, out_dir: str | Path, *, method: str = "netadapt", latency: float | None = None,
           latency_ms: float | None = None, macs: float | None = None, size_bytes: int | None = None,
-          **kwargs: Any) -> dict[str, Any]:
-    """`squeeze prune` for code: e.g. `squeeze.prune("zoo:digits-cnn", "out", latency=0.5, data="digits")`.
+          **kwargs: Unpack[CompressOptions]) -> dict[str, Any]:
+    """`squeeze prune` for code: e.g. `squeeze.api.prune("zoo:digits-cnn", "out", latency=0.5, data="digits")`.
     Budgets are ratios of the original (latency, macs) or absolute (latency_ms, size_bytes); the other keyword
     arguments are `compress`'s (options= takes the method's typed options)."""
+    importance = (kwargs.get("options") or {}).get("importance")
+    if importance is not None:
+        from squeeze.prune.importance import get_importance
+
+        get_importance(importance)  # an unknown criterion fails before any model is loaded
     return compress(model_spec, out_dir, f"prune.{method}", budget=_budget(latency, latency_ms, macs, size_bytes),
-                    **kwargs)
+                    name=f"prune-{method}", **kwargs)
 
 
 def quantize(model_spec: str, out_dir: str | Path, *, method: str = "int8", latency: float | None = None,
-             latency_ms: float | None = None, size_bytes: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """`squeeze quantize` for code: e.g. `squeeze.quantize("model.pt", "out", data="digits")`."""
+             latency_ms: float | None = None, size_bytes: int | None = None,
+             **kwargs: Unpack[CompressOptions]) -> dict[str, Any]:
+    """`squeeze quantize` for code: e.g. `squeeze.quantize("model.pt", "out", data="digits")`. A target that cannot
+    run the precision fast, or static quantization without calibration data, fails before any model is loaded."""
+    from squeeze.quant.run import MissingCalibrationDataError, check_target
+
+    get_pass(f"quant.{method}")
+    if method in ("int8", "fp16", "qat"):
+        check_target(method, load_target(kwargs.get("target", "host-cpu")))
+    if kwargs.get("data") is None and method != "fp16":
+        raise MissingCalibrationDataError(
+            f"--method {method} needs calibration data (--data): static quantization measures each activation's "
+            "range on real samples, and the accuracy of the result is reported on held-out ones.",
+            "Pass --data digits, a folder of class sub-folders, or package.module:function.")
     return compress(model_spec, out_dir, f"quant.{method}", budget=_budget(latency, latency_ms, None, size_bytes),
-                    **kwargs)
+                    name=f"quantize-{method}", **kwargs)
+
+
+# What is registered, and the options a method takes.
+
+def methods(family: str) -> list[type[Pass]]:
+    """The registered methods of a family (`prune`, `quant`), plugins included, in name order."""
+    return [p for p in list_passes() if p.name.startswith(f"{family}.")]
+
+
+def option_default(method: type[Pass], key: str) -> Any:
+    """The default of a method's option (None for a required one); a dotted key reaches into nested options
+    (`short_term.iterations`). KeyError when the method has no such option."""
+    head, *rest = key.split(".")
+    field = method.Options.model_fields.get(head)
+    if field is None:
+        raise KeyError(key)
+    value = None if field.is_required() else field.get_default(call_default_factory=True)
+    for part in rest:
+        if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+            raise KeyError(key)
+        value = getattr(value, part)
+    return value
+
+
+class UnknownOptionError(SqueezeError):
+    """A key the method's options class does not have (`key`: the top-level name asked for)."""
+
+    def __init__(self, method: type[Pass], key: str) -> None:
+        self.key, self.accepted = key, list(method.Options.model_fields)
+        super().__init__(f"`{key}` is not an option of {method.name}.", f"Its options: {', '.join(self.accepted) or 'none'}.")
+
+
+def method_options(method: type[Pass], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Options for `compress` from dotted keys: `{"short_term.iterations": 50}` sets that one value and keeps
+    the method's defaults for the rest of `short_term` (its optimizer, learning rate). Values are checked by
+    the method's options class when the recipe is validated; a key it does not have is an UnknownOptionError."""
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if head not in method.Options.model_fields:
+            raise UnknownOptionError(method, head)
+        if not rest:
+            options[head] = value
+            continue
+        if head not in options:
+            default = option_default(method, head)
+            options[head] = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+        _set_dotted(options[head], rest, value)
+    return options
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+CATALOGS = ("methods", "models", "targets", "recipes", "runtimes", "importances")
+
+
+def catalog(kind: str) -> list[tuple[str, str]]:
+    """(name, description) of everything registered of one kind (CATALOGS), for `squeeze list`."""
+    if kind not in CATALOGS:
+        raise SqueezeError(f"Cannot list `{kind}`.", f"Choose one of: {', '.join(CATALOGS)}.")
+    if kind == "methods":
+        return [(p.name, p.summary) for p in list_passes()]
+    if kind == "models":
+        from squeeze.zoo_index import list_models
+
+        return [(f"zoo:{e.name}", f"{e.description} (input {'x'.join(map(str, e.input_shape))})") for e in list_models()]
+    if kind == "targets":
+        return [(t.name, t.description) for t in list_targets()]
+    if kind == "recipes":
+        from squeeze.resources import data_dir
+
+        return [(p.stem, load_recipe(str(p)).description) for p in sorted(data_dir("recipes").glob("*.yaml"))]
+    if kind == "importances":
+        from squeeze.prune.importance import list_importances  # imports torch: the criteria score tensors
+
+        return [(c.name, c.summary) for c in list_importances()]
+    from squeeze.measure.runtimes import list_runtimes
+
+    return [(r, "") for r in list_runtimes()]
+
+
+def validate_recipe(recipe_ref: str) -> Recipe:
+    """A recipe file (or shipped name) checked without loading any model: its schema, methods, options, target."""
+    recipe = load_recipe(recipe_ref)
+    if recipe.target:
+        load_target(recipe.target)
+    return recipe
+
+
+# Lookup tables and target checks.
+
+def _lut_setup(model_spec: str, target: Target, opts: ModelOptions) -> tuple[LoadedModel, LatencyTable]:
+    from squeeze.measure.lut import LatencyTable
+
+    get_runtime_check(target)
+    return opts.load(model_spec), LatencyTable(target)
+
+
+def lut_build(model_spec: str, target: Target, opts: ModelOptions, round_to: int = 8,
+              single_layer: bool = False) -> tuple[LoadedModel, LatencyTable, BuildResult]:
+    """Measure the layer configurations a pruning search on the model meets; stored entries are reused."""
+    from squeeze import progress
+    from squeeze.prune.tables import build_table, search_space_configs
+
+    loaded, table = _lut_setup(model_spec, target, opts)
+    total = len(search_space_configs(loaded, round_to, single_layer))
+    with progress.task("measuring layers", total=total) as step:
+        result = build_table(loaded, table, round_to, single_layer, progress=step.advance)
+    return loaded, table, result
+
+
+def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 10, seed: int = 0,
+              round_to: int = 8) -> tuple[LoadedModel, LatencyTable, CheckResult]:
+    """Random pruning plans, latency predicted by the table and measured: how wrong the table is here."""
+    from squeeze.prune.tables import check_table
+
+    loaded, table = _lut_setup(model_spec, target, opts)
+    return loaded, table, check_table(loaded, table, plans, seed, round_to)
+
+
+def check_target(target: Target) -> CheckReport:
+    """A tiny model through the target's whole path (runtime, export, latency): which steps work."""
+    from squeeze.measure.check import check_target as run_check
+
+    return run_check(target)
+
+
+# Small helpers around the functions above.
+
+def parse_preprocessing(normalize: str | None, resize: str | None) -> Preprocessing | None:
+    """--normalize/--resize as a Preprocessing (None when neither is given); a bad value is a SqueezeError."""
+    if normalize is None and resize is None:
+        return None
+    return from_flags(normalize, resize)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON, written atomically (a reader never sees half a file)."""
+    atomic_write_bytes(Path(path), json.dumps(data, indent=2, default=str).encode())

@@ -40,3 +40,38 @@ def test_quantize_and_compress_are_the_api_s():
     assert squeeze.quantize is api.quantize and squeeze.compress is api.compress
     with pytest.raises(AttributeError):
         squeeze.no_such_function
+
+
+def test_method_options_set_one_nested_value_and_keep_the_method_s_defaults():
+    netadapt, uniform = api.get_pass("prune.netadapt"), api.get_pass("prune.uniform")
+    options = api.method_options(netadapt, {"select": "accuracy", "short_term.iterations": 50})
+    assert options == {"select": "accuracy", "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": 50}}
+    assert netadapt.Options.model_validate(options).short_term.iterations == 50
+    assert api.option_default(netadapt, "short_term.iterations") == 100 and api.option_default(uniform, "round_to") == 8
+    with pytest.raises(KeyError):
+        api.option_default(netadapt, "short_term.nope")
+    with pytest.raises(api.UnknownOptionError, match="`select` is not an option of prune.uniform") as exc:
+        api.method_options(uniform, {"select": "accuracy"})
+    assert exc.value.key == "select" and "min_ratio" in exc.value.accepted
+    assert [m.name for m in api.methods("quant")] == sorted(m.name for m in api.methods("quant"))
+    assert {"prune.netadapt", "prune.uniform"} <= {m.name for m in api.methods("prune")}
+
+
+def test_prune_and_quantize_refuse_what_they_can_before_any_work(tmp_path, monkeypatch):
+    from squeeze.quant.run import MissingCalibrationDataError
+
+    monkeypatch.setattr(api, "run_recipe", lambda recipe, *args, **kwargs: recipe)  # the recipe each would run
+    recipe = api.quantize("zoo:digits-cnn", tmp_path, method="qat", data="digits", options={"fine_tune": {"epochs": 1}})
+    assert recipe.name == "quantize-qat" and recipe.stages[0].options == {"fine_tune": {"epochs": 1}}
+    assert api.prune("zoo:digits-cnn", tmp_path, method="uniform", macs=0.5).name == "prune-uniform"
+    with pytest.raises(MissingCalibrationDataError, match="needs calibration data"):
+        api.quantize("zoo:digits-cnn", tmp_path)
+    with pytest.raises(api.SqueezeError, match="Unknown importance criterion 'magic'"):
+        api.prune("zoo:digits-cnn", tmp_path, macs=0.5, options={"importance": "magic"})
+
+
+def test_catalog_lists_each_kind_and_names_the_kinds_on_an_unknown_one():
+    assert ("prune.netadapt", api.get_pass("prune.netadapt").summary) in api.catalog("methods")
+    assert "host-cpu" in dict(api.catalog("targets"))
+    with pytest.raises(api.SqueezeError, match="Cannot list `bogus`"):
+        api.catalog("bogus")

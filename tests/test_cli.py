@@ -366,3 +366,25 @@ def test_each_model_carries_its_own_weights(cli, tmp_path, fast):
     assert shas[0] != shas[1]  # two different weight files, two different exports
     r = cli("info", f"testnets:tiny_cnn@{a}", "--weights", str(b), "--input-shape", "1,3,16,16")
     assert_clean_error(r, "names its weights and --weights", "Give the weights one way")
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only_and_vanish_when_done():
+    import io
+
+    from rich.console import Console
+
+    from squeeze import progress
+    from squeeze.cli.progress import RichReporter, reporter_for
+
+    buf = io.StringIO()
+    reporter = RichReporter(Console(file=buf, force_terminal=True, width=100))
+    with progress.reporting(reporter):
+        with progress.task("fine-tune", total=4, unit="steps") as step:
+            with progress.task("layers") as inner:  # nested, of unknown length
+                inner.describe("conv1")
+            step.advance(1, loss="0.1234")
+            reporter.progress.refresh()
+            drawn = buf.getvalue()
+    assert "fine-tune" in drawn and "1/4" in drawn and "steps loss 0.1234" in drawn
+    assert not reporter.progress.live.is_started and not reporter.progress.tasks  # transient: gone with the last
+    assert reporter_for(Console(file=io.StringIO())) is None  # a pipe or a file: nothing drawn

@@ -64,3 +64,28 @@ def test_no_import_cycles():
 
 def test_a_cycle_is_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+CLI_MAY_IMPORT = ("squeeze.api", "squeeze.report", "squeeze.cli")
+
+
+def _cli_violations() -> list[str]:
+    """Every `squeeze.*` import in squeeze/cli/ (at the top or inside functions) that is not the API, a
+    report view or the CLI itself: `path:line module`."""
+    found = []
+    for path in sorted((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from squeeze import api` imports squeeze.api; `from squeeze.cli import x` stays in the CLI
+                names = [f"squeeze.{a.name}" for a in node.names] if node.module == "squeeze" else [node.module]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "squeeze"
+                      and not any(n == ok or n.startswith(ok + ".") for ok in CLI_MAY_IMPORT)]
+    return found
+
+
+def test_the_cli_reaches_the_core_only_through_the_api():
+    assert _cli_violations() == []

@@ -235,24 +235,57 @@ def test_validate_rejects_a_prune_recipe_without_budget(cli, tmp_path):
 
 
 def test_a_newly_registered_pruning_method_is_a_choice_of_squeeze_prune(cli, tmp_path, monkeypatch):
-    """Registering `prune.<name>` is all it takes for `squeeze prune --method <name>` (no list to edit)."""
+    """Registering `prune.<name>` is all it takes: `squeeze prune --method <name>` runs it, --help lists it and
+    the defaults of its options, and --option reaches any option (no list to edit, no default restated)."""
+    from typing import Literal
+
     from squeeze.errors import SqueezeError
     from squeeze.methods import Pass, list_passes
     from squeeze.methods.base import pass_registry
     from squeeze.methods.prune.uniform import UniformOptions
 
+    class ToyOptions(UniformOptions):
+        select: Literal["accuracy", "accuracy_per_latency"] = "accuracy_per_latency"
+
     class Toy(Pass):
         name = "prune.toy"
         summary = "a search that only says it ran"
-        Options = UniformOptions
+        Options = ToyOptions
         needs_budget = True
 
         def run(self, state, ctx):
-            raise SqueezeError(f"the toy search ran with round_to {self.options.round_to}.")
+            o = self.options
+            raise SqueezeError(f"the toy search ran with round_to {o.round_to}, min_ratio {o.min_ratio}, long-term "
+                               f"lr {o.long_term.lr} for {o.long_term.epochs} epochs, select {o.select}.")
 
     monkeypatch.setitem(pass_registry._items, Toy.name, Toy)
     assert Toy in list_passes()
-    r = cli("prune", "zoo:digits-cnn", "--method", "toy", "--macs", "0.5x", "--round-to", "4", "--out", tmp_path / "o")
-    assert r.exit_code == 2 and "the toy search ran with round_to 4." in r.stderr
+    r = cli("prune", "zoo:digits-cnn", "--method", "toy", "--macs", "0.5x", "--round-to", "4", "--option",
+            "min_ratio=0.3", "--option", "long_term.epochs=3", "--out", tmp_path / "o")
+    # The nested option keeps the rest of its default (lr 0.01); a flag not given leaves the method's default.
+    assert r.exit_code == 2 and ("the toy search ran with round_to 4, min_ratio 0.3, long-term lr 0.01 for 3 epochs, "
+                                 "select accuracy_per_latency.") in r.stderr
+    names = ", ".join(p.name.removeprefix("prune.") for p in list_passes() if p.name.startswith("prune."))
+    assert "netadapt, toy, uniform" in names
     r = cli("prune", "zoo:digits-cnn", "--method", "nope", "--macs", "0.5x", "--out", tmp_path / "o")
-    assert r.exit_code == 2 and "Choose one of: netadapt, toy, uniform" in r.stderr
+    assert r.exit_code == 2 and f"Choose one of: {names}." in r.stderr
+    monkeypatch.setenv("COLUMNS", "1000")
+    text = " ".join(cli("prune", "--help").stdout.replace("│", " ").split())
+    assert f"A registered pruning search: {names} (squeeze list methods: prune.*)." in text
+    assert ("netadapt, toy: accuracy or accuracy_per_latency (default accuracy for netadapt, accuracy_per_latency "
+            "for toy).") in text
+    assert "Widths are multiples of this (default 8)." in text
+
+
+def test_method_flags_and_option_pairs_name_what_the_user_typed(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("prune", "zoo:digits-cnn", "--out", out, "--macs", "0.5x", "--method", "uniform", "--select", "accuracy")
+    assert_clean_error(r, "--select does not apply to --method uniform", "Its options: importance, round_to")
+    r = cli("prune", "zoo:digits-cnn", "--out", out, "--macs", "0.5x", "--option", "short_term.iterations=0")
+    assert_clean_error(r, "--option short_term.iterations `0`: Input should be greater than or equal to 1")
+    r = cli("prune", "zoo:digits-cnn", "--out", out, "--macs", "0.5x", "--option", "select")
+    assert_clean_error(r, "--option `select` is not KEY=VALUE")
+    r = cli("prune", "zoo:digits-cnn", "--out", out, "--macs", "0.5x", "--select", "accuracy", "--option",
+            "select=accuracy")
+    assert_clean_error(r, "--select and --option select both set `select`")
+    assert not out.exists()

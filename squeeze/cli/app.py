@@ -8,7 +8,7 @@ import os
 import typer
 from rich.logging import RichHandler
 
-from squeeze import __version__
+from squeeze import api
 from squeeze.cli import bench, info, listing, lut, prune, quantize, run, targets
 from squeeze.cli.common import err, state
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"squeeze {__version__}")
+        print(f"squeeze {api.__version__}")
         raise typer.Exit()
 
 

@@ -8,10 +8,10 @@ from typing import List, Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, KeyOpt, NoCache, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
-                                handles_errors, out, parse_fraction, rpc_flags, write_json)
-from squeeze.errors import SqueezeError
-from squeeze.shapes import parse_input_shape
+from squeeze.api import SqueezeError
+from squeeze.cli.common import (InputShape, KeyOpt, MinRepeatMsOpt, NoCache, RepeatOpt, RpcOpt, TargetOpt, TrackerOpt,
+                                TrustModel, WarmupOpt, Weights, handles_errors, model_options, out, parse_fraction,
+                                rpc_flags)
 
 
 @handles_errors
@@ -26,9 +26,9 @@ def bench(
     max_noise: str = typer.Option("10%", "--max-noise", help="Gate: above this robust CV of either model, a FAIL must also hold at 99.9% confidence (more rounds); noise never turns a clear FAIL into a pass."),
     fail_on_inconclusive: bool = typer.Option(False, "--fail-on-inconclusive", help="Gate: exit 1 also when no verdict was reached (strict CI on a dedicated machine)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result (with raw samples) to this file."),
-    repeat: Optional[int] = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=0),
-    min_repeat_ms: Optional[float] = typer.Option(None, "--min-repeat-ms", min=0.0),
+    repeat: Optional[int] = RepeatOpt,
+    warmup: Optional[int] = WarmupOpt,
+    min_repeat_ms: Optional[float] = MinRepeatMsOpt,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the target's; 1 for the --against gate)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript; the other is tried if one fails."),
@@ -41,33 +41,28 @@ def bench(
     key: Optional[str] = KeyOpt,
 ) -> None:
     """Measure latency on a target (interleaved, one run), or gate a regression for CI (exit 1 on failure)."""
-    from squeeze.measure.gate import GateConfig
-    from squeeze.measure.protocol import Protocol
     from squeeze.report.render import bench_view, gate_view
-    from squeeze.target import load_target
 
     if json_out is not None:
-        from squeeze.outputs import check_writable
-
-        check_writable(json_out, "--json")  # before minutes of measuring, not after
+        api.check_writable(json_out, "--json")  # before minutes of measuring, not after
     if exporter not in ("dynamo", "torchscript"):
         raise SqueezeError(f"--exporter {exporter} is not known.", "Use dynamo or torchscript.")
     with rpc_flags(target, rpc, tracker, key):
-        tgt = load_target(target)
-    protocol = Protocol.for_target(tgt, repeat=repeat, warmup=warmup, min_repeat_ms=min_repeat_ms, threads=threads,
+        tgt = api.load_target(target)
+    protocol = api.Protocol.for_target(tgt, repeat=repeat, warmup=warmup, min_repeat_ms=min_repeat_ms, threads=threads,
                                    batch_size=batch_size)
-    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model, exporter)
+    opts = model_options(input_shape, weights, trust_model, exporter)
     if against is None and baseline is None:
         rows = api.bench(models, tgt, opts, protocol, use_cache=not no_cache)
         out.print(bench_view(rows, tgt))
         if json_out:
-            write_json(json_out, {"target": tgt.name, "models": [r.to_json() for r in rows]})
+            api.write_json(json_out, {"target": tgt.name, "models": [r.to_json() for r in rows]})
         return
     if len(models) != 1 or (against is not None and baseline is not None):
         raise SqueezeError("Gate mode compares exactly one NEW model with either --against OLD or --baseline FILE.",
                            "Example: squeeze bench new.pt --against old.pt --target host-cpu --max-regression 5%.")
     threshold = parse_fraction(max_regression, "--max-regression")
-    cfg = GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time,
+    cfg = api.GateConfig(max_regression=threshold, confidence=confidence, max_time_s=max_time,
                      max_noise=parse_fraction(max_noise, "--max-noise"))
     if against is not None and threads is None:
         # Intra-op threads wait on each other when another process takes a core: at load 5 on 2 cores, rounds
@@ -77,6 +72,6 @@ def bench(
     result = api.gate(models[0], tgt, opts, protocol, cfg, old_spec=against, baseline=baseline)
     out.print(gate_view(result))
     if json_out:
-        write_json(json_out, result.to_json())
+        api.write_json(json_out, result.to_json())
     if result.failed or (fail_on_inconclusive and result.verdict == "inconclusive"):
         raise typer.Exit(1)

@@ -5,23 +5,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from squeeze import api
+from squeeze.api import SqueezeError
 from squeeze.cli.progress import reporter_for
-from squeeze.errors import SqueezeError
-from squeeze.progress import reporting
 
-__all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "write_json", "InputShape", "Weights",
-           "TrustModel", "TargetOpt", "NoCache", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags", "NormalizeOpt",
-           "ResizeOpt", "preprocessing_flags", "Force"]
+__all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "parse_ratio", "InputShape", "Weights",
+           "TrustModel", "model_options", "TargetOpt", "NoCache", "Force", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags",
+           "NormalizeOpt", "ResizeOpt", "LatencyOpt", "LatencyMsOpt", "MacsOpt", "SizeBytesOpt", "RepeatOpt", "WarmupOpt",
+           "MinRepeatMsOpt"]
 
 out = Console()
 err = Console(stderr=True)
@@ -45,7 +44,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             reporter = reporter_for(err)
-            with reporting(reporter) if reporter else contextlib.nullcontext():
+            with api.reporting(reporter) if reporter else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except SqueezeError as exc:
             if state["debug"]:
@@ -83,21 +82,38 @@ def parse_fraction(text: str, what: str, noun: str = "number",
     return float(m.group(1)) / (100 if m.group(2) == "%" else 1)
 
 
-def write_json(path: Path, data: Any) -> None:
-    from squeeze.cache import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), json.dumps(data, indent=2, default=str).encode())
+RATIO_HINT = "Write it as 0.5x, 0.5 or 50% of the original."
 
 
+def parse_ratio(text: str | None, flag: str) -> float | None:
+    """'0.5x' / '0.5' / '50%' -> 0.5, in (0, 1]; None stays None (the flag was not given)."""
+    if text is None:
+        return None
+    value = parse_fraction(text, flag, "ratio", RATIO_HINT)
+    if not 0 < value <= 1:
+        raise SqueezeError(f"{flag} `{text}` is not a ratio in (0, 1]: pruning makes models smaller.", RATIO_HINT)
+    return value
+
+
+# Model options: how the models named on the command line are loaded.
 InputShape = typer.Option(None, "--input-shape", help="Input shape, batch first (e.g. 1,3,224,224), where the file does not record it.")
 Weights = typer.Option(None, "--weights", help="state_dict or squeeze checkpoint for the zoo:/package.module:factory model(s); MODEL@FILE gives one model its own.")
 TrustModel = typer.Option(False, "--trust-model", help="Allow loading a pickled nn.Module (unpickling runs code from the file).")
+
+
+def model_options(input_shape: str | None, weights: str | None, trust_model: bool,
+                  exporter: str = "dynamo") -> api.ModelOptions:
+    """--input-shape/--weights/--trust-model (and bench's --exporter) as the API's ModelOptions."""
+    return api.ModelOptions(api.parse_input_shape(input_shape), weights, trust_model, exporter)
+
+
 TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
 NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")
 Force = typer.Option(False, "--force", help="Write into an --out folder that already holds files (replacing the ones this command writes).")
 RpcOpt = typer.Option(None, "--rpc", help="TVM RPC targets: HOST:PORT of the board's rpc_server (overrides SQUEEZE_RPC_HOST/PORT and the target file).")
 TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of an rpc_tracker; use with --key.")
 KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")
+# Preprocessing: how --data is fed to the model (api.parse_preprocessing reads the two).
 NormalizeOpt = typer.Option(
     None, "--normalize", help="How --data pixels in [0, 1] are normalized, as the model was trained: data (the train "
     "split's mean/std; digits and folders default), imagenet, none (data functions default), MEAN,STD for all channels "
@@ -107,13 +123,16 @@ ResizeOpt = typer.Option(
     "nearest or none (images must have the model's size). Default: the model's record, else bilinear.")
 
 
-def preprocessing_flags(normalize: str | None, resize: str | None):
-    """--normalize/--resize as a Preprocessing (None when neither is given); a bad value fails here, exit 2."""
-    if normalize is None and resize is None:
-        return None
-    from squeeze.preprocessing import from_flags
+# Budgets: what compression must reach.
+LatencyOpt = typer.Option(None, "--latency", help="Latency budget as a ratio of the original's measured latency (0.5x).")
+LatencyMsOpt = typer.Option(None, "--latency-ms", help="Latency budget in milliseconds.")
+MacsOpt = typer.Option(None, "--macs", help="MACs budget as a ratio of the original (0.5x).")
+SizeBytesOpt = typer.Option(None, "--size-bytes", help="Model size budget in bytes.")
 
-    return from_flags(normalize, resize)
+# Measurement overrides of the target's protocol.
+RepeatOpt = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's).")
+WarmupOpt = typer.Option(None, "--warmup", min=0)
+MinRepeatMsOpt = typer.Option(None, "--min-repeat-ms", min=0.0)
 
 
 def _set_env(values: dict[str, str | None]) -> None:
@@ -132,28 +151,26 @@ def rpc_flags(target: str, rpc: str | None, tracker: str | None, key: str | None
     if not (rpc or tracker or key):
         yield
         return
-    from squeeze.target import RPC_ENV, load_target, parse_host_port
-
     if rpc and tracker:
         raise SqueezeError("--rpc and --tracker are two ways to reach a board; give one.",
                            "--rpc HOST:PORT for a board's rpc_server, or --tracker HOST:PORT --key KEY.")
-    tgt = load_target(target)
+    tgt = api.load_target(target)
     if tgt.tvm is None or tgt.tvm.runner != "rpc":
         raise SqueezeError(f"--rpc/--tracker/--key apply to targets that run on a board over TVM RPC; `{tgt.name}` "
                            "does not.", "Use them with such a target, e.g. --target arm-a72.")
     values: dict[str, str | None] = {}
     if rpc:
-        host, port = parse_host_port(rpc, "--rpc")
+        host, port = api.parse_host_port(rpc, "--rpc")
         values.update(SQUEEZE_RPC_HOST=host, SQUEEZE_RPC_PORT=str(port), SQUEEZE_RPC_TRACKER=None)
     if tracker:
-        parse_host_port(tracker, "--tracker")
+        api.parse_host_port(tracker, "--tracker")
         values.update(SQUEEZE_RPC_TRACKER=tracker, SQUEEZE_RPC_HOST=None, SQUEEZE_RPC_PORT=None)
     if key:
         values["SQUEEZE_RPC_KEY"] = key
-    saved = {k: os.environ.get(k) for k in RPC_ENV}
+    saved = {k: os.environ.get(k) for k in api.RPC_ENV}
     try:
         _set_env(values)
-        load_target(target)  # an inconsistent combination fails here, naming the flags
+        api.load_target(target)  # an inconsistent combination fails here, naming the flags
         yield
     finally:
         _set_env(saved)

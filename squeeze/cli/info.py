@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import InputShape, TrustModel, Weights, handles_errors, out
-from squeeze.shapes import parse_input_shape
+from squeeze.cli.common import InputShape, TrustModel, Weights, handles_errors, model_options, out
 
 
 @handles_errors
@@ -23,8 +22,7 @@ def info(
     """Show a model's parameters, MACs (per layer and total), size and layer table."""
     from squeeze.report.render import info_view
 
-    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    summary = api.info(model, opts)
+    summary = api.info(model, model_options(input_shape, weights, trust_model))
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:

@@ -9,8 +9,7 @@ import typer
 
 from squeeze import api
 from squeeze.cli.common import (Force, InputShape, NoCache, NormalizeOpt, ResizeOpt, TrustModel, Weights, handles_errors,
-                                out, preprocessing_flags)
-from squeeze.shapes import parse_input_shape
+                                model_options, out)
 
 
 @handles_errors
@@ -31,19 +30,14 @@ def run(
     """Run a recipe's stages on a model and write the results."""
     from squeeze.report.render import recipe_view
 
-    opts = api.ModelOptions(parse_input_shape(input_shape), weights, trust_model)
-    report = api.run_recipe(recipe, model, out_dir, opts, target_name=target, data_spec=data,
-                            preprocessing=preprocessing_flags(normalize, resize), use_cache=not no_cache, force=force)
+    report = api.run_recipe(recipe, model, out_dir, model_options(input_shape, weights, trust_model),
+                            target_name=target, data_spec=data, preprocessing=api.parse_preprocessing(normalize, resize),
+                            use_cache=not no_cache, force=force)
     out.print(recipe_view(report))
 
 
 @handles_errors
 def validate(recipe: str = typer.Argument(..., help="Recipe YAML file or shipped recipe name.")) -> None:
     """Check a recipe without loading any model."""
-    from squeeze.recipe import load_recipe
-    from squeeze.target import load_target
-
-    r = load_recipe(recipe)
-    if r.target:
-        load_target(r.target)
+    r = api.validate_recipe(recipe)
     out.print(f"[green]ok[/]: recipe `{r.name}`, {len(r.stages)} stage(s): {', '.join(s.method for s in r.stages)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -15,9 +16,12 @@ from squeeze.preprocessing import Preprocessing
 from squeeze.target import Target
 
 if TYPE_CHECKING:  # summarizing imports torch; rendering a summary (or a target list) does not need it
+    from squeeze.measure.check import CheckReport
+    from squeeze.prune.tables import CheckResult
     from squeeze.summary import ModelSummary
 
-__all__ = ["fmt_count", "info_view", "bench_view", "gate_view", "recipe_view", "targets_view", "protocol_line"]
+__all__ = ["fmt_count", "info_view", "bench_view", "gate_view", "recipe_view", "targets_view", "protocol_line",
+           "catalog_view", "lut_check_view", "target_check_view"]
 
 
 def fmt_count(n: int | None) -> str:
@@ -235,4 +239,44 @@ def targets_view(targets: list[Target]) -> Table:
         t.add_column(col)
     for tg in targets:
         t.add_row(tg.name, tg.runtime, tg.device, tg.description)
+    return t
+
+
+def catalog_view(kind: str, rows: list[tuple[str, str]]) -> Table:
+    """`squeeze list KIND`: name and description of each registered item."""
+    t = Table(title=kind)
+    t.add_column("name")
+    t.add_column("description")
+    for name, desc in rows:
+        t.add_row(name, desc)
+    return t
+
+
+def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
+    """Predicted against measured latency per random plan, then the error's median and p90."""
+    t = Table(title=f"lookup table vs measurement: {model} on {target}")
+    for col in ("plan", "MACs", "measured ms", "table ms", "error", "recalibrated ms", "error "):
+        t.add_column(col, justify="right")
+    for r in result.rows:
+        recal = ("(fit)", "") if r.recalibrated_ms is None else (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%")
+        t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}",
+                  f"{r.error_pct:+.1f}%", *recal)
+    (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
+    return Group(t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after fitting the constant on plan 0: "
+                    f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
+                    "with the original, scaled by its latency)")
+
+
+_STEP_STYLES = {"pass": "green", "fail": "bold red", "skip": "dim"}
+
+
+def target_check_view(report: CheckReport, target: str) -> Table:
+    """`squeeze targets check`: each step of the target's path and its result."""
+    t = Table(title=f"targets check {target}")
+    for col in ("step", "result", "detail"):
+        t.add_column(col, overflow="fold")
+    for s in report.steps:
+        # A failure's full message (with its fix) follows the table; its first sentence is enough here.
+        detail = s.detail.split(". ")[0] + "." if s.status == "fail" else s.detail
+        t.add_row(s.name, f"[{_STEP_STYLES[s.status]}]{s.status.upper()}[/]", escape(detail))
     return t
