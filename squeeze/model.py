@@ -96,7 +96,7 @@ class LoadedModel:
 _PLAN_APPLIERS: Registry[Callable[[nn.Module, dict[str, Any], tuple[int, ...]], nn.Module]] = Registry(
     "plan kind", error=ModelLoadError)
 # Where each plan kind is registered, imported only when a checkpoint needs it (keeps loading light).
-_PLAN_MODULES = {"channels": "squeeze.prune"}
+_PLAN_MODULES = {"channels": "squeeze.prune", "multidim": "squeeze.prune.multidim"}
 
 
 def register_plan_kind(kind: str):

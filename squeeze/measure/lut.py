@@ -6,7 +6,9 @@ a measurement of the whole original model (see TableOracle). Runtimes fuse conv+
 additivity is an assumption: `squeeze lut check` measures how wrong it is.
 
 Layers in the table: Conv2d, Linear, and BatchNorm2d that cannot be folded into a preceding conv
-(pre-activation nets such as DenseNet run those as separate kernels).
+(pre-activation nets such as DenseNet run those as separate kernels); and the average pooling and resize
+modules that run a conv at a reduced resolution (multi-dimensional pruning marks them `lut_priced`), so a
+model pruned that way is priced as a sum of entries too. Other pooling stays in the table's constant.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from squeeze.model import LoadedModel
 from squeeze.target import Target
 
 __all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle",
-           "fit_table_constant"]
+           "fit_table_constant", "priced", "resize"]
 
 # Standalone layers are measured in batches, one worker process per batch.
 _BATCH = 24
@@ -39,7 +41,7 @@ _BATCH = 24
 
 @dataclass(frozen=True)
 class LayerConfig:
-    op: str  # "conv2d" | "linear" | "bn2d"
+    op: str  # "conv2d" | "linear" | "bn2d" | "avgpool2d" | "resize2d"
     c_in: int
     c_out: int
     h: int = 1  # input height / width (1 for linear)
@@ -48,6 +50,8 @@ class LayerConfig:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     groups: int = 1
+    out_hw: tuple[int, int] = (0, 0)  # resize2d: the output height / width
+    mode: str = ""  # resize2d: nearest | bilinear
 
     @property
     def key(self) -> str:
@@ -56,6 +60,10 @@ class LayerConfig:
             return f"linear_in{self.c_in}_out{self.c_out}"
         if self.op == "bn2d":
             return f"bn2d_relu_in{self.c_in}x{self.h}x{self.w}"
+        if self.op == "avgpool2d":
+            return f"avgpool2d_in{self.c_in}x{self.h}x{self.w}_k{self.kernel[0]}x{self.kernel[1]}"
+        if self.op == "resize2d":
+            return f"resize2d_{self.mode}_in{self.c_in}x{self.h}x{self.w}_out{self.out_hw[0]}x{self.out_hw[1]}"
         k, s, p = (f"{a}x{b}" for a, b in (self.kernel, self.stride, self.padding))
         return f"conv2d_in{self.c_in}x{self.h}x{self.w}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
 
@@ -66,8 +74,23 @@ class LayerConfig:
             return nn.Sequential(nn.Linear(self.c_in, self.c_out)).eval(), (1, self.c_in)
         if self.op == "bn2d":
             return nn.Sequential(nn.BatchNorm2d(self.c_in), nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+        if self.op == "avgpool2d":
+            return nn.Sequential(priced(nn.AvgPool2d(self.kernel, self.kernel))).eval(), (1, self.c_in, self.h, self.w)
+        if self.op == "resize2d":
+            return nn.Sequential(priced(resize(self.out_hw, self.mode))).eval(), (1, self.c_in, self.h, self.w)
         conv = nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, groups=self.groups)
         return nn.Sequential(conv, nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+
+
+def resize(size: tuple[int, ...], mode: str) -> nn.Upsample:
+    """A resize to a fixed output size (nearest, or (bi/tri)linear without corner alignment)."""
+    return nn.Upsample(size=tuple(size), mode=mode, align_corners=None if mode == "nearest" else False)
+
+
+def priced(m: nn.Module) -> nn.Module:
+    """Mark a pooling or resize module as a layer of the table (see the module docstring)."""
+    m.lut_priced = True
+    return m
 
 
 # Measured in every batch so that entries from different runs share one time base.
@@ -91,6 +114,10 @@ class Prediction:
     per_layer_ms: dict[str, float]
 
 
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerConfig]:
     """Module name -> its layer configuration, found by running the model once with forward hooks."""
     configs: dict[str, LayerConfig] = {}
@@ -109,11 +136,18 @@ def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, L
                 configs[name] = LayerConfig("linear", m.in_features, m.out_features)
             elif isinstance(m, nn.BatchNorm2d) and ((ref := conv_outputs.get(id(x))) is None or ref() is not x):
                 configs[name] = LayerConfig("bn2d", m.num_features, m.num_features, x.shape[2], x.shape[3])
+            elif isinstance(m, nn.AvgPool2d):
+                configs[name] = LayerConfig("avgpool2d", x.shape[1], x.shape[1], x.shape[2], x.shape[3],
+                                            _pair(m.kernel_size), _pair(m.stride))
+            elif isinstance(m, nn.Upsample) and x.dim() == 4:
+                configs[name] = LayerConfig("resize2d", x.shape[1], x.shape[1], x.shape[2], x.shape[3],
+                                            out_hw=tuple(output.shape[2:]), mode=m.mode)
 
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+               or (isinstance(m, (nn.AvgPool2d, nn.Upsample)) and getattr(m, "lut_priced", False))]
     try:
         with torch.no_grad():
             module.eval()(example_input)

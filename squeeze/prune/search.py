@@ -68,6 +68,8 @@ class SearchResult:
     final_measured: float | None = None
     search_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # a search's own record entries (AMC: ratios, rewards)
+    # Group widths of the result, from a search whose result renames layers (MDP wraps a conv at a lower resolution)
+    widths_after: dict[str, int] | None = None
 
     @property
     def budget_met(self) -> bool | None:
@@ -170,7 +172,7 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts: PruneOptions, 
     table = prunable_layers(original.module, x)
     widths_before = table.widths()
     log.info("not pruned: " + "; ".join(f"{name} ({why})" for name, why in table.not_pruned().items()))
-    widths_after = prunable_layers(result.model.module, x).widths()
+    widths_after = result.widths_after or prunable_layers(result.model.module, x).widths()
     state.model, state.artifact = result.model, None
     record = {
         "search": name,

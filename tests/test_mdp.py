@@ -1,0 +1,199 @@
+"""prune.mdp: the multi-branch layer, the gates, the multidim plan (export parity, checkpoint replay), the
+expected-latency term against a table, and an end-to-end run under a MACs budget."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from squeeze import api
+from squeeze.export.onnx import export_onnx
+from squeeze.export.ort import run_batched
+from squeeze.measure.lut import LutEntry, layer_configs
+from squeeze.methods.prune.mdp import BranchPrices, Gates, branch_prices, expected_cost
+from squeeze.model import LoadedModel, load_model, save_checkpoint
+from squeeze.prune.multidim import (
+    MultiBranchConv,
+    MultiDimPlan,
+    apply_multidim,
+    branch_configs,
+    candidate_factors,
+    conv_input_shapes,
+    multidim_from_json,
+    supernet,
+)
+from squeeze.prune.plan import ChannelPlan, PlanError
+from squeeze.recipe import Budget
+from testnets import conv_stack
+
+X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_model("zoo:digits-cnn")
+
+
+def _one_hot(layer: MultiBranchConv, i: int) -> None:
+    with torch.no_grad():
+        layer.alpha.fill_(-float("inf"))
+        layer.alpha[i] = 0.0
+
+
+def test_multi_branch_layer_with_only_scale_one_is_the_plain_conv_exactly():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    with torch.no_grad():
+        alone = MultiBranchConv(conv, [(1, 1)], (16, 16))(X)
+        mixed = MultiBranchConv(conv, [(1, 1), (2, 2), (4, 4)], (16, 16))
+        _one_hot(mixed, 0)  # the other branches have probability exactly 0
+        assert torch.equal(alone, conv(X)) and torch.equal(mixed(X), conv(X))
+
+
+def test_branches_share_the_conv_and_restore_the_output_size():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    layer = MultiBranchConv(conv, [(1, 1), (2, 2)], (8, 8))
+    assert [p for p in layer.parameters() if p is not layer.alpha] == list(conv.parameters())
+    _one_hot(layer, 1)
+    with torch.no_grad():
+        y = layer(X)
+        assert y.shape == (4, 8, 8, 8)
+        small = conv(nn.functional.avg_pool2d(X, 2))  # (4, 8, 4, 4), each value repeated 2x2
+        assert torch.equal(y, small.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+def test_gates_at_one_change_nothing_and_fold_exactly(digits):
+    x = digits.example_input(4)
+    net, layers = supernet(digits.module, x[:1], {n: [(1, 1)] for n in conv_input_shapes(digits.module, x[:1])})
+    gates = Gates(net, list(layers), x[:1])
+    with torch.no_grad():
+        ref = digits.module.eval()(x)
+        assert torch.equal(net.eval()(x), ref)
+        for g in gates.params.values():
+            g.uniform_(0.5, 1.5)
+        gated = net(x)
+        assert not torch.allclose(gated, ref)
+        gates.fold()  # the hooks go, their gates move into the BatchNorms
+        torch.testing.assert_close(net(x), gated, rtol=1e-5, atol=1e-5)
+
+
+def test_gates_sit_after_the_batchnorm_that_reads_the_conv(digits):
+    x = digits.example_input()
+    net, layers = supernet(digits.module, x, {"conv2.0": [(1, 1), (2, 2)]})
+    gates = Gates(net, list(layers), x)
+    assert gates.targets["conv2.0"] is net.conv2[1]
+
+
+def test_candidate_factors_fit_the_input():
+    assert candidate_factors(nn.Conv2d(3, 3, 3), (1, 3, 6, 6), (1, 2, 4, 8)) == [(1, 1), (2, 2), (4, 4)]
+    assert candidate_factors(nn.Conv3d(3, 3, 3), (1, 3, 4, 8, 8), (1, 2), (1, 2)) == [
+        (1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 2, 2)]
+
+
+def _plan(model, scales, keep=None) -> MultiDimPlan:
+    channels = None
+    if keep:
+        channels = ChannelPlan({n: len(i) for n, i in keep.items()}, keep, round_to=1)
+    return MultiDimPlan(scales, channels, "nearest")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_exported_mdp_net_matches_torch(mode):
+    net = conv_stack(3, 16)
+    x = X[:1]
+    plan = MultiDimPlan({"2": (2, 2), "4": (4, 4)}, ChannelPlan({"2": 8}, {"2": list(range(0, 16, 2))}, round_to=1),
+                        mode)
+    pruned = apply_multidim(net, plan, x)
+    ops = {c.op for c in layer_configs(pruned, x).values()}
+    assert {"avgpool2d", "resize2d"} <= ops
+    art = export_onnx(LoadedModel("mdp", "factory", (1, 3, 16, 16), pruned), use_cache=False)
+    assert art.parity.passed
+    got = run_batched(art.path, X.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pruned.eval()(X).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_plan_replays_on_reload(digits, tmp_path):
+    x = digits.example_input(4)
+    plan = _plan(digits, {"conv2.0": (2, 2), "conv5.0": (4, 4)}, {"conv3.0": list(range(0, 64, 2))})
+    module = apply_multidim(digits.module, plan, x[:1])
+    model = LoadedModel("d", "zoo", digits.input_shape, module, arch=digits.arch, plans=[plan.to_json()])
+    save_checkpoint(tmp_path / "m.pt", model)
+    again = load_model(str(tmp_path / "m.pt"))
+    assert again.plans[0]["kind"] == "multidim" and again.plans[0]["scales"]["conv2.0"] == [0.5, 0.5]
+    with torch.no_grad():
+        assert torch.equal(again.module.eval()(x), module.eval()(x))
+
+
+def test_plan_json_round_trips_and_bad_plans_are_named():
+    plan = _plan(None, {"a": (2, 2)}, {"b": [0, 2]})
+    again = multidim_from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.factors == {"a": (2, 2)} and again.channels.kept_indices == {"b": [0, 2]}
+    with pytest.raises(PlanError, match="1/k"):
+        multidim_from_json({**plan.to_json(), "scales": {"a": [0.3, 0.3]}})
+    with pytest.raises(PlanError, match="upsample"):
+        multidim_from_json({**plan.to_json(), "upsample": "cubic"})
+    with pytest.raises(PlanError, match="not a Conv2d"):
+        apply_multidim(conv_stack(), MultiDimPlan({"1": (2, 2)}), X[:1])
+
+
+class FakeTable:
+    """A lookup table whose entry for a key is a fixed function of the key (no measurement)."""
+
+    def entries(self, configs):
+        return {c.key: LutEntry(c.key, 1, ms := 0.001 * (len(c.key) + sum(map(ord, c.key)) % 97), 0.0, ms)
+                for c in configs}
+
+
+def test_expected_latency_is_the_table_price_of_the_argmax_when_one_hot(digits):
+    x = digits.example_input()
+    shapes = conv_input_shapes(digits.module, x)
+    candidates = {n: candidate_factors(digits.module.get_submodule(n), shapes[n]) for n in shapes}
+    table = FakeTable()
+    prices = branch_prices(digits.module, shapes, candidates, "latency_ms", table)
+    net, layers = supernet(digits.module, x, candidates)
+    chosen = {"conv1.0": 0, "conv2.0": 1, "conv3.0": 2, "conv4.0": 1, "conv5.0": 0}
+    for name, i in chosen.items():
+        _one_hot(layers[name], i)
+    factors = {n: candidates[n][i] for n, i in chosen.items()}
+    # the same layers of the pruned model, priced entry by entry
+    pruned = apply_multidim(digits.module, MultiDimPlan(factors), x)
+    configs = [c for n, c in layer_configs(pruned, x).items() if n.split(".")[0] + ".0" in chosen
+               and not n.endswith(".1")]
+    table_sum = sum(e.median_ms for e in table.entries(configs).values())
+    got = expected_cost(layers, prices).item() * prices.full
+    assert got == pytest.approx(table_sum, rel=1e-6)
+    assert got == pytest.approx(sum(sum(e.median_ms for e in table.entries(
+        branch_configs(digits.module.get_submodule(n), shapes[n], f)).values()) for n, f in factors.items()))
+
+
+def test_macs_prices_fall_with_the_scale(digits):
+    x = digits.example_input()
+    shapes = conv_input_shapes(digits.module, x)
+    prices = branch_prices(digits.module, shapes, {"conv3.0": [(1, 1), (2, 2), (4, 4)]}, "macs")
+    full, half, quarter = prices.prices["conv3.0"]
+    assert full == 32 * 64 * 9 * 8 * 8 and half == full / 4 and quarter == full / 16
+    assert isinstance(prices, BranchPrices) and prices.full == full
+
+
+def test_mdp_on_digits_meets_a_macs_budget(tmp_path):
+    options = {"search": {"iterations": 20, "batch_size": 32}, "long_term": {"iterations": 20}}
+    report = api.compress("zoo:digits-cnn", tmp_path / "out", "prune.mdp", budget=Budget(macs_ratio=0.5),
+                          data="digits", options=options, measure={"repeat": 3, "warmup": 0, "min_repeat_ms": 0})
+    record = report["stages"][0]["record"]
+    assert record["search"] == "mdp" and record["budget_met"]
+    assert record["final_measured"] <= 0.5 * record["budget"]["original"]
+    assert record["plan"]["kind"] == "multidim"
+    assert set(record["scales"]) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0"}
+    assert all(abs(sum(p) - 1) < 1e-3 for p in record["branch_probs"].values())
+    assert report["accuracy"]["final_top1"] > 0.8
+    replayed = load_model(str(tmp_path / "out" / "model.pt"))
+    assert replayed.plans[-1] == record["plan"]
+
+
+def test_mdp_refuses_a_size_budget(tmp_path):
+    from squeeze.prune.budget import BudgetError
+
+    with pytest.raises(BudgetError, match="resolution"):
+        api.compress("zoo:digits-cnn", tmp_path / "out", "prune.mdp", budget=Budget(size_bytes=1000), data="digits")
