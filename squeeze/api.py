@@ -73,10 +73,10 @@ class ModelOptions:
     trust: bool = False
     exporter: Exporter = "dynamo"
 
-    def load(self, spec: str) -> LoadedModel:
+    def load(self, spec: str, trained: bool = True) -> LoadedModel:
         from squeeze.model import load_model
 
-        return load_model(spec, input_shape=self.input_shape, weights=self.weights, trust=self.trust)
+        return load_model(spec, input_shape=self.input_shape, weights=self.weights, trust=self.trust, trained=trained)
 
 
 @dataclass
@@ -102,7 +102,8 @@ class BenchRow:
 def info(spec: str, opts: ModelOptions) -> ModelSummary:
     from squeeze.summary import summarize
 
-    return summarize(opts.load(spec))
+    # Shapes, parameters and MACs only: a trained zoo entry is not trained for them.
+    return summarize(opts.load(spec, trained=False))
 
 
 def _speedup(first: Measurement, other: Measurement) -> RatioEstimate:

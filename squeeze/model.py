@@ -259,13 +259,15 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     weights: str | None = None,
     trust: bool = False,
+    trained: bool = True,
 ) -> LoadedModel:
-    """Resolve a model reference (see module docstring) and check it accepts its input shape."""
+    """Resolve a model reference (see module docstring) and check it accepts its input shape; `trained=False`
+    leaves a trained zoo entry untrained (`zoo.create_model`)."""
     spec, weights = _split_weights(spec, weights)
     path = Path(spec)
     if spec.startswith("zoo:"):
         entry = zoo.get_entry(spec[4:])
-        module = zoo.create_model(entry.name)
+        module = zoo.create_model(entry.name, trained=trained)
         loaded = LoadedModel(entry.name, "zoo", entry.input_shape, module, arch=ArchRef(entry.arch_ref))
     elif path.exists():
         if path.is_dir():

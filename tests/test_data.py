@@ -88,6 +88,7 @@ def test_image_size_and_seed_are_honoured():
 
 def test_load_data_digits_is_digits_splits(splits):
     bundle = load_data("digits")
+    assert bundle.held_out() == ("test", bundle.test)
     assert bundle.input_shape == (1, 1, 16, 16) and bundle.num_classes == 10
     assert bundle.classes == tuple("0123456789")
     for ours, theirs in ((bundle.train, splits.train), (bundle.val, splits.val), (bundle.test, splits.test)):
@@ -331,7 +332,8 @@ def test_jpeg_folder_loads(tmp_path):
 def test_unknown_spec_lists_the_accepted_forms():
     message = _data_error("imagenet")
     assert "Unknown --data `imagenet`" in message
-    for form in ("`digits`", "root/train/<class>", "root/<class>", "package.module:function"):
+    for form in ("`digits`", "`fashion-mnist`", "`idx:DIR`", "root/train/<class>", "root/<class>",
+                 "package.module:function"):
         assert form in message
 
 
@@ -381,6 +383,8 @@ def test_module_function_pair(data_module):
     # Used as returned, and recorded so: no normalization, no resize.
     assert bundle.preprocessing == Preprocessing(normalize="none", mean=(0.0,), std=(1.0,), resize="none")
     assert load_data(f"{data_module}:pair").input_shape == (1, 1, 8, 8)  # shape taken from the samples
+    name, split = bundle.held_out()  # no test split: accuracy is reported on val
+    assert name == "val" and split is bundle.val
 
 
 def test_module_function_dict_and_normalization(data_module):
