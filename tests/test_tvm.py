@@ -288,7 +288,7 @@ def test_reports_label_emulated_figures():
 def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypatch):
     """The reuse logic without tuning: layers recorded as tuned are not tuned again, and how far each layer
     is tuned is part of the compiled library's key."""
-    from squeeze.measure import tuning
+    from squeeze.export import tuning
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     target = load_target(str(write_target(tmp_path, "tuned", "tvm: {target: detect, tuning: metaschedule, "
@@ -308,16 +308,16 @@ def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypa
 
     monkeypatch.setattr(tuning, "_tune_one", fake_tune)
     monkeypatch.setattr(tuning, "_builder_and_runner", lambda target: (None, None))
-    first = tuning.ensure_tuned(lowered, tvm_target, target, show_progress=False)
+    first = tuning.ensure_tuned(lowered, tvm_target, target)
     assert sorted(first.tuned) == sorted(tuned_now) == sorted(t.task_name for t in tasks) and first.reused == 0
     db = tuning.TuningDatabase(tvm_target)
     assert all(db.trials_done(t.dispatched[0]) == 4 for t in tasks)
     tuned_now.clear()
-    second = tuning.ensure_tuned(lowered, tvm_target, target, show_progress=False)
+    second = tuning.ensure_tuned(lowered, tvm_target, target)
     assert tuned_now == [] and second.reused == len(tasks) and second.state == first.state
     # More trials asked: every layer is tuned further, and the library key moves with the state.
     more = target.model_copy(update={"tvm": target.tvm.model_copy(update={"tuning_trials": 8})})
-    third = tuning.ensure_tuned(lowered, tvm_target, more, show_progress=False)
+    third = tuning.ensure_tuned(lowered, tvm_target, more)
     assert len(tuned_now) == len(tasks) and third.state != first.state
     assert asked[-len(tasks):] == [4] * len(tasks)  # by the 4 trials each lacks, not 8 again
     # The same layer shapes in another model reuse the records: a wider first conv changes only its own layers.
@@ -329,12 +329,12 @@ def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypa
                         exporter="torchscript")
     other_lowered = tx.lower_for_tuning(tx.relax_module(other, 1), tvm_target)
     tuned_now.clear()
-    report = tuning.ensure_tuned(other_lowered, tvm_target, more, show_progress=False)
+    report = tuning.ensure_tuned(other_lowered, tvm_target, more)
     assert 0 < len(tuned_now) < report.tasks and report.reused == report.tasks - len(tuned_now)
 
 
 def test_second_build_of_a_tuned_model_skips_import_and_lowering(tiny, tmp_path, monkeypatch):
-    from squeeze.measure import tuning
+    from squeeze.export import tuning
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     target = load_target(str(write_target(tmp_path, "tuned", "tvm: {target: detect, tuning: metaschedule, "
@@ -354,7 +354,7 @@ def test_second_build_of_a_tuned_model_skips_import_and_lowering(tiny, tmp_path,
 
 
 def test_a_layer_without_any_valid_schedule_fails_clearly(tiny, tmp_path, monkeypatch):
-    from squeeze.measure import tuning
+    from squeeze.export import tuning
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     target = load_target(str(write_target(tmp_path, "tuned", "tvm: {target: detect, tuning: metaschedule, "
@@ -371,7 +371,7 @@ def test_real_tuning_then_second_build_hits_the_database(tmp_path, monkeypatch):
     from torch import nn
 
     from squeeze.export.onnx import export_onnx
-    from squeeze.measure import tuning
+    from squeeze.export import tuning
     from squeeze.measure.bench import measure
     from squeeze.model import LoadedModel
 

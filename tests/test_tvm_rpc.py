@@ -178,7 +178,7 @@ def test_tuning_times_candidates_on_the_board(direct_server, tmp_path, monkeypat
     from squeeze.export.onnx import export_onnx
     from squeeze.export.tvm import build_library
     from squeeze.export.tvm import resolve_target
-    from squeeze.measure.tuning import TuningDatabase
+    from squeeze.export.tuning import TuningDatabase
     from squeeze.model import LoadedModel
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))

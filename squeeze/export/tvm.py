@@ -187,7 +187,7 @@ def build_library(artifact: OnnxArtifact, target: Target, batch_size: int = 1, *
     index = folder / f"{base}.workloads.json"
     report = None
     if tuned and use_cache and index.exists():
-        from squeeze.measure.tuning import known_tuning
+        from squeeze.export.tuning import known_tuning
 
         report = known_tuning(json.loads(index.read_text()), tvm_target, target)
     if report is not None and (folder / f"{_key(base, report.state)}.so").exists():
@@ -196,7 +196,7 @@ def build_library(artifact: OnnxArtifact, target: Target, batch_size: int = 1, *
         return _library(folder, base, tvm_target, None)
     mod = relax_module(artifact, batch_size)
     if tuned:
-        from squeeze.measure.tuning import ensure_tuned
+        from squeeze.export.tuning import ensure_tuned
 
         mod = lower_for_tuning(mod, tvm_target)
         report = ensure_tuned(mod, tvm_target, target)

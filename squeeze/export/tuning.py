@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.export.tvm import import_tvm, target_json
 from squeeze.target import Target, parse_host_port
@@ -249,24 +250,19 @@ def _tune_one(task, db: TuningDatabase, trials: int, builder, runner, log, advan
     return bool(db.db.get_top_k(workload, 1))
 
 
-def _tune_pending(pending: list, db: TuningDatabase, target: Target, of_tasks: int,
-                  show_progress: bool) -> tuple[list[str], list[str]]:
-    """Tune each pending task by the trials it lacks, with a progress bar; returns (tuned, failed) names."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _tune_pending(pending: list, db: TuningDatabase, target: Target, of_tasks: int) -> tuple[list[str], list[str]]:
+    """Tune each pending task by the trials it lacks, reported as one progress task in trials (the label names
+    the layer being tuned); returns (tuned, failed) names."""
     trials = target.tvm.tuning_trials
     missing = [trials - db.trials_done(t.dispatched[0]) for t in pending]
     builder, runner = _builder_and_runner(target)
     log = _logger(db)
     tuned, failed = [], []
-    columns = (TextColumn("tuning {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not show_progress) as bar:
-        overall = bar.add_task(f"{len(pending)} of {of_tasks} layers of {target.name}", total=sum(missing))
+    with progress.task(f"tuning {len(pending)} of {of_tasks} layers of {target.name}", total=sum(missing),
+                       unit="trials") as step:
         for i, (task, extra) in enumerate(zip(pending, missing), 1):
-            bar.update(overall, description=f"layer {i}/{len(pending)} ({task.task_name})")
-            if _tune_one(task, db, extra, builder, runner, log, lambda n: bar.advance(overall, n)):
+            step.describe(f"tuning layer {i}/{len(pending)} ({task.task_name})")
+            if _tune_one(task, db, extra, builder, runner, log, step.advance):
                 db.record(task.dispatched[0], task.task_name, trials)
                 tuned.append(task.task_name)
             else:
@@ -274,7 +270,7 @@ def _tune_pending(pending: list, db: TuningDatabase, target: Target, of_tasks: i
     return tuned, failed
 
 
-def ensure_tuned(lowered, tvm_target, target: Target, show_progress: bool = True) -> TuningReport:
+def ensure_tuned(lowered, tvm_target, target: Target) -> TuningReport:
     """Tune the tasks of `lowered` that the database lacks, or has with fewer trials (by the difference);
     reuse the rest."""
     trials = target.tvm.tuning_trials
@@ -287,7 +283,7 @@ def ensure_tuned(lowered, tvm_target, target: Target, show_progress: bool = True
             db.reload()
             pending = [t for t in tasks if db.trials_done(t.dispatched[0]) < trials]
             if pending:
-                tuned, failed = _tune_pending(pending, db, target, len(tasks), show_progress)
+                tuned, failed = _tune_pending(pending, db, target, len(tasks))
     if failed:
         raise TuningError(
             f"MetaSchedule found no valid schedule for {len(failed)} layer(s) of the model on `{target.name}` "
