@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's from Python 3.11
 
     from squeeze.export.onnx import Exporter
-    from squeeze.measure.check import CheckReport
+    from squeeze.doctor import CheckReport
     from squeeze.measure.lut import LatencyTable
     from squeeze.model import LoadedModel
     from squeeze.prune.tables import BuildResult, CheckResult
@@ -523,7 +523,7 @@ def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 
 
 def check_target(target: Target) -> CheckReport:
     """A tiny model through the target's whole path (runtime, export, latency): which steps work."""
-    from squeeze.measure.check import check_target as run_check
+    from squeeze.doctor import check_target as run_check
 
     return run_check(target)
 

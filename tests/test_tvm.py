@@ -245,7 +245,7 @@ def test_cuda_without_gpu_is_compile_only(cli, fast):
     steps = {s["name"]: s for s in report["steps"]}
     assert report["passed"] and "CUDA kernels for sm_80" in steps["compile"]["detail"]
     assert steps["run"]["status"] == "skip" and "no latency is claimed" in steps["run"]["detail"]
-    from squeeze.measure.check import find_nvcc
+    from squeeze.doctor import find_nvcc
 
     # nvcc compiled the generated source where it exists
     assert steps["nvcc"]["status"] == ("pass" if find_nvcc() else "skip")

@@ -16,7 +16,7 @@ from squeeze.preprocessing import Preprocessing
 from squeeze.target import Target
 
 if TYPE_CHECKING:  # summarizing imports torch; rendering a summary (or a target list) does not need it
-    from squeeze.measure.check import CheckReport
+    from squeeze.doctor import CheckReport
     from squeeze.prune.tables import CheckResult
     from squeeze.summary import ModelSummary
 
