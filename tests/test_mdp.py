@@ -1,6 +1,7 @@
 """prune.mdp: the multi-branch layer, the gates, the multidim plan (export parity, checkpoint replay), the
 expected-latency term against a table, and an end-to-end run under a MACs budget."""
 
+import copy
 import json
 
 import numpy as np
@@ -177,6 +178,28 @@ def test_macs_prices_fall_with_the_scale(digits):
     assert isinstance(prices, BranchPrices) and prices.full == full
 
 
+def test_lut_check_covers_an_mdp_pruned_model(digits):
+    """`squeeze lut check` on an MDP result: its random channel plans keep the scales, and the table prices the
+    pools and resizes as entries of their own."""
+    from squeeze.measure.lut import LatencyTable, TableOracle
+    from squeeze.measure.protocol import Protocol
+    from squeeze.prune.tables import check_table, search_space_configs
+    from squeeze.target import load_target
+
+    x = digits.example_input()
+    plan = _plan(digits, {"conv2.0": (2, 2), "conv4.0": (4, 4)}, {"conv3.0": list(range(48))})
+    model = LoadedModel("d", "zoo", digits.input_shape, apply_multidim(digits.module, plan, x), arch=digits.arch,
+                        plans=[plan.to_json()])
+    ops = [c.op for c in search_space_configs(model)]
+    assert ops.count("avgpool2d") >= 2 and ops.count("resize2d") >= 2
+    host = load_target("host-cpu")
+    table = LatencyTable(host, Protocol.for_target(host, repeat=5, warmup=2, min_repeat_ms=2))
+    per_layer = TableOracle(table, model).predict(model).per_layer_ms
+    assert {"conv2.0.pool", "conv2.0.conv", "conv2.0.upsample"} <= set(per_layer)
+    result = check_table(model, table, n_plans=2)
+    assert len(result.rows) == 2 and all(r.predicted_ms > 0 and r.measured_ms > 0 for r in result.rows)
+
+
 def test_mdp_on_digits_meets_a_macs_budget(tmp_path):
     options = {"search": {"iterations": 20, "batch_size": 32}, "long_term": {"iterations": 20}}
     report = api.compress("zoo:digits-cnn", tmp_path / "out", "prune.mdp", budget=Budget(macs_ratio=0.5),
@@ -197,3 +220,56 @@ def test_mdp_refuses_a_size_budget(tmp_path):
 
     with pytest.raises(BudgetError, match="resolution"):
         api.compress("zoo:digits-cnn", tmp_path / "out", "prune.mdp", budget=Budget(size_bytes=1000), data="digits")
+
+
+# --- 3D: Conv3d nets, spatial and temporal scales ------------------------------------------------------------
+
+
+def test_3d_channels_and_scales_equal_the_gated_net_with_those_channels_zeroed():
+    """torch-pruning's coupling on Conv3d/BatchNorm3d with the resolution wrappers: pruning a group (a residual
+    stream with its downsample projection, the stem with the block that adds to it) computes what the net
+    computes with the group's channels gated to zero after every member's BatchNorm, at the same scales."""
+    from squeeze.prune.graph import prunable_layers
+    from squeeze.prune.multidim import apply_scales, attach_gates
+    from testnets import tiny_r3d
+
+    net = tiny_r3d()
+    x = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    scales = {"layers.0.0.conv1.0": (2, 2, 2), "layers.1.0.conv2.0": (1, 2, 2), "layers.2.0.conv1.0": (2, 1, 1)}
+    groups = {g.name: g for g in prunable_layers(net, x[:1])}
+    keep = {"stem.0": list(range(0, 16, 2)), "layers.1.0.conv2.0": list(range(8, 32))}
+    pruned = apply_multidim(net, _plan(None, scales, keep), x[:1])
+    gated = apply_scales(copy.deepcopy(net), scales, x[:1])
+    members = {m: root for root in keep for m in (root, *groups[root].coupled)}
+    gates, _, _ = attach_gates(gated, list(members), x[:1])
+    with torch.no_grad():
+        for name, gate in gates.items():
+            mask = torch.zeros_like(gate)
+            mask[keep[members[name]]] = 1
+            gate.copy_(mask)
+        torch.testing.assert_close(pruned.eval()(x), gated.eval()(x), rtol=1e-4, atol=1e-5)
+    assert pruned.layers[1][0].conv2[0].conv.out_channels == 24 and pruned.stem[0].out_channels == 8
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_exported_3d_mdp_net_matches_torch(mode):
+    from testnets import tiny_r3d
+
+    x = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    plan = MultiDimPlan({"stem.0": (2, 1, 1), "layers.1.0.conv1.0": (2, 2, 2)},
+                        ChannelPlan({"layers.0.0.conv1.0": 8}, {"layers.0.0.conv1.0": list(range(8))}, round_to=1),
+                        mode)
+    pruned = apply_multidim(tiny_r3d(), plan, x[:1])
+    art = export_onnx(LoadedModel("mdp3d", "factory", (1, 3, 4, 16, 16), pruned), use_cache=False)
+    assert art.parity.passed
+    with torch.no_grad():
+        np.testing.assert_allclose(run_batched(art.path, x.numpy()), pruned.eval()(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_3d_macs_prices_count_time_and_space():
+    conv = nn.Conv3d(8, 16, 3, padding=1)
+    shapes = {"c": (1, 8, 4, 8, 8)}
+    module = nn.Sequential()
+    module.add_module("c", conv)
+    full, space, time_ = branch_prices(module, shapes, {"c": [(1, 1, 1), (1, 2, 2), (2, 1, 1)]}, "macs").prices["c"]
+    assert full == 8 * 16 * 27 * 4 * 8 * 8 and space == full / 4 and time_ == full / 2
