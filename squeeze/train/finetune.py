@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from squeeze.errors import DataError, SqueezeError
+from squeeze.progress import task as progress_task
 from squeeze.train.config import FineTuneConfig
 from squeeze.train.distill import distillation_loss
 from squeeze.train.evaluation import EvalResult, _device_of, evaluate
@@ -74,7 +75,7 @@ def fine_tune(
 
     With a `teacher`, the loss mixes cross-entropy with distillation from the teacher's logits (the
     teacher runs in eval mode without gradients, and gets its mode back afterwards). With `val_ds`, the
-    result carries the final validation accuracy. A progress bar shows on a terminal unless
+    result carries the final validation accuracy. Progress is reported through `squeeze.progress` unless
     `progress=False`.
     """
     if len(train_ds) == 0:
@@ -182,19 +183,10 @@ def _step_loss(
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, teacher: nn.Module | None) -> Iterator[Callable[[float, float], None]]:
-    """Yields `advance(loss, lr)`; a Rich bar on stderr when enabled and stderr is a terminal, else a no-op."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
+    """Yields `advance(loss, lr)`: one iteration of a `squeeze.progress` task showing the loss and lr, or a no-op
+    when disabled (a fine-tune run inside a larger step, which reports its own progress)."""
+    if not enabled:
         yield lambda loss, lr: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("distill" if teacher is not None else "fine-tune", total=total, loss=float("nan"), lr=0.0)
-        yield lambda loss, lr: bar.update(task, advance=1, loss=loss, lr=lr)
+    with progress_task("distill" if teacher is not None else "fine-tune", total=total) as step:
+        yield lambda loss, lr: step.advance(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
