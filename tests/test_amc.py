@@ -276,6 +276,13 @@ def test_amc_is_the_same_for_the_same_seed(digits_model, digits_data):
     assert c[0] != a[0]  # another seed explores otherwise
 
 
+def test_the_accuracy_guaranteed_reward_is_minus_error_times_log_macs(digits_model, digits_data):
+    budget = resolve_budget(Budget(macs_ratio=0.5), digits_model, Resource("macs"))
+    result = amc(digits_model, budget, Resource("macs"), quick(episodes=3, reward="error_log_flops"), digits_data)
+    for h in result.history:
+        assert h.proposals[0]["reward"] == pytest.approx(-(1 - h.accuracy) * math.log(h.resource))
+
+
 def test_amc_needs_data_before_anything_is_measured(digits_model, cli, tmp_path):
     with pytest.raises(DataError, match=r"AMC needs data \(--data\)"):
         get_pass("prune.amc")(quick()).run(ModelState(digits_model), _ctx(Budget(latency_ratio=0.5), None))
