@@ -11,6 +11,10 @@ Accepted specs (see `load_data`):
                            the 60k training images, and the official 10k test images as the test split
   idx:DIR                  any MNIST-format folder (train-/t10k- images and labels IDX files, gzipped or not),
                            split as Fashion-MNIST is (val is 1/12 of the training images)
+  fashion-motion           clips (1, T, H, W) = (1, 8, 32, 32) by default, for 3D CNNs: a Fashion-MNIST item at
+                           half the frame's side moving 2 px a frame in one of 8 directions; label = direction.
+                           Generated deterministically from the real images (12k train clips from the train
+                           split, 1k val, 2k test from the test images)
   package.module:function  a function returning (train, val[, test]) datasets, or a dict with those keys
 
 Images become (C, H, W) float32 tensors at the model's input size and channel count (grey <-> RGB as
@@ -43,6 +47,8 @@ __all__ = [
     "DigitsSplits",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
+    "MOTION_DIRECTIONS",
+    "MotionClips",
     "read_idx",
     "digits_splits",
     "DataBundle",
@@ -132,6 +138,8 @@ def load_data(
     `digits` and `fashion-mnist` always mean those sources; write `./digits` for a folder of that name. A data
     function is called without arguments.
     """
+    if spec == "fashion-motion":  # clips (C, T, H, W), not images
+        return _load_fashion_motion(input_shape, (preprocessing or Preprocessing()).over(_IMAGE_DEFAULTS), seed)
     chw = _sample_shape(input_shape)
     asked = preprocessing or Preprocessing()
     if spec == "digits":
@@ -455,6 +463,78 @@ def _load_idx(spec: str, folder: Path, chw: tuple[int, int, int] | None, pre: Pr
     return DataBundle(spec=spec, train=train, val=val, test=test, num_classes=num_classes,
                       input_shape=(1, channels, height, width), preprocessing=pre,
                       classes=classes or tuple(str(c) for c in range(num_classes)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fashion-motion: Fashion-MNIST items moving across the frame; the label is the direction, so a 3D CNN must see
+# time (a single frame says nothing of it).
+
+MOTION_DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
+_MOTION_CLIPS = {"train": 12000, "val": 1000, "test": 2000}
+_MOTION_SHAPE = (1, 8, 32, 32)  # (C, T, H, W)
+
+
+class MotionClips(Dataset):
+    """Clip i: item `rows[i]` of `items` ((N, s, s) [0, 1] pixels), moving in direction i % 8 from a seeded start
+    that keeps its path in the frame; built on access, the same for the same index."""
+
+    def __init__(self, items: torch.Tensor, rows: np.ndarray, cthw: tuple[int, int, int, int], seed: int,
+                 mean: float = 0.0, std: float = 1.0) -> None:
+        self.items, self.rows, self.cthw, self.seed, self.mean, self.std = items, rows, cthw, seed, mean, std
+        self.classes = MOTION_DIRECTIONS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        c, t, h, w = self.cthw
+        item = self.items[self.rows[index]]
+        side = item.shape[-1]
+        label = index % len(MOTION_DIRECTIONS)
+        angle = 2 * np.pi * label / len(MOTION_DIRECTIONS)
+        step = max(1, min(2, (min(h, w) - side) // max(1, t - 1)))
+        dx, dy = round(step * np.cos(angle)), -round(step * np.sin(angle))  # image rows grow downwards
+        rng = np.random.default_rng((self.seed, index))
+        # a start from which all t positions stay inside the frame
+        x0 = int(rng.integers(max(0, -dx * (t - 1)), w - side - max(0, dx * (t - 1)) + 1))
+        y0 = int(rng.integers(max(0, -dy * (t - 1)), h - side - max(0, dy * (t - 1)) + 1))
+        clip = torch.zeros(1, t, h, w)
+        for f in range(t):
+            x, y = x0 + f * dx, y0 + f * dy
+            clip[0, f, y:y + side, x:x + side] = item
+        return (clip.expand(c, -1, -1, -1) - self.mean) / self.std, label
+
+
+def _load_fashion_motion(input_shape: Sequence[int] | None, pre: Preprocessing, seed: int) -> DataBundle:
+    shape = tuple(int(d) for d in input_shape[1:]) if input_shape is not None else _MOTION_SHAPE
+    if len(shape) != 4 or shape[0] not in (1, 3) or shape[1] < 2 or min(shape[2:]) < 8:
+        raise DataError(f"--data fashion-motion makes clips (C, T, H, W) with C 1 or 3, T >= 2 and H, W >= 8; the "
+                        f"model takes {tuple(input_shape)}.", "Use a 3D CNN with input (1, 1, 8, 32, 32).")
+    c, t, h, w = shape
+    paths = _idx_paths(FASHION_MNIST_DIR, "fashion-mnist")
+    train_images, train_labels, test_images, _ = _idx_arrays(
+        tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths.values()))
+    side = min(h, w) // 2
+
+    def items(images: np.ndarray) -> torch.Tensor:  # (N, 28, 28) uint8 -> (N, side, side) [0, 1]
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        return _resize(x, (side, side), pre.resize, "fashion-motion")[:, 0]
+
+    rng = np.random.default_rng(seed)
+    train_rows, val_rows = (rng.permutation(rows)[:_MOTION_CLIPS[split]] for split, rows in
+                            zip(("train", "val"), _stratified_split(train_labels, _IDX_VAL_FRACTION, seed)))
+    test_rows = rng.permutation(len(test_images))[:_MOTION_CLIPS["test"]]
+    train_items, test_items = items(train_images), items(test_images)
+    sample = MotionClips(train_items, train_rows, (1, t, h, w), seed)
+    clips = torch.stack([sample[i][0] for i in range(min(_STATS_SAMPLE, len(sample)))])
+    pre = _resolve_normalization(pre, 1, lambda: _channel_stats(clips))
+    mean, std = pre.mean[0], pre.std[0]
+    splits = [MotionClips(src, rows, shape, seed + k, mean, std) for k, (src, rows) in
+              enumerate(((train_items, train_rows), (train_items, val_rows), (test_items, test_rows)))]
+    return DataBundle(spec="fashion-motion", train=splits[0], val=splits[1], test=splits[2],
+                      num_classes=len(MOTION_DIRECTIONS), input_shape=(1, *shape),
+                      preprocessing=pre.model_copy(update={"mean": (mean,) * c, "std": (std,) * c}),
+                      classes=MOTION_DIRECTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------

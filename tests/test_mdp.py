@@ -273,3 +273,22 @@ def test_3d_macs_prices_count_time_and_space():
     module.add_module("c", conv)
     full, space, time_ = branch_prices(module, shapes, {"c": [(1, 1, 1), (1, 2, 2), (2, 1, 1)]}, "macs").prices["c"]
     assert full == 8 * 16 * 27 * 4 * 8 * 8 and space == full / 4 and time_ == full / 2
+
+
+def test_fashion_motion_clips_are_deterministic_and_labelled_by_direction():
+    from squeeze.data import FASHION_MNIST_DIR, MOTION_DIRECTIONS, load_data
+
+    if not FASHION_MNIST_DIR.exists():
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed")
+    data = load_data("fashion-motion")
+    assert data.input_shape == (1, 1, 8, 32, 32) and data.num_classes == 8
+    assert (len(data.train), len(data.val), len(data.test)) == (12000, 1000, 2000)
+    grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))  # (2, H, W): y, x
+    for i in range(8):
+        clip, label = data.train[i]
+        assert torch.equal(clip, data.train[i][0]) and label == i
+        ink = clip[0] - clip[0].min()  # (T, H, W)
+        centre = (grid[None] * ink[:, None]).sum((2, 3)) / ink.sum((1, 2))[:, None]  # (T, 2)
+        dy, dx = (centre[-1] - centre[0]).tolist()
+        angle = np.degrees(np.arctan2(-dy, dx)) % 360
+        assert MOTION_DIRECTIONS[round(angle / 45) % 8] == MOTION_DIRECTIONS[label]
