@@ -19,6 +19,7 @@ import torch
 from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact, Parity, compare_outputs
+from squeeze.export.ort import open_session
 from squeeze.model import LoadedModel
 
 __all__ = ["Exporter", "Parity", "OnnxArtifact", "export_onnx", "check_parity"]
@@ -59,15 +60,11 @@ def check_parity(module: torch.nn.Module, path: Path, input_shape: tuple[int, ..
                  batch_size: int = 2, seed: int = 0) -> Parity:
     """Run torch and ONNX Runtime on the same seeded batch (batch 2 also exercises the dynamic axis);
     passes when |ort - torch| <= max(atol, rtol * max|torch|) + rtol * |torch| (`compare_outputs`)."""
-    import onnxruntime as ort
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size, *input_shape[1:]), generator=g)
     with torch.no_grad():
         ref = module(x).detach().numpy()
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = open_session(path)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     return compare_outputs(got, ref, atol, rtol)
 

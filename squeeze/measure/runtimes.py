@@ -10,6 +10,7 @@ import numpy as np
 
 from squeeze.errors import RuntimeUnavailableError
 from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.ort import open_session
 from squeeze.measure.protocol import Protocol
 from squeeze.registry import Registry
 from squeeze.target import Target
@@ -129,12 +130,9 @@ class OrtRuntime(Runtime):
         import onnxruntime as ort
 
         providers = self.providers(target)
-        so = ort.SessionOptions()
-        so.use_per_session_threads = False
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-        sess = ort.InferenceSession(str(artifact.path), so, providers=providers)
+        sess = open_session(artifact, providers, use_per_session_threads=False,
+                            execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
+                            graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         # ORT silently falls back to CPU when a GPU provider cannot start: refuse to time the wrong device.
         if providers[0] not in sess.get_providers():
             raise RuntimeUnavailableError(

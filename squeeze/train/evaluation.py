@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from squeeze.errors import DataError, ModelLoadError
 from squeeze.export.artifact import OnnxArtifact
+from squeeze.export.ort import open_session
 
 __all__ = ["EvalResult", "evaluate", "evaluate_onnx"]
 
@@ -103,14 +104,10 @@ def evaluate_onnx(artifact: OnnxArtifact | str | Path, dataset: Dataset, batch_s
 
     A model exported with a fixed batch size is fed batches of exactly that size (the last one padded).
     """
-    import onnxruntime as ort
-
     path = Path(getattr(artifact, "path", artifact))
     if not path.is_file():
         raise ModelLoadError(f"No ONNX model at {path}.", "Export the model first, or check the path.")
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path)
     model_input = session.get_inputs()[0]
     dtype = _ORT_INPUT_DTYPES.get(model_input.type, np.float32)
     fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
