@@ -228,10 +228,10 @@ def _run_step(target: Target, box: dict) -> str:
 
 
 def _parity_step(box: dict) -> str:
-    from squeeze.export.tvm import check_parity
+    from squeeze.export.artifact import compare_outputs
     from squeeze.measure.tvm import ort_reference
 
-    p = check_parity(box["out"], ort_reference(box["artifact"], box["x"]))
+    p = compare_outputs(box["out"], ort_reference(box["artifact"], box["x"]))
     if not p.passed:
         raise SqueezeError(f"TVM's output differs from ONNX Runtime on the host: max abs err {p.max_abs_err:.3g} "
                            f"(atol {p.atol}, rtol {p.rtol}).", "Check the target's `tvm.target`.")

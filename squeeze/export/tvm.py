@@ -19,16 +19,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from squeeze.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, TargetError, first_line
-from squeeze.export.artifact import OnnxArtifact, Parity, compare_outputs
+from squeeze.export.artifact import OnnxArtifact
 from squeeze.target import Target
 
 __all__ = ["TVM_PIN", "FFI_PIN", "INSTALL_HINT", "import_tvm", "device_kind", "device_present", "compile_only",
            "resolve_target", "relax_module", "TvmLibrary", "build_library", "generate_cuda_source", "elf_machine",
-           "expected_elf_machine", "check_parity", "ELF_MACHINES"]
+           "expected_elf_machine", "ELF_MACHINES"]
 
 TVM_PIN = "0.27.0.post1"
 # With apache-tvm-ffi 0.1.15.x even tvm.ir.save_json segfaults under TVM 0.27, and MetaSchedule with it.
@@ -266,8 +264,3 @@ def expected_elf_machine(tvm_target) -> int | None:
     """The ELF machine a CPU target's library must have (from its mtriple), or None when unknown."""
     triple = str(tvm_target.attrs.get("mtriple", "")) if tvm_target.kind.name == "llvm" else ""
     return ELF_MACHINES.get(triple.split("-")[0]) if triple else None
-
-
-def check_parity(got: np.ndarray, ref: np.ndarray, *, atol: float = 1e-4, rtol: float = 1e-3) -> Parity:
-    """TVM's output vs ONNX Runtime's on the host, same input, by the rule of `compare_outputs`."""
-    return compare_outputs(got, ref, atol, rtol)

@@ -22,8 +22,9 @@ import numpy as np
 
 from squeeze.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, first_line
-from squeeze.export.artifact import OnnxArtifact
-from squeeze.export.tvm import build_library, check_parity, compile_only, device_kind, import_tvm, resolve_target
+from squeeze.export.artifact import OnnxArtifact, compare_outputs
+from squeeze.export.ort import open_session
+from squeeze.export.tvm import build_library, compile_only, device_kind, import_tvm, resolve_target
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import Runtime, Session, register_runtime, seeded_input
 from squeeze.target import RpcOptions, Target, parse_host_port
@@ -206,11 +207,7 @@ def connect(target: Target, rpc: RpcOptions | None = None):
 
 def ort_reference(artifact: OnnxArtifact, x: np.ndarray) -> np.ndarray:
     """ONNX Runtime's output on the host for the same input: what TVM's output must match."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
-    sess = ort.InferenceSession(str(artifact.path), so, providers=["CPUExecutionProvider"])
+    sess = open_session(artifact)
     return sess.run(None, {artifact.input_name: x})[0]
 
 
@@ -330,7 +327,7 @@ class TvmRuntime(Runtime):
                 raise self.dropped(exc) from None
             raise ExportError(f"The TVM library of {artifact.path.name} failed to run on `{target.name}` "
                               f"({first_line(exc)}).", "Re-run with --debug for details.") from None
-        parity = check_parity(got, ort_reference(artifact, x))
+        parity = compare_outputs(got, ort_reference(artifact, x))
         if not parity.passed:
             raise ExportError(
                 f"TVM's output for {artifact.path.name} on `{target.name}` differs from ONNX Runtime on the host: "
