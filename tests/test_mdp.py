@@ -292,3 +292,36 @@ def test_fashion_motion_clips_are_deterministic_and_labelled_by_direction():
         dy, dx = (centre[-1] - centre[0]).tolist()
         angle = np.degrees(np.arctan2(-dy, dx)) % 360
         assert MOTION_DIRECTIONS[round(angle / 45) % 8] == MOTION_DIRECTIONS[label]
+
+
+def test_3d_layers_are_table_entries_that_rebuild_as_themselves():
+    """Conv3d, BatchNorm3d and the 3D pools and resizes of an MDP net are lookup-table entries: each entry's
+    standalone model has that one configuration again."""
+    from testnets import tiny_r3d
+
+    x = torch.zeros(1, 3, 4, 16, 16)
+    plan = MultiDimPlan({"layers.0.0.conv1.0": (2, 2, 2)}, None, "bilinear")
+    configs = layer_configs(apply_multidim(tiny_r3d(), plan, x), x)
+    assert configs["layers.0.0.conv1.0.conv"].key == "conv3d_in16x2x4x4_out16_k3x3x3_s1x1x1_p1x1x1_g1"
+    assert configs["layers.0.0.conv1.0.pool"].key == "avgpool3d_in16x4x8x8_k2x2x2"
+    assert configs["layers.0.0.conv1.0.upsample"].key == "resize3d_trilinear_in16x2x4x4_out4x8x8"
+    assert configs["layers.0.0.conv1.1"].op == "bn3d"  # reads the resize, not the conv: not folded
+    for cfg in {c.key: c for c in configs.values()}.values():
+        module, shape = cfg.build()
+        (again,) = layer_configs(module, torch.zeros(shape)).values()
+        assert again == cfg
+
+
+def test_width_effects_price_a_pruned_3d_net():
+    """A Conv3d group at a smaller width: the configurations a table prices are those of the pruned net."""
+    from squeeze.prune.effects import WidthEffects
+    from squeeze.prune.engine import apply_plan, make_plan
+    from squeeze.prune.graph import prunable_layers
+    from testnets import tiny_r3d
+
+    net, x = tiny_r3d(), torch.zeros(1, 3, 4, 16, 16)
+    effects = WidthEffects(net, x)
+    for layer in [g for g in prunable_layers(net, x) if g.prunable][::3]:
+        width = layer.out_channels // 2
+        pruned = apply_plan(net, make_plan(net, x, {layer.name: width}, round_to=1), x)
+        assert effects.configs_at(layer.name, width) == layer_configs(pruned, x), layer.name

@@ -5,7 +5,7 @@ a small standalone model, plus a constant for everything else (pooling, adds, co
 a measurement of the whole original model (see TableOracle). Runtimes fuse conv+bn+relu(+add), so
 additivity is an assumption: `squeeze lut check` measures how wrong it is.
 
-Layers in the table: Conv2d, Linear, and BatchNorm2d that cannot be folded into a preceding conv
+Layers in the table: Conv2d/Conv3d, Linear, and BatchNorm2d/3d that cannot be folded into a preceding conv
 (pre-activation nets such as DenseNet run those as separate kernels); and the average pooling and resize
 modules that run a conv at a reduced resolution (multi-dimensional pruning marks them `lut_priced`), so a
 model pruned that way is priced as a sum of entries too. Other pooling stays in the table's constant.
@@ -41,45 +41,55 @@ _BATCH = 24
 
 @dataclass(frozen=True)
 class LayerConfig:
-    op: str  # "conv2d" | "linear" | "bn2d" | "avgpool2d" | "resize2d"
+    op: str  # "linear" | "conv2d" | "bn2d" | "avgpool2d" | "resize2d", and the 3D ones ("conv3d", ...)
     c_in: int
     c_out: int
     h: int = 1  # input height / width (1 for linear)
     w: int = 1
-    kernel: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
+    kernel: tuple[int, ...] = (1, 1)  # per dim the op slides over: (kh, kw), or (kt, kh, kw) for 3D
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
     groups: int = 1
-    out_hw: tuple[int, int] = (0, 0)  # resize2d: the output height / width
-    mode: str = ""  # resize2d: nearest | bilinear
+    out_size: tuple[int, ...] = ()  # resize: the output size per dim
+    mode: str = ""  # resize: nearest | bilinear | trilinear
+    t: int = 0  # 3D ops: input frames (0: a 2D op)
 
     @property
     def key(self) -> str:
         """Readable and stable: `conv2d_in64x56x56_out128_k3x3_s2x2_p1x1_g1`."""
         if self.op == "linear":
             return f"linear_in{self.c_in}_out{self.c_out}"
-        if self.op == "bn2d":
-            return f"bn2d_relu_in{self.c_in}x{self.h}x{self.w}"
-        if self.op == "avgpool2d":
-            return f"avgpool2d_in{self.c_in}x{self.h}x{self.w}_k{self.kernel[0]}x{self.kernel[1]}"
-        if self.op == "resize2d":
-            return f"resize2d_{self.mode}_in{self.c_in}x{self.h}x{self.w}_out{self.out_hw[0]}x{self.out_hw[1]}"
-        k, s, p = (f"{a}x{b}" for a, b in (self.kernel, self.stride, self.padding))
-        return f"conv2d_in{self.c_in}x{self.h}x{self.w}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
+        size = "x".join(map(str, (*((self.t,) if self.t else ()), self.h, self.w)))
+        if self.op.startswith("bn"):
+            return f"{self.op}_relu_in{self.c_in}x{size}"
+        if self.op.startswith("avgpool"):
+            return f"{self.op}_in{self.c_in}x{size}_k{_x(self.kernel)}"
+        if self.op.startswith("resize"):
+            return f"{self.op}_{self.mode}_in{self.c_in}x{size}_out{_x(self.out_size)}"
+        k, s, p = (_x(v) for v in (self.kernel, self.stride, self.padding))
+        return f"{self.op}_in{self.c_in}x{size}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
 
     def build(self) -> tuple[nn.Module, tuple[int, ...]]:
         """The layer as a tiny model (conv + ReLU: ORT fuses the activation into the conv kernel)."""
         torch.manual_seed(0)
         if self.op == "linear":
             return nn.Sequential(nn.Linear(self.c_in, self.c_out)).eval(), (1, self.c_in)
-        if self.op == "bn2d":
-            return nn.Sequential(nn.BatchNorm2d(self.c_in), nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
-        if self.op == "avgpool2d":
-            return nn.Sequential(priced(nn.AvgPool2d(self.kernel, self.kernel))).eval(), (1, self.c_in, self.h, self.w)
-        if self.op == "resize2d":
-            return nn.Sequential(priced(resize(self.out_hw, self.mode))).eval(), (1, self.c_in, self.h, self.w)
-        conv = nn.Conv2d(self.c_in, self.c_out, self.kernel, self.stride, self.padding, groups=self.groups)
-        return nn.Sequential(conv, nn.ReLU()).eval(), (1, self.c_in, self.h, self.w)
+        three = bool(self.t)
+        shape = (1, self.c_in, *((self.t,) if three else ()), self.h, self.w)
+        if self.op.startswith("bn"):
+            return nn.Sequential((nn.BatchNorm3d if three else nn.BatchNorm2d)(self.c_in), nn.ReLU()).eval(), shape
+        if self.op.startswith("avgpool"):
+            pool = (nn.AvgPool3d if three else nn.AvgPool2d)(self.kernel, self.kernel)
+            return nn.Sequential(priced(pool)).eval(), shape
+        if self.op.startswith("resize"):
+            return nn.Sequential(priced(resize(self.out_size, self.mode))).eval(), shape
+        conv = (nn.Conv3d if three else nn.Conv2d)(self.c_in, self.c_out, self.kernel, self.stride, self.padding,
+                                                     groups=self.groups)
+        return nn.Sequential(conv, nn.ReLU()).eval(), shape
+
+
+def _x(values) -> str:
+    return "x".join(map(str, values))
 
 
 def resize(size: tuple[int, ...], mode: str) -> nn.Upsample:
@@ -114,8 +124,18 @@ class Prediction:
     per_layer_ms: dict[str, float]
 
 
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _tuple(v, dims: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+
+
+_CONVS = (nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm2d, nn.BatchNorm3d)
+_POOLS = (nn.AvgPool2d, nn.AvgPool3d)
+
+
+def _sizes(x: torch.Tensor) -> dict[str, int]:
+    """The input size fields of a (N, C, H, W) or (N, C, T, H, W) tensor."""
+    return {"t": x.shape[2], "h": x.shape[3], "w": x.shape[4]} if x.dim() == 5 else {"h": x.shape[2], "w": x.shape[3]}
 
 
 def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, LayerConfig]:
@@ -128,26 +148,29 @@ def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, L
     def hook(name: str):
         def fn(m: nn.Module, inputs, output) -> None:
             x = inputs[0]
-            if isinstance(m, nn.Conv2d):
-                conv_outputs[id(output)] = weakref.ref(output)
-                configs[name] = LayerConfig("conv2d", m.in_channels, m.out_channels, x.shape[2], x.shape[3],
-                                            tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), m.groups)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 configs[name] = LayerConfig("linear", m.in_features, m.out_features)
-            elif isinstance(m, nn.BatchNorm2d) and ((ref := conv_outputs.get(id(x))) is None or ref() is not x):
-                configs[name] = LayerConfig("bn2d", m.num_features, m.num_features, x.shape[2], x.shape[3])
-            elif isinstance(m, nn.AvgPool2d):
-                configs[name] = LayerConfig("avgpool2d", x.shape[1], x.shape[1], x.shape[2], x.shape[3],
-                                            _pair(m.kernel_size), _pair(m.stride))
-            elif isinstance(m, nn.Upsample) and x.dim() == 4:
-                configs[name] = LayerConfig("resize2d", x.shape[1], x.shape[1], x.shape[2], x.shape[3],
-                                            out_hw=tuple(output.shape[2:]), mode=m.mode)
+                return
+            d = x.dim() - 2  # 2 or 3 dims the op slides over
+            if isinstance(m, _CONVS):
+                conv_outputs[id(output)] = weakref.ref(output)
+                configs[name] = LayerConfig(f"conv{d}d", m.in_channels, m.out_channels, kernel=tuple(m.kernel_size),
+                                            stride=tuple(m.stride), padding=tuple(m.padding), groups=m.groups,
+                                            **_sizes(x))
+            elif isinstance(m, _BNS) and ((ref := conv_outputs.get(id(x))) is None or ref() is not x):
+                configs[name] = LayerConfig(f"bn{d}d", m.num_features, m.num_features, **_sizes(x))
+            elif isinstance(m, _POOLS):
+                configs[name] = LayerConfig(f"avgpool{d}d", x.shape[1], x.shape[1], kernel=_tuple(m.kernel_size, d),
+                                            stride=_tuple(m.stride, d), **_sizes(x))
+            elif isinstance(m, nn.Upsample):
+                configs[name] = LayerConfig(f"resize{d}d", x.shape[1], x.shape[1], out_size=tuple(output.shape[2:]),
+                                            mode=m.mode, **_sizes(x))
 
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
-               or (isinstance(m, (nn.AvgPool2d, nn.Upsample)) and getattr(m, "lut_priced", False))]
+               if isinstance(m, (*_CONVS, nn.Linear, *_BNS))
+               or (isinstance(m, (*_POOLS, nn.Upsample)) and getattr(m, "lut_priced", False))]
     try:
         with torch.no_grad():
             module.eval()(example_input)

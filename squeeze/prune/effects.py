@@ -52,7 +52,7 @@ class WidthEffects:
             k = self.widths[root] - width
             for name, sides in self.members[root].items():
                 c = out[name]
-                if c.op == "bn2d" or (c.groups == c.c_in == c.c_out and c.groups > 1):  # per-channel ops: both sides
+                if c.op in ("bn2d", "bn3d") or (c.groups == c.c_in == c.c_out and c.groups > 1):  # per-channel ops: both sides
                     n = c.c_out - k
                     out[name] = replace(c, c_in=n, c_out=n, groups=n if c.groups > 1 else 1)
                 else:
