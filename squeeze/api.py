@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from pydantic import BaseModel
 
 from squeeze import __version__
-from squeeze.cache import atomic_write_bytes
+from squeeze.util.cache import atomic_write_bytes
 from squeeze.errors import DataError, SqueezeError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.measure.bench import Measurement, measure
@@ -32,7 +32,7 @@ from squeeze.outputs import check_out_dir, check_writable, write_outputs
 from squeeze.preprocessing import Preprocessing, from_flags
 from squeeze.progress import reporting
 from squeeze.recipe import Budget, Recipe, load_recipe
-from squeeze.shapes import parse_input_shape
+from squeeze.util.shapes import parse_input_shape
 from squeeze.target import RPC_ENV, Target, list_targets, load_target, parse_host_port, refuse_emulated_latency
 
 # torch and onnx are imported by the functions that build, export or summarize a model, so that importing
@@ -470,7 +470,7 @@ def catalog(kind: str) -> list[tuple[str, str]]:
     if kind == "targets":
         return [(t.name, t.description) for t in list_targets()]
     if kind == "recipes":
-        from squeeze.resources import data_dir
+        from squeeze.util.resources import data_dir
 
         return [(p.stem, load_recipe(str(p)).description) for p in sorted(data_dir("recipes").glob("*.yaml"))]
     if kind == "importances":

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from squeeze.errors import DataError, first_line
 from squeeze.preprocessing import Preprocessing
-from squeeze.refs import import_ref, is_ref
+from squeeze.util.refs import import_ref, is_ref
 
 __all__ = [
     "DigitsSplits",

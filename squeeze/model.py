@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from squeeze import zoo
-from squeeze.cache import atomic_write_bytes
+from squeeze.util.cache import atomic_write_bytes
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
 from squeeze.preprocessing import Preprocessing
-from squeeze.refs import import_ref, is_ref
+from squeeze.util.refs import import_ref, is_ref
 from squeeze.registry import Registry
-from squeeze.shapes import parse_input_shape  # re-exported: callers of squeeze.model keep working
+from squeeze.util.shapes import parse_input_shape  # re-exported: callers of squeeze.model keep working
 
 __all__ = [
     "ArchRef",

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from squeeze.errors import RecipeError, SqueezeError
 from squeeze.methods import PassOptions, get_pass, list_passes
 from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize, parse_resize
-from squeeze.resources import data_dir
-from squeeze.yamlio import format_validation_error, load_yaml_model
+from squeeze.util.resources import data_dir
+from squeeze.util.yamlio import format_validation_error, load_yaml_model
 
 __all__ = ["Budget", "Stage", "ExportOptions", "MeasureOverrides", "DataSection", "Recipe", "load_recipe",
            "resolve_recipe_path"]

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from squeeze.errors import TargetError
-from squeeze.resources import data_dir
-from squeeze.yamlio import load_yaml_model
+from squeeze.util.resources import data_dir
+from squeeze.util.yamlio import load_yaml_model
 
 __all__ = ["Target", "ProtocolDefaults", "TvmOptions", "RpcOptions", "list_targets", "load_target", "parse_host_port",
            "refuse_emulated_latency", "RPC_ENV"]

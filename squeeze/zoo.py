@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import first_line
 from squeeze.train import train_classifier
 from squeeze.zoo_index import ZooEntry, get_entry, list_models, model_registry, register_model

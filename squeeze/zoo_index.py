@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from squeeze.errors import ModelLoadError
-from squeeze.refs import import_ref
+from squeeze.util.refs import import_ref
 from squeeze.registry import Registry
 
 __all__ = ["IMAGENET_SHAPE", "ZooEntry", "model_registry", "register_model", "list_models", "get_entry"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from squeeze.resources import data_dir
+from squeeze.util.resources import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from squeeze import zoo
-from squeeze.cache import cache_dir
+from squeeze.util.cache import cache_dir
 from squeeze.data import digits_splits
 from squeeze.errors import ModelLoadError, SqueezeError
 from squeeze.train import evaluate

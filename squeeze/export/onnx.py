@@ -16,7 +16,7 @@ from typing import Literal
 import onnx
 import torch
 
-from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
+from squeeze.util.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact, Parity, compare_outputs
 from squeeze.export.ort import open_session

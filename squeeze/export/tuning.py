@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze import progress
 from squeeze.errors import SqueezeError
 from squeeze.export.tvm import import_tvm, target_json

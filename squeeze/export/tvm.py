@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, TargetError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.target import Target

@@ -9,7 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from squeeze.cache import cache_dir
+from squeeze.util.cache import cache_dir
 
 __all__ = ["MeasurementCache", "measurement_key"]
 

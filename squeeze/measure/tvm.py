@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, first_line
 from squeeze.export.artifact import OnnxArtifact, compare_outputs
 from squeeze.export.ort import open_session

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from squeeze.cache import atomic_write_bytes, cache_dir
+from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import SqueezeError
 from squeeze.train.config import FineTuneConfig, ProxyConfig
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
+from squeeze.util.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.quant.ptq import QuantizeError, _quiet, layer_nodes
 

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
+from squeeze.util.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import SqueezeError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.quant.calibrate import (

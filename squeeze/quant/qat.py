@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
-from squeeze.cache import atomic_write_bytes, cache_dir, sha256_file
+from squeeze.util.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import check_parity

@@ -9,7 +9,7 @@ from pathlib import Path
 
 __all__ = ["data_dir"]
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # squeeze/
 
 
 def data_dir(kind: str) -> Path:
