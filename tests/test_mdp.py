@@ -14,7 +14,7 @@ from squeeze.export.onnx import export_onnx
 from squeeze.export.ort import run_batched
 from squeeze.measure.lut import LutEntry, layer_configs
 from squeeze.methods.prune.mdp import BranchPrices, Gates, branch_prices, expected_cost
-from squeeze.model import LoadedModel, load_model, save_checkpoint
+from squeeze.model.loading import LoadedModel, load_model, save_checkpoint
 from squeeze.prune.multidim import (
     MultiBranchConv,
     MultiDimPlan,
@@ -325,3 +325,25 @@ def test_width_effects_price_a_pruned_3d_net():
         width = layer.out_channels // 2
         pruned = apply_plan(net, make_plan(net, x, {layer.name: width}, round_to=1), x)
         assert effects.configs_at(layer.name, width) == layer_configs(pruned, x), layer.name
+
+
+def test_mdp_on_a_3d_net_searches_time_and_space(tmp_path):
+    """prune.mdp on a Conv3d net and fashion-motion clips, with temporal scales allowed: the budget is met, the
+    record names (t, h, w) scales, and the checkpoint replays to the exported model."""
+    from squeeze.data import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.exists():
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed")
+    options = {"search": {"iterations": 6, "batch_size": 16}, "long_term": {"iterations": 4, "batch_size": 16},
+               "temporal_scales": [1, 0.5], "spatial_scales": [1, 0.5]}
+    out = tmp_path / "out"
+    report = api.compress("testnets:tiny_r3d", out, "prune.mdp", budget=Budget(macs_ratio=0.5),
+                          data="fashion-motion", options=options, model_options=api.ModelOptions((1, 3, 8, 32, 32)),
+                          measure={"repeat": 3, "warmup": 0, "min_repeat_ms": 0})
+    record = report["stages"][0]["record"]
+    assert record["budget_met"] and all(len(s) == 3 for s in record["scales"].values())
+    assert len(record["candidates"]["stem.0"]) == 4  # (t, s) in {1, 1/2}^2
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = load_model(str(out / "model.pt")).module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_batched(out / "model.onnx", x), ref, rtol=1e-3, atol=1e-4)
