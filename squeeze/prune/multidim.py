@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from squeeze.measure.lut import LayerConfig, layer_configs, priced, resize
-from squeeze.model import register_plan_kind
+from squeeze.model.loading import register_plan_kind
 from squeeze.prune.engine import apply_plan, replay_channel_plan
 from squeeze.prune.plan import ChannelPlan, PlanError, plan_from_json, plan_to_json
 
 __all__ = ["MULTIDIM_KIND", "Factors", "MultiDimPlan", "ScaledConv", "MultiBranchConv", "apply_multidim",
-           "apply_scales", "attach_gates", "branch_configs", "candidate_factors", "conv_input_shapes",
-           "multidim_from_json", "replay_multidim_plan", "supernet", "unwrapped_name"]
+           "apply_scales", "attach_gates", "branch_configs", "candidate_factors", "collapse", "conv_input_shapes",
+           "full_size", "multidim_from_json", "replay_multidim_plan", "supernet"]
 
 MULTIDIM_KIND = "multidim"
 MULTIDIM_VERSION = 1
@@ -47,7 +47,7 @@ Factors = tuple[int, ...]
 _CONVS = (nn.Conv2d, nn.Conv3d)
 
 
-def _full_size(conv: nn.Conv2d | nn.Conv3d, in_size: tuple[int, ...]) -> tuple[int, ...]:
+def full_size(conv: nn.Conv2d | nn.Conv3d, in_size: tuple[int, ...]) -> tuple[int, ...]:
     """The conv's output size (per spatial/temporal dim) at full resolution."""
     return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                  zip(in_size, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
@@ -150,6 +150,13 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def collapse(net: nn.Module, layers: Mapping[str, MultiBranchConv]) -> nn.Module:
+    """In place: each MultiBranchConv back to its plain conv (the original architecture, the trained weights)."""
+    for name, layer in layers.items():
+        _set_submodule(net, name, layer.conv)
+    return net
+
+
 def supernet(module: nn.Module, x: torch.Tensor, candidates: Mapping[str, list[Factors]],
              mode: str = "nearest") -> tuple[nn.Module, dict[str, MultiBranchConv]]:
     """A deep copy of `module` with each conv in `candidates` replaced by its MultiBranchConv."""
@@ -158,7 +165,7 @@ def supernet(module: nn.Module, x: torch.Tensor, candidates: Mapping[str, list[F
     layers = {}
     for name, factors in candidates.items():
         conv = net.get_submodule(name)
-        layers[name] = MultiBranchConv(conv, factors, _full_size(conv, shapes[name][2:]), mode)
+        layers[name] = MultiBranchConv(conv, factors, full_size(conv, shapes[name][2:]), mode)
         _set_submodule(net, name, layers[name])
     return net, layers
 
@@ -213,7 +220,7 @@ def branch_configs(conv: nn.Conv2d | nn.Conv3d, in_shape: tuple[int, ...], facto
     if all(f == 1 for f in factors):
         layer: nn.Module = conv
     else:
-        layer = ScaledConv(conv, factors, _full_size(conv, in_shape[2:]), mode)
+        layer = ScaledConv(conv, factors, full_size(conv, in_shape[2:]), mode)
     training = conv.training
     try:
         return list(layer_configs(layer, torch.zeros(in_shape)).values())
@@ -273,7 +280,7 @@ def apply_scales(module: nn.Module, factors: Mapping[str, Factors], x: torch.Ten
             raise PlanError(f"plan.scales names {name!r}, which is not a Conv2d/Conv3d the model runs.")
         if len(fs) != conv.weight.dim() - 2 or any(n < f for n, f in zip(shapes[name][2:], fs)):
             raise PlanError(f"plan.scales[{name!r}] does not fit the layer's input {shapes[name][2:]}.")
-        _set_submodule(module, name, ScaledConv(conv, fs, _full_size(conv, shapes[name][2:]), mode))
+        _set_submodule(module, name, ScaledConv(conv, fs, full_size(conv, shapes[name][2:]), mode))
     return module
 
 
@@ -292,10 +299,3 @@ def replay_multidim_plan(module: nn.Module, plan: Mapping[str, Any], input_shape
         module = replay_channel_plan(module, plan["channels"], input_shape)
     return apply_scales(module, parsed.factors, torch.zeros(tuple(input_shape)), parsed.upsample)
 
-
-def unwrapped_name(name: str, module: nn.Module) -> str:
-    """A layer's name in the original architecture (`conv3.0.conv` inside a ScaledConv is `conv3.0`)."""
-    parent, _, leaf = name.rpartition(".")
-    if leaf == "conv" and parent and isinstance(module.get_submodule(parent), ScaledConv):
-        return parent
-    return name

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from squeeze.data import DataBundle
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.multidim import Factors, MultiBranchConv, MultiDimPlan
     from squeeze.prune.search import SearchResult
@@ -123,10 +123,10 @@ class BranchPrices:
 
 
 def _conv_macs(conv, in_shape: tuple[int, ...], factors: Factors) -> float:
-    from squeeze.prune.multidim import _full_size
+    from squeeze.prune.multidim import full_size
 
     size = [n // f for n, f in zip(in_shape[2:], factors)]
-    out = math.prod(_full_size(conv, tuple(size)))
+    out = math.prod(full_size(conv, tuple(size)))
     return float(conv.out_channels * out * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size))
 
 
@@ -214,7 +214,7 @@ def search_stage(original: LoadedModel, data: DataBundle, opts: MDPOptions, pric
     import torch
 
     from squeeze import progress
-    from squeeze.prune.multidim import candidate_factors, conv_input_shapes, supernet
+    from squeeze.prune.multidim import candidate_factors, collapse, conv_input_shapes, supernet
     from squeeze.train import distillation_loss
 
     x = original.example_input()
@@ -268,10 +268,7 @@ def search_stage(original: LoadedModel, data: DataBundle, opts: MDPOptions, pric
     net.eval()
     chosen = {n: layer.candidates[int(layer.alpha.argmax())] for n, layer in layers.items()}
     gates.fold()
-    for name, layer in layers.items():  # the branches collapse to the plain conv: the original architecture
-        from squeeze.prune.multidim import _set_submodule
-
-        _set_submodule(net, name, layer.conv)
+    collapse(net, layers)
     probs = {n: [round(p, 4) for p in layer.probs().tolist()] for n, layer in layers.items()}
     log("MDP search: " + ", ".join(f"{n} 1/{max(chosen[n])}" for n in names))
     record = {"candidates": {n: [[1 / f for f in fs] for fs in c] for n, c in candidates.items()},
@@ -335,7 +332,7 @@ class _Pruner:
         return MultiDimPlan(dict(self.factors), channels, self.opts.upsample)
 
     def build(self, k: int) -> LoadedModel:
-        from squeeze.model import LoadedModel
+        from squeeze.model.loading import LoadedModel
         from squeeze.prune.multidim import apply_multidim
 
         if k not in self.built:
