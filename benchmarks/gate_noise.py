@@ -29,7 +29,7 @@ from squeeze.measure.bench import InterleavedRun
 from squeeze.measure.gate import GateConfig, gate_protocol, run_gate
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import block_paired_ratio
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.target import load_target
 
 _SPIN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"

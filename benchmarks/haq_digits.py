@@ -27,7 +27,7 @@ from squeeze import api
 from squeeze.data import load_data
 from squeeze.errors import SqueezeError
 from squeeze.measure.protocol import Protocol
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.methods.quant.haq import HAQOptions, finish, prepare, search
 from squeeze.quant.haq import cost_of, names_of
 from squeeze.recipe import Budget, Recipe, Stage

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from squeeze import api, zoo
+from squeeze import api
 from squeeze.data import load_data
-from squeeze.model import ArchRef, LoadedModel, save_checkpoint
+from squeeze.model.loading import ArchRef, LoadedModel, save_checkpoint
+from squeeze.model.zoo.digits_cnn import digits_cnn
 from squeeze.recipe import Budget, Recipe, Stage
 from squeeze.train import FineTuneConfig, evaluate, fine_tune
 
@@ -30,12 +31,12 @@ SHAPE = (1, 1, 32, 32)
 def trained_model(folder: Path) -> Path:
     data = load_data("digits", input_shape=SHAPE)
     torch.manual_seed(0)
-    model = zoo.digits_cnn(width=2.0)
+    model = digits_cnn(width=2.0)
     fine_tune(model, data.train, FineTuneConfig(optimizer="adamw", lr=3e-3, epochs=10), progress=False)
     print(f"trained digits-cnn width 2 at 32x32: test top-1 {100 * evaluate(model, data.test).top1:.2f}%")
     path = folder / "digits-w2.pt"
     save_checkpoint(path, LoadedModel("digits-w2", "factory", SHAPE, model.eval(),
-                                      arch=ArchRef("squeeze.zoo:digits_cnn", {"width": 2.0})))
+                                      arch=ArchRef("squeeze.model.zoo.digits_cnn:digits_cnn", {"width": 2.0})))
     return path
 
 

@@ -37,7 +37,7 @@ from squeeze.quant.ptq import QuantConfig, layer_precisions, quantize_onnx
 from squeeze.quant.run import NotFasterError
 from squeeze.recipe import Recipe, Stage
 from squeeze.target import load_target
-from squeeze.zoo import get_entry
+from squeeze.model.zoo import get_entry
 
 
 def depthwise_heavy(blocks: int = 40, channels: int = 64) -> nn.Module:

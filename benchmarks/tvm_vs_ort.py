@@ -19,7 +19,7 @@ from squeeze.export.onnx import export_onnx
 from squeeze.export.tvm import build_library
 from squeeze.measure.bench import measure
 from squeeze.measure.protocol import Protocol
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.target import load_target
 
 

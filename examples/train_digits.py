@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from squeeze.data import digits_splits
-from squeeze.model import ArchRef, LoadedModel, save_checkpoint
+from squeeze.model.loading import ArchRef, LoadedModel, save_checkpoint
 from squeeze.train import evaluate, train_classifier
-from squeeze.zoo import digits_cnn, get_entry
+from squeeze.model.zoo import get_entry
+from squeeze.model.zoo.digits_cnn import digits_cnn
 
 
 def main() -> None:

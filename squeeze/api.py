@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from squeeze.export.onnx import Exporter
     from squeeze.doctor import CheckReport
     from squeeze.measure.lut import LatencyTable
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.tables import BuildResult, CheckResult
-    from squeeze.summary import ModelSummary
+    from squeeze.model.summary import ModelSummary
 
 __all__ = ["ModelOptions", "BenchRow", "CompressOptions", "UnknownOptionError", "info", "bench", "gate", "run_recipe",
            "load_baseline", "compress", "prune", "quantize", "methods", "option_default", "method_options", "CATALOGS",
@@ -74,7 +74,7 @@ class ModelOptions:
     exporter: Exporter = "dynamo"
 
     def load(self, spec: str, trained: bool = True) -> LoadedModel:
-        from squeeze.model import load_model
+        from squeeze.model.loading import load_model
 
         return load_model(spec, input_shape=self.input_shape, weights=self.weights, trust=self.trust, trained=trained)
 
@@ -100,7 +100,7 @@ class BenchRow:
 
 
 def info(spec: str, opts: ModelOptions) -> ModelSummary:
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
 
     # Shapes, parameters and MACs only: a trained zoo entry is not trained for them.
     return summarize(opts.load(spec, trained=False))
@@ -114,7 +114,7 @@ def _speedup(first: Measurement, other: Measurement) -> RatioEstimate:
 
 def bench(specs: list[str], target: Target, opts: ModelOptions, protocol: Protocol, use_cache: bool = True) -> list[BenchRow]:
     from squeeze.export.onnx import export_onnx
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
 
     loaded = [opts.load(s) for s in specs]
     get_runtime_check(target)
@@ -269,8 +269,8 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     """
     from squeeze.export.onnx import export_onnx
     from squeeze.measure.oracle import MeasuredOracle
-    from squeeze.model import checkpoint_bytes
-    from squeeze.summary import summarize
+    from squeeze.model.loading import checkpoint_bytes
+    from squeeze.model.summary import summarize
 
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     if preprocessing is not None and not (data_spec or recipe.data):
@@ -464,7 +464,7 @@ def catalog(kind: str) -> list[tuple[str, str]]:
     if kind == "methods":
         return [(p.name, p.summary) for p in list_passes()]
     if kind == "models":
-        from squeeze.zoo_index import list_models
+        from squeeze.model.zoo.index import list_models
 
         return [(f"zoo:{e.name}", f"{e.description} (input {'x'.join(map(str, e.input_shape))})") for e in list_models()]
     if kind == "targets":

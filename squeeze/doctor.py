@@ -80,7 +80,7 @@ def _tiny_artifact():
     from torch import nn
 
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

@@ -44,7 +44,7 @@ def cli():
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """digits-cnn as a squeeze checkpoint on disk: the input file that bad commands must leave alone."""
-    from squeeze.model import load_model, save_checkpoint
+    from squeeze.model.loading import load_model, save_checkpoint
 
     path = tmp_path_factory.mktemp("input") / "digits.pt"
     save_checkpoint(path, load_model("zoo:digits-cnn"))
@@ -54,7 +54,7 @@ def model_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_model():
     """The trained zoo digits-cnn (trained once per test run into the run's cache)."""
-    from squeeze.model import load_model
+    from squeeze.model.loading import load_model
 
     return load_model("zoo:digits-cnn")
 

@@ -22,13 +22,13 @@ from squeeze.methods import get_pass
 from squeeze.methods.base import ModelState, PassContext
 from squeeze.methods.prune.amc import (AMCEnv, AMCOptions, LayerFeatures, PolicyPricer, Step, amc, budget_wall,
                                        make_steps)
-from squeeze.model import LoadedModel, load_model
+from squeeze.model.loading import LoadedModel, load_model
 from squeeze.preprocessing import Preprocessing
 from squeeze.prune import prunable_layers
 from squeeze.prune.budget import Resource, resolve_budget
 from squeeze.prune.search import pruned_candidate
 from squeeze.recipe import Budget, ExportOptions
-from squeeze.summary import summarize
+from squeeze.model.summary import summarize
 from squeeze.target import load_target
 
 HOST = load_target("host-cpu")

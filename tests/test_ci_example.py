@@ -44,7 +44,7 @@ def test_the_workflow_is_well_formed():
 def _model(path: Path, layers: int) -> None:
     import testnets
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     art = export_onnx(LoadedModel(f"stack{layers}", "factory", (1, 3, 24, 24), testnets.conv_stack(layers, 32)))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -187,7 +187,7 @@ def test_python_dash_m_entry_point():
 
 def test_bench_an_onnx_file(cli, tmp_path, fast):
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import load_model
+    from squeeze.model.loading import load_model
 
     src = export_onnx(load_model("zoo:digits-cnn")).path
     path = tmp_path / "digits.onnx"
@@ -233,7 +233,7 @@ def test_a_corrupt_measurement_cache_is_set_aside_and_rebuilt(cli, tmp_path, mon
 
 @pytest.mark.parametrize("command", [["info"], ["quantize", "--data", "digits", "--out", "OUT"]], ids=["info", "quantize"])
 def test_non_finite_weights_are_named_at_load(cli, tmp_path, command):
-    from squeeze.model import load_model, save_checkpoint
+    from squeeze.model.loading import load_model, save_checkpoint
 
     model = load_model("zoo:digits-cnn")
     with torch.no_grad():
@@ -350,7 +350,7 @@ def test_a_factory_in_the_current_folder_imports_without_pythonpath(cli, tmp_pat
 def test_each_model_carries_its_own_weights(cli, tmp_path, fast):
     """An original (factory + its weights) and a second copy with other weights, benched together."""
     import testnets
-    from squeeze.model import load_model
+    from squeeze.model.loading import load_model
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     state = testnets.tiny_cnn().state_dict()

@@ -20,7 +20,7 @@ from squeeze.export.ort import run_batched
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import runtime_registry
 from squeeze.methods import get_pass, pass_registry
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.recipe import Budget
 from squeeze.target import load_target
 

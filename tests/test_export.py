@@ -6,7 +6,7 @@ import torch
 import squeeze.export.onnx as exp
 from squeeze.errors import ExportError
 from squeeze.export.artifact import compare_outputs
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 
 
 def test_export_parity_and_dynamic_batch():

@@ -166,7 +166,7 @@ def test_fashion_mnist_counts_classes_and_split():
 
 
 def test_info_does_not_train_fashion_cnn(cli, monkeypatch):
-    from squeeze import zoo
+    from squeeze.model import zoo
 
     def refuse(*args):
         raise AssertionError("squeeze info trained a zoo model")
@@ -179,7 +179,7 @@ def test_info_does_not_train_fashion_cnn(cli, monkeypatch):
 
 
 def test_fashion_cnn_entry_says_what_it_trains_on():
-    from squeeze.zoo import get_entry
+    from squeeze.model.zoo import get_entry
 
     entry = get_entry("fashion-cnn")
     assert entry.trained and "Fashion-MNIST" in entry.description and "dataset-fashion-mnist" in entry.description
@@ -189,7 +189,7 @@ def test_fashion_cnn_entry_says_what_it_trains_on():
 @needs_fashion_mnist
 def test_fashion_cnn_trains_to_its_recorded_accuracy():
     from squeeze.train import evaluate
-    from squeeze.zoo import create_model
+    from squeeze.model.zoo import create_model
 
     model = create_model("fashion-cnn")
     assert evaluate(model, load_data("fashion-mnist").test).top1 >= 0.90

@@ -141,7 +141,7 @@ def test_interleaved_run_keeps_each_models_minimum_per_round():
     import testnets
     from squeeze.export.onnx import export_onnx
     from squeeze.measure.protocol import Protocol
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.target import load_target
 
     host = load_target("host-cpu")

@@ -17,7 +17,7 @@ from squeeze.export.onnx import export_onnx
 from squeeze.export.ort import run_batched
 from squeeze.measure.lut import LatencyTable, LayerConfig, layer_configs
 from squeeze.measure.protocol import Protocol
-from squeeze.model import LoadedModel, load_model
+from squeeze.model.loading import LoadedModel, load_model
 from squeeze.methods.quant.haq import HAQOptions, _pareto, haq_search
 from squeeze.prune.budget import BudgetError
 from squeeze.quant.calibrate import CalibrationData

@@ -4,7 +4,7 @@ from torch import nn
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
 from squeeze.measure.protocol import Protocol
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.target import load_target
 
 HOST = load_target("host-cpu")
@@ -62,12 +62,12 @@ def test_table_oracle_is_anchored_on_reference_and_recalibrates():
     assert p.total_ms == pytest.approx(oracle.reference_ms) and p.constant_ms == 0.0
     assert set(p.per_layer_ms) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0", "fc"}
 
-    from squeeze import zoo
+    from squeeze.model.zoo.digits_cnn import digits_cnn
 
     half = load_model("zoo:digits-cnn")
     # A quarter of the widths: its layers price about half the original's (at width 0.5 a loaded machine's
     # table once read them within 4% of it, where the fit rightly refuses to divide noise by noise).
-    half.module = zoo.digits_cnn(width=0.25).eval()
+    half.module = digits_cnn(width=0.25).eval()
     # A stand-in measurement with a ratio the fit can reach: the one a constant equal to the layers gives.
     q = oracle.predict(half).layers_ms / oracle.reference_layers_ms
     rho = (q + 1) / 2

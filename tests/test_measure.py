@@ -5,7 +5,7 @@ from squeeze.measure.bench import measure
 from squeeze.measure.gate import GateConfig, gate_against_baseline, run_gate
 from squeeze.measure.oracle import MeasuredOracle
 from squeeze.measure.protocol import Protocol
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.target import load_target
 
 HOST = load_target("host-cpu")
@@ -14,7 +14,7 @@ FAST = Protocol.for_target(HOST, repeat=6, warmup=2, min_repeat_ms=2)
 
 def _stack(layers: int):
     import testnets
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     return export_onnx(LoadedModel(f"stack{layers}", "factory", (1, 3, 24, 24), testnets.conv_stack(layers)))
 
@@ -100,7 +100,7 @@ def test_measuring_from_a_stdin_script_does_not_reimport_main():
         "from squeeze.measure.bench import measure\n"
         "from squeeze.measure.protocol import Protocol\n"
         "from squeeze.export.onnx import export_onnx\n"
-        "from squeeze.model import load_model\n"
+        "from squeeze.model.loading import load_model\n"
         "from squeeze.target import load_target\n"
         "t = load_target('host-cpu')\n"
         "a = export_onnx(load_model('testnets:conv_stack', input_shape=(1, 3, 8, 8)))\n"

@@ -5,13 +5,30 @@ import torch
 
 from conftest import file_digest
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError
-from squeeze.model import ArchRef, LoadedModel, load_model, parse_input_shape, register_plan_kind, save_checkpoint
+from squeeze.model.loading import ArchRef, LoadedModel, load_model, register_plan_kind, save_checkpoint
+from squeeze.util.shapes import parse_input_shape
 
 
 def test_zoo_model_carries_arch_and_shape():
     m = load_model("zoo:digits-cnn")
     assert m.kind == "zoo" and m.input_shape == (1, 1, 16, 16)
-    assert m.arch.ref == "squeeze.zoo:digits_cnn"
+    assert m.arch.ref == "squeeze.model.zoo.digits_cnn:digits_cnn"
+
+
+@pytest.mark.parametrize("old, new, shape", [
+    ("squeeze.zoo:digits_cnn", "squeeze.model.zoo.digits_cnn:digits_cnn", (1, 1, 16, 16)),
+    ("squeeze.zoo:fashion_cnn", "squeeze.model.zoo.fashion_cnn:fashion_cnn", (1, 1, 28, 28)),
+])
+def test_checkpoint_naming_the_old_zoo_module_loads(tmp_path, old, new, shape):
+    """Checkpoints saved when every zoo factory lived in `squeeze.zoo` name their architecture there."""
+    module = ArchRef(new, {"num_classes": 7}).build().eval()
+    save_checkpoint(tmp_path / "old.pt", LoadedModel("old", "factory", shape, module, arch=ArchRef(old, {"num_classes": 7})))
+    assert torch.load(tmp_path / "old.pt", weights_only=True)["arch"]["ref"] == old
+    back = load_model(str(tmp_path / "old.pt"))
+    assert back.arch == ArchRef(new, {"num_classes": 7})
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        assert torch.equal(back.module(x), module(x))
 
 
 def test_factory_needs_input_shape_then_loads():

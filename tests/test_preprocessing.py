@@ -18,7 +18,7 @@ from squeeze import api
 from squeeze.cli.app import app
 from squeeze.data import load_data
 from squeeze.errors import DataError, RecipeError
-from squeeze.model import load_model, save_checkpoint
+from squeeze.model.loading import load_model, save_checkpoint
 from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize, parse_resize
 from squeeze.recipe import load_recipe
 from squeeze.report.render import _accuracy_lines

@@ -10,7 +10,7 @@ from torch import nn
 from squeeze.data import load_data
 from squeeze.errors import SqueezeError
 from squeeze.methods.prune.netadapt import NetAdaptOptions, netadapt
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.prune.budget import Resource, resolve_budget
 from squeeze.prune.proxy import (CandidateEvaluator, last_rho, proxy_check, rank_agreement, record_rho,
                                  resolution_error, scaled_steps)

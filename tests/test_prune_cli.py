@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from squeeze.cli.app import app
 from squeeze.data import load_data
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 
 DIGITS_MACS = 5_936_384
 DIGITS_PARAMS = 135_674

@@ -16,8 +16,8 @@ import torch_pruning as tp
 from torch import nn
 from typer.testing import CliRunner
 
-from squeeze import zoo
-from squeeze.model import ArchRef, LoadedModel, load_model, module_fingerprint, save_checkpoint
+from squeeze.model import zoo
+from squeeze.model.loading import ArchRef, LoadedModel, load_model, module_fingerprint, save_checkpoint
 from squeeze.prune import (
     ChannelPlan,
     PlanError,
@@ -33,7 +33,7 @@ from squeeze.prune import (
     select_channels,
     uniform_plan,
 )
-from squeeze.summary import summarize
+from squeeze.model.summary import summarize
 from testnets import HELD_OUT_SHAPES, conv_stack
 
 IMAGENET_TEST_SHAPE = (1, 3, 64, 64)  # small inputs keep the zoo models fast; coupling does not depend on H, W

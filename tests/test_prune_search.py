@@ -17,7 +17,7 @@ import torch
 from squeeze.data import load_data
 from squeeze.measure.oracle import LatencyOracle, MeasuredOracle, RelativeOracle
 from squeeze.measure.protocol import Protocol
-from squeeze.model import LoadedModel, load_model, save_checkpoint
+from squeeze.model.loading import LoadedModel, load_model, save_checkpoint
 from squeeze.methods.base import ModelState, PassContext
 from squeeze.methods.prune.netadapt import NetAdaptOptions, NetAdaptPass, netadapt
 from squeeze.methods.prune.uniform import UniformOptions, UniformPass, uniform
@@ -31,7 +31,7 @@ from squeeze.prune import (
 from squeeze.prune.budget import BudgetError, Resource, resolve_budget
 from squeeze.prune.search import finish, smallest_model
 from squeeze.recipe import Budget, ExportOptions
-from squeeze.summary import summarize
+from squeeze.model.summary import summarize
 from squeeze.target import load_target
 
 HOST = load_target("host-cpu")

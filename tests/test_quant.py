@@ -20,7 +20,7 @@ from squeeze.measure.profile import (
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate
 from squeeze.methods.quant.int8 import exclusion_search, rank_fastest, type_candidates
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.quant.calibrate import calibration_data
 from squeeze.quant.ptq import (
     QuantConfig,

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from squeeze import zoo
+from squeeze.model import zoo
+from squeeze.model.zoo.digits_cnn import digits_cnn
 from squeeze.data import digits_splits
 from squeeze.errors import DataError, SqueezeError
 from squeeze.export.onnx import export_onnx
-from squeeze.model import load_model
+from squeeze.model.loading import load_model
 from squeeze.train import (
     EvalResult,
     FineTuneConfig,
@@ -40,7 +41,7 @@ def trained():
 def _small_student(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return zoo.digits_cnn(width=0.25).eval()
+        return digits_cnn(width=0.25).eval()
 
 
 def _states_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -255,7 +256,7 @@ def test_distillation_teaches_a_fresh_student(trained, digits):
 
 
 def test_teacher_with_other_classes_is_refused(digits):
-    teacher = zoo.digits_cnn(num_classes=7).eval()
+    teacher = digits_cnn(num_classes=7).eval()
     with pytest.raises(SqueezeError, match="same classes"):
         fine_tune(_small_student(), digits.train, FineTuneConfig(iterations=1), teacher=teacher, progress=False)
 

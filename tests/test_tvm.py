@@ -32,7 +32,7 @@ def untuned(tmp_path):
 def tiny():
     import testnets
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     return export_onnx(LoadedModel("tiny", "factory", (1, 3, 16, 16), testnets.tiny_cnn()), exporter="torchscript")
 
@@ -323,7 +323,7 @@ def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypa
     # The same layer shapes in another model reuse the records: a wider first conv changes only its own layers.
     import testnets
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     other = export_onnx(LoadedModel("other", "factory", (1, 3, 16, 16), testnets.tiny_cnn(num_classes=6)),
                         exporter="torchscript")
@@ -373,7 +373,7 @@ def test_real_tuning_then_second_build_hits_the_database(tmp_path, monkeypatch):
     from squeeze.export.onnx import export_onnx
     from squeeze.export import tuning
     from squeeze.measure.bench import measure
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()

@@ -64,7 +64,7 @@ def tracker():
 def tiny():
     import testnets
     from squeeze.export.onnx import export_onnx
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     return export_onnx(LoadedModel("tiny", "factory", (1, 3, 16, 16), testnets.tiny_cnn()), exporter="torchscript")
 
@@ -179,7 +179,7 @@ def test_tuning_times_candidates_on_the_board(direct_server, tmp_path, monkeypat
     from squeeze.export.tvm import build_library
     from squeeze.export.tvm import resolve_target
     from squeeze.export.tuning import TuningDatabase
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()

@@ -4,7 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from squeeze import zoo
+from squeeze.model import zoo
+from squeeze.model.zoo import trained
+from squeeze.model.zoo.digits_cnn import digits_cnn
+from squeeze.model.zoo.mobilenet_v2 import mobilenet_v2
 from squeeze.util.cache import cache_dir
 from squeeze.data import digits_splits
 from squeeze.errors import ModelLoadError, SqueezeError
@@ -48,12 +51,12 @@ def test_forward_shape(name):
 def test_arch_ref_imports_the_factory(name):
     entry = zoo.get_entry(name)
     module_name, function_name = entry.arch_ref.split(":")
-    assert module_name == "squeeze.zoo"
+    assert module_name.startswith("squeeze.model.zoo.")
     assert getattr(importlib.import_module(module_name), function_name) is entry.factory
 
 
 def test_width_mult_thins_mobilenet_but_keeps_last_conv():
-    half = zoo.mobilenet_v2(width_mult=0.5)
+    half = mobilenet_v2(width_mult=0.5)
     convs = [m for m in half.features.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].out_channels == 16  # 32 * 0.5
     assert convs[-2].out_channels == 160  # the 320-channel bottleneck, halved
@@ -73,13 +76,13 @@ def test_unknown_name_lists_known_models():
 
 
 def test_duplicate_registration_is_refused():
-    with pytest.raises(SqueezeError, match="zoo model `digits-cnn` is registered twice: by squeeze.zoo and by squeeze.zoo"):
-        zoo.register_model("digits-cnn")(zoo.digits_cnn)
+    with pytest.raises(SqueezeError, match="zoo model `digits-cnn` is registered twice: by squeeze.model.zoo and by squeeze.model.zoo.digits_cnn"):
+        zoo.register_model("digits-cnn")(digits_cnn)
 
 
 def test_digits_cnn_adds_conv3_to_conv4():
     # The residual add couples conv3's and conv4's output channels: pruning must keep them in step.
-    model = zoo.digits_cnn().eval()
+    model = digits_cnn().eval()
     seen = {}
     model.conv3.register_forward_hook(lambda module, args, out: seen.setdefault("conv3", out))
     model.conv4.register_forward_hook(lambda module, args, out: seen.setdefault("conv4", out))
@@ -93,13 +96,13 @@ def test_digits_cnn_adds_conv3_to_conv4():
 def test_unreadable_weights_file_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(zoo, "train_classifier", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(trained, "train_classifier", lambda *args, **kwargs: calls.append(kwargs))
     zoo.create_model("digits-cnn")
     (weights,) = (tmp_path / "zoo").glob("digits-cnn-*.pt")
     weights.write_bytes(b"half a file")
     zoo.create_model("digits-cnn")
     assert len(calls) == 2
-    assert torch.load(weights, weights_only=True).keys() == zoo.digits_cnn().state_dict().keys()
+    assert torch.load(weights, weights_only=True).keys() == digits_cnn().state_dict().keys()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,7 @@ def test_second_create_loads_from_cache(trained_digits, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("digits-cnn was trained again instead of loaded from the cache")
 
-    monkeypatch.setattr(zoo, "train_classifier", no_training)
+    monkeypatch.setattr(trained, "train_classifier", no_training)
     again = zoo.create_model("digits-cnn")
     assert not again.training
     for (key, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -141,7 +144,7 @@ def test_other_architecture_gets_its_own_weights_file(trained_digits, monkeypatc
     _, folder = trained_digits
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(folder))
     calls = []
-    monkeypatch.setattr(zoo, "train_classifier", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(trained, "train_classifier", lambda *args, **kwargs: calls.append(kwargs))
     zoo.create_model("digits-cnn", width=0.5)
     assert len(calls) == 1 and calls[0]["seed"] == 0
     assert len(list((folder / "zoo").glob("digits-cnn-*.pt"))) == 2

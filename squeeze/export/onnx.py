@@ -20,7 +20,7 @@ from squeeze.util.cache import atomic_write_bytes, cache_dir, sha256_file
 from squeeze.errors import ExportError, first_line
 from squeeze.export.artifact import OnnxArtifact, Parity, compare_outputs
 from squeeze.export.ort import open_session
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 
 __all__ = ["Exporter", "Parity", "OnnxArtifact", "export_onnx", "check_parity"]
 

@@ -29,7 +29,7 @@ from squeeze.measure.oracle import LatencyOracle, interleaved
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import paired_ratio
 from squeeze.measure.runtimes import get_runtime
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.target import Target
 
 __all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle",

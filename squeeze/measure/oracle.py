@@ -21,7 +21,7 @@ from squeeze.measure.bench import InterleavedRun, Measurement, measure
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.measure.worker import WorkerClient
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.target import Target
 
 __all__ = ["LatencyOracle", "FixedOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns",

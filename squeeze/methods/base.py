@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from squeeze.measure.bench import Measurement
     from squeeze.measure.oracle import LatencyOracle
     from squeeze.measure.protocol import Protocol
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.recipe import Budget, ExportOptions
     from squeeze.target import Target
 

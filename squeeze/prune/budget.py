@@ -12,9 +12,9 @@ from typing import Callable, Literal
 
 from squeeze.errors import SqueezeError
 from squeeze.measure.oracle import LatencyOracle
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.recipe import Budget
-from squeeze.summary import summarize
+from squeeze.model.summary import summarize
 
 __all__ = ["BudgetError", "Resource", "ResolvedBudget", "budget_resource", "check_reachable", "confirm_floor",
            "resolve_budget", "unreachable"]

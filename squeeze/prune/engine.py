@@ -23,7 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from squeeze.errors import first_line
-from squeeze.model import register_plan_kind
+from squeeze.model.loading import register_plan_kind
 from squeeze.prune.graph import (
     Coupling,
     LayerTable,

@@ -12,7 +12,7 @@ import torch
 
 from squeeze.measure.lut import LatencyTable, TableOracle
 from squeeze.measure.oracle import RelativeOracle
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, budget_resource, resolve_budget
 from squeeze.prune.engine import apply_plan, make_plan
 from squeeze.prune.graph import prunable_layers

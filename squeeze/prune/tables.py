@@ -16,11 +16,11 @@ from typing import Callable
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
 from squeeze.measure.oracle import RelativeOracle
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 from squeeze.prune.engine import apply_plan, make_plan
 from squeeze.prune.graph import prunable_layers
 from squeeze.prune.plan import round_width
-from squeeze.summary import summarize
+from squeeze.model.summary import summarize
 
 __all__ = ["BuildResult", "CheckRow", "CheckResult", "search_space_configs", "build_table", "check_table"]
 

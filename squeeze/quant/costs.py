@@ -167,7 +167,7 @@ class CostTable(LatencyTable):
 
     def _artifact(self, cfg: LayerConfig | PrecisionConfig):
         from squeeze.export.onnx import export_onnx
-        from squeeze.model import LoadedModel
+        from squeeze.model.loading import LoadedModel
 
         layer = cfg if isinstance(cfg, LayerConfig) else cfg.layer
         module, shape = layer.build()

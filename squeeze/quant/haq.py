@@ -37,7 +37,7 @@ from squeeze.quant.mixed import INT4_BLOCK
 
 if TYPE_CHECKING:
     from squeeze.export.artifact import OnnxArtifact
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
 __all__ = ["action_to_index", "budget_wall", "cost_of", "names_of", "HAQLayer", "HAQEnv", "fake_quant_model",
            "strip_fake_quant", "input_ranges", "export_policy"]

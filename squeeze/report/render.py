@@ -18,7 +18,7 @@ from squeeze.target import Target
 if TYPE_CHECKING:  # summarizing imports torch; rendering a summary (or a target list) does not need it
     from squeeze.doctor import CheckReport
     from squeeze.prune.tables import CheckResult
-    from squeeze.summary import ModelSummary
+    from squeeze.model.summary import ModelSummary
 
 __all__ = ["fmt_count", "info_view", "bench_view", "gate_view", "recipe_view", "targets_view", "protocol_line",
            "catalog_view", "lut_check_view", "target_check_view"]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from squeeze.data import DataBundle
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.graph import LayerTable
     from squeeze.prune.plan import ChannelPlan
@@ -418,7 +418,7 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
     from squeeze.prune.budget import BudgetError, check_reachable
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.search import SearchResult, pruned_candidate
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
 
     if data is None:
         raise DataError(*NEEDS_DATA)

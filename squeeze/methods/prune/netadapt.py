@@ -30,7 +30,7 @@ from squeeze.train.config import FineTuneConfig, ProxyConfig
 
 if TYPE_CHECKING:
     from squeeze.data import DataBundle
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.proxy import CandidateEvaluator
     from squeeze.prune.search import Candidate, IterationRecord, SearchResult

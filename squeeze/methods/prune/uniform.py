@@ -17,7 +17,7 @@ from squeeze.methods.prune import PruneOptions, PruneSearch
 
 if TYPE_CHECKING:
     from squeeze.data import DataBundle
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.search import Candidate, SearchResult
 

@@ -37,7 +37,7 @@ def run_fp16(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dic
         final_parity,
         measure_speedups,
     )
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
 
     check_target("fp16", ctx.target)
     check_budget(ctx.budget, summarize(state.model).params, 2, "fp16")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from squeeze.data import DataBundle
     from squeeze.export.artifact import OnnxArtifact
     from squeeze.measure.protocol import Protocol
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import BudgetError, ResolvedBudget
     from squeeze.quant.costs import CostRow, CostTable, Precision
     from squeeze.quant.haq import HAQLayer
@@ -265,7 +265,7 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
     from squeeze.quant.haq import cost_of, input_ranges, names_of
     from squeeze.quant.calibrate import calibration_data
     from squeeze.quant.ptq import QuantConfig, quantize_onnx
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
     from squeeze.train import evaluate
 
     setup = HAQSetup(original, data, target, protocol, opts, resource=_check_inputs(original, data, budget))
@@ -453,7 +453,7 @@ def _exported_as(p: Precision) -> str:
 
 
 def _with_module(original: LoadedModel, module: nn.Module) -> LoadedModel:
-    from squeeze.model import LoadedModel
+    from squeeze.model.loading import LoadedModel
 
     return LoadedModel(original.name, original.kind, original.input_shape, module.eval(), arch=original.arch,
                        plans=list(original.plans), metadata=dict(original.metadata))

@@ -315,7 +315,7 @@ def _auto_exclude(plan: Int8Plan, ctx: PassContext, opts, goal: LatencyGoal, lay
 
 def run_int8(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict[str, Any]]:
     from squeeze.quant.run import check_budget, check_result_budget, check_target, describe, final_parity, run_summary
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
 
     check_target("int8", ctx.target)
     check_budget(ctx.budget, summarize(state.model).params, 1, "int8")

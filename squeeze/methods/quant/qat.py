@@ -56,7 +56,7 @@ def run_qat(state: ModelState, ctx: PassContext, opts) -> tuple[ModelState, dict
         final_parity,
         run_summary,
     )
-    from squeeze.summary import summarize
+    from squeeze.model.summary import summarize
     from squeeze.train import evaluate, evaluate_onnx, fine_tune
 
     check_target("qat", ctx.target)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from squeeze.model import LoadedModel
+from squeeze.model.loading import LoadedModel
 
 __all__ = ["LayerSummary", "ModelSummary", "summarize"]
 

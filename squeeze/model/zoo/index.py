@@ -1,7 +1,7 @@
 """The zoo's index: each model's name, input shape and description, readable without importing torch.
 
-`squeeze list models` reads only this; the architectures (squeeze.zoo, torch) are imported when a model is
-built, through `ZooEntry.factory`. `squeeze.zoo` re-exports everything here.
+`squeeze list models` reads only this; the architectures (one module each in squeeze.model.zoo, torch) are
+imported when a model is built, through `ZooEntry.factory`. `squeeze.model.zoo` re-exports everything here.
 """
 
 from __future__ import annotations
@@ -64,17 +64,18 @@ def get_entry(name: str) -> ZooEntry:
     return model_registry.get(name)
 
 
-# The built-in architectures, defined in squeeze.zoo after the papers' tables.
+# The built-in architectures, one module each in squeeze.model.zoo, after the papers' tables.
 for _entry in (
-    ZooEntry("resnet18", "squeeze.zoo:resnet18", description="ResNet-18: BasicBlock residual net (11.7 M params)"),
-    ZooEntry("mobilenet_v2", "squeeze.zoo:mobilenet_v2",
+    ZooEntry("resnet18", "squeeze.model.zoo.resnet:resnet18",
+             description="ResNet-18: BasicBlock residual net (11.7 M params)"),
+    ZooEntry("mobilenet_v2", "squeeze.model.zoo.mobilenet_v2:mobilenet_v2",
              description="MobileNetV2: inverted residuals, depthwise (3.5 M params)"),
-    ZooEntry("densenet121", "squeeze.zoo:densenet121",
+    ZooEntry("densenet121", "squeeze.model.zoo.densenet:densenet121",
              description="DenseNet-121: concatenating dense blocks (8.0 M params)"),
-    ZooEntry("digits-cnn", "squeeze.zoo:digits_cnn", (1, 1, 16, 16),
+    ZooEntry("digits-cnn", "squeeze.model.zoo.digits_cnn:digits_cnn", (1, 1, 16, 16),
              "Small residual CNN for the built-in 16x16 digits, trained on first use", trained=True),
-    ZooEntry("fashion-cnn", "squeeze.zoo:fashion_cnn", (1, 1, 28, 28),
+    ZooEntry("fashion-cnn", "squeeze.model.zoo.fashion_cnn:fashion_cnn", (1, 1, 28, 28),
              "Small residual CNN for 28x28 Fashion-MNIST (91.8 % test top-1), trained on Fashion-MNIST on first use "
              "(needs the dataset-fashion-mnist package)", trained=True),
 ):
-    model_registry.register(_entry.name, _entry, owner="squeeze.zoo")
+    model_registry.register(_entry.name, _entry, owner="squeeze.model.zoo")

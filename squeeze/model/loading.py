@@ -25,13 +25,12 @@ import onnx
 import torch
 from torch import nn
 
-from squeeze import zoo
+from squeeze.model import zoo
 from squeeze.util.cache import atomic_write_bytes
 from squeeze.errors import InputShapeError, ModelLoadError, UntrustedModelError, first_line
 from squeeze.preprocessing import Preprocessing
 from squeeze.util.refs import import_ref, is_ref
 from squeeze.registry import Registry
-from squeeze.util.shapes import parse_input_shape  # re-exported: callers of squeeze.model keep working
 
 __all__ = [
     "ArchRef",
@@ -39,7 +38,6 @@ __all__ = [
     "load_model",
     "save_checkpoint",
     "checkpoint_bytes",
-    "parse_input_shape",
     "register_plan_kind",
     "module_fingerprint",
 ]
@@ -157,7 +155,7 @@ def _safe_torch_load(path: Path) -> Any:
                 "would run code from the file, so squeeze refused to load it.",
                 "If you trust where it came from, pass --trust-model; better, save its state_dict and name the "
                 "model as package.module:factory@FILE (or package.module:factory --weights FILE), or write a "
-                "squeeze checkpoint with squeeze.model.save_checkpoint (README: your own model).",
+                "squeeze checkpoint with squeeze.model.loading.save_checkpoint (README: your own model).",
             ) from exc
         raise ModelLoadError(
             f"{path} is not a readable PyTorch file ({first_line(exc, 160)}).",
@@ -220,10 +218,22 @@ def _load_file(path: Path, trust: bool) -> LoadedModel:
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, which squeeze cannot use as a model.")
 
 
+# A checkpoint names its architecture by import path. The zoo's factories all lived in `squeeze.zoo` until
+# each architecture got its module; checkpoints saved before then still name them there.
+_MOVED_REFS = {
+    "squeeze.zoo:resnet18": "squeeze.model.zoo.resnet:resnet18",
+    "squeeze.zoo:mobilenet_v2": "squeeze.model.zoo.mobilenet_v2:mobilenet_v2",
+    "squeeze.zoo:densenet121": "squeeze.model.zoo.densenet:densenet121",
+    "squeeze.zoo:digits_cnn": "squeeze.model.zoo.digits_cnn:digits_cnn",
+    "squeeze.zoo:fashion_cnn": "squeeze.model.zoo.fashion_cnn:fashion_cnn",
+}
+
+
 def _from_checkpoint(ckpt: dict[str, Any], path: Path) -> LoadedModel:
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise ModelLoadError(f"{path} was written by a newer squeeze (format {ckpt['version']}).", "Upgrade squeeze.")
-    arch = ArchRef(ckpt["arch"]["ref"], dict(ckpt["arch"].get("kwargs", {})))
+    ref = ckpt["arch"]["ref"]
+    arch = ArchRef(_MOVED_REFS.get(ref, ref), dict(ckpt["arch"].get("kwargs", {})))
     input_shape = tuple(ckpt["input_shape"])
     module = arch.build()
     plans = list(ckpt.get("plans", []))
