@@ -325,7 +325,7 @@ AMC_CHANNELS = [3, 24, 48, 96, 80, 192, 200, 328, 352, 368, 360, 328, 400, 736, 
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    return load_model("testnets:mobilenet_v1", input_shape=(1, 3, 224, 224))
+    return load_model("zoo:mobilenet_v1")
 
 
 def test_mobilenet_v1_has_the_papers_size(mobilenet):

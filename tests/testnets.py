@@ -402,37 +402,3 @@ def tiny_inception_v3() -> nn.Module:
 
 def tiny_r3d() -> nn.Module:
     return r3d_18(width=0.25, blocks=(1, 1, 1, 1), num_classes=10)
-
-
-# --- MobileNetV1 (Howard et al., 2017), Table 1: a 3x3 stem conv, then 13 depthwise-separable blocks -----
-
-# (output channels, stride) of each depthwise-separable block, after the 32-channel stride-2 stem.
-_MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
-                        (512, 1), (512, 1), (1024, 2), (1024, 1))
-
-
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class MobileNetV1(nn.Module):
-    def __init__(self, num_classes: int = 1000, width: float = 1.0) -> None:
-        super().__init__()
-        c = int(32 * width)
-        layers = [_conv_bn_relu(3, c, 3, 2)]
-        for out, stride in _MOBILENET_V1_BLOCKS:
-            out = int(out * width)
-            layers += [_conv_bn_relu(c, c, 3, stride, groups=c), _conv_bn_relu(c, out, 1)]  # depthwise, pointwise
-            c = out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def mobilenet_v1(num_classes: int = 1000, width: float = 1.0) -> nn.Module:
-    torch.manual_seed(0)
-    return MobileNetV1(num_classes, width).eval()

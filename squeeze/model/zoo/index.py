@@ -68,6 +68,8 @@ def get_entry(name: str) -> ZooEntry:
 for _entry in (
     ZooEntry("resnet18", "squeeze.model.zoo.resnet:resnet18",
              description="ResNet-18: BasicBlock residual net (11.7 M params)"),
+    ZooEntry("mobilenet_v1", "squeeze.model.zoo.mobilenet_v1:mobilenet_v1",
+             description="MobileNetV1: depthwise-separable convs (4.2 M params, 569 M MACs)"),
     ZooEntry("mobilenet_v2", "squeeze.model.zoo.mobilenet_v2:mobilenet_v2",
              description="MobileNetV2: inverted residuals, depthwise (3.5 M params)"),
     ZooEntry("densenet121", "squeeze.model.zoo.densenet:densenet121",
