@@ -166,12 +166,12 @@ def test_fashion_mnist_counts_classes_and_split():
 
 
 def test_info_does_not_train_fashion_cnn(cli, monkeypatch):
-    from squeeze.model import zoo
+    from squeeze.model.zoo import trained
 
     def refuse(*args):
         raise AssertionError("squeeze info trained a zoo model")
 
-    monkeypatch.setattr(zoo, "_trained_model", refuse)
+    monkeypatch.setattr(trained, "trained_model", refuse)
     r = cli("info", "zoo:fashion-cnn", "--json")
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)
