@@ -101,6 +101,7 @@ def _plan(model, scales, keep=None) -> MultiDimPlan:
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_exported_mdp_net_matches_torch(mode):
+    """conv_stack has no BatchNorm; digits-cnn (below) moves its BatchNorms before the resize."""
     net = conv_stack(3, 16)
     x = X[:1]
     plan = MultiDimPlan({"2": (2, 2), "4": (4, 4)}, ChannelPlan({"2": 8}, {"2": list(range(0, 16, 2))}, round_to=1),
@@ -113,6 +114,24 @@ def test_exported_mdp_net_matches_torch(mode):
     got = run_batched(art.path, X.numpy())
     with torch.no_grad():
         np.testing.assert_allclose(got, pruned.eval()(X).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_a_batchnorm_before_the_resize_computes_what_it_computed_after(digits):
+    """Moved inside the ScaledConv (before the resize, next to the conv), a BatchNorm gives the same outputs: a
+    per-channel affine commutes with nearest and bilinear resizing."""
+    from squeeze.prune.multidim import ScaledConv, apply_scales
+
+    x = digits.example_input(4)
+    for mode in ("nearest", "bilinear"):
+        moved = apply_scales(copy.deepcopy(digits.module), {"conv2.0": (2, 2), "conv5.0": (4, 4)}, x[:1], mode)
+        assert isinstance(moved.conv2[1], nn.Identity) and isinstance(moved.conv2[0].norm, nn.BatchNorm2d)
+        after = copy.deepcopy(digits.module)
+        for name in ("conv2", "conv5"):  # the same scales with the BatchNorm left after the resize
+            seq = after.get_submodule(name)
+            factors = (2, 2) if name == "conv2" else (4, 4)
+            seq[0] = ScaledConv(seq[0], factors, moved.get_submodule(name)[0].upsample.size, mode)
+        with torch.no_grad():
+            torch.testing.assert_close(moved.eval()(x), after.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_replays_on_reload(digits, tmp_path):
@@ -305,7 +324,9 @@ def test_3d_layers_are_table_entries_that_rebuild_as_themselves():
     assert configs["layers.0.0.conv1.0.conv"].key == "conv3d_in16x2x4x4_out16_k3x3x3_s1x1x1_p1x1x1_g1"
     assert configs["layers.0.0.conv1.0.pool"].key == "avgpool3d_in16x4x8x8_k2x2x2"
     assert configs["layers.0.0.conv1.0.upsample"].key == "resize3d_trilinear_in16x2x4x4_out4x8x8"
-    assert configs["layers.0.0.conv1.1"].op == "bn3d"  # reads the resize, not the conv: not folded
+    # the BatchNorm runs inside, before the resize: it reads the conv's output and folds into it
+    assert not any(c.op == "bn3d" for c in configs.values())
+    assert isinstance(apply_multidim(tiny_r3d(), plan, x).layers[0][0].conv1[1], nn.Identity)
     for cfg in {c.key: c for c in configs.values()}.values():
         module, shape = cfg.build()
         (again,) = layer_configs(module, torch.zeros(shape)).values()

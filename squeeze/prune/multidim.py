@@ -35,7 +35,7 @@ from squeeze.prune.plan import ChannelPlan, PlanError, plan_from_json, plan_to_j
 
 __all__ = ["MULTIDIM_KIND", "Factors", "MultiDimPlan", "ScaledConv", "MultiBranchConv", "apply_multidim",
            "apply_scales", "attach_gates", "branch_configs", "candidate_factors", "collapse", "conv_input_shapes",
-           "full_size", "multidim_from_json", "replay_multidim_plan", "supernet"]
+           "full_size", "multidim_from_json", "norms_after", "replay_multidim_plan", "supernet"]
 
 MULTIDIM_KIND = "multidim"
 MULTIDIM_VERSION = 1
@@ -58,21 +58,25 @@ def _mode(mode: str, dims: int) -> str:
 
 
 class ScaledConv(nn.Module):
-    """`conv` at resolution 1/factors: average pool -> conv -> resize to the full-resolution output size.
-    The conv keeps its parameters (they load as `<name>.conv.weight`)."""
+    """`conv` at resolution 1/factors: average pool -> conv (-> its BatchNorm) -> resize to the full-resolution
+    output size. The conv keeps its parameters (they load as `<name>.conv.weight`). A BatchNorm that read the
+    conv's output runs before the resize (`<name>.norm`, an Identity at its old place): a per-channel affine
+    commutes with nearest and linear resizing (their weights sum to 1), and next to the conv the runtime folds
+    it into the conv's weights instead of running it at full resolution."""
 
     def __init__(self, conv: nn.Conv2d | nn.Conv3d, factors: Factors, out_size: tuple[int, ...],
-                 mode: str = "nearest") -> None:
+                 mode: str = "nearest", norm: nn.Module | None = None) -> None:
         super().__init__()
         dims = len(factors)
         pool = nn.AvgPool2d if dims == 2 else nn.AvgPool3d
         self.pool = priced(pool(tuple(factors), tuple(factors)))
         self.conv = conv
+        self.norm = norm if norm is not None else nn.Identity()
         self.upsample = priced(resize(tuple(out_size), _mode(mode, dims)))
         self.factors = tuple(factors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.conv(self.pool(x)))
+        return self.upsample(self.norm(self.conv(self.pool(x))))
 
 
 class MultiBranchConv(nn.Module):
@@ -170,33 +174,40 @@ def supernet(module: nn.Module, x: torch.Tensor, candidates: Mapping[str, list[F
     return net, layers
 
 
+def norms_after(module: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, str]:
+    """Layer name -> the name of the BatchNorm that reads its output, for the named layers that have one."""
+    outputs: dict[int, tuple[weakref.ref, str]] = {}  # weak: a freed tensor's id is reused by later ones
+    norms: dict[str, str] = {}
+    by_name = dict(module.named_modules())
+
+    def record(name: str):
+        def fn(_m, _inputs, out) -> None:
+            outputs[id(out)] = (weakref.ref(out), name)
+        return fn
+
+    def follow(norm: str):
+        def fn(_m, inputs, _out) -> None:
+            ref, name = outputs.get(id(inputs[0]), (None, None))
+            if ref is not None and ref() is inputs[0]:
+                norms[name] = norm
+        return fn
+
+    handles = [by_name[n].register_forward_hook(record(n)) for n in names]
+    handles += [m.register_forward_hook(follow(n)) for n, m in module.named_modules()
+                if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
+    _run_hooked(module, x, handles)
+    return norms
+
+
 def attach_gates(module: nn.Module, names: list[str], x: torch.Tensor
                  ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Module], list]:
     """A learnable gate per output channel of each named layer (initialised to 1), multiplied into the
     output of the BatchNorm that reads the layer's output (a gate before a BN in training mode would be
     normalised away), or into the layer's output where no BN follows. Returns the gates, the module each
     scales, and the hook handles."""
-    outputs: dict[int, tuple[weakref.ref, str]] = {}  # weak: a freed tensor's id is reused by later ones
-    targets: dict[str, nn.Module] = {}
     by_name = dict(module.named_modules())
-
-    def record(name: str):
-        def fn(_m, _inputs, out) -> None:
-            outputs[id(out)] = (weakref.ref(out), name)
-            targets.setdefault(name, by_name[name])
-        return fn
-
-    def follow(m: nn.Module):
-        def fn(_m, inputs, _out) -> None:
-            ref, name = outputs.get(id(inputs[0]), (None, None))
-            if ref is not None and ref() is inputs[0]:
-                targets[name] = m
-        return fn
-
-    handles = [by_name[n].register_forward_hook(record(n)) for n in names]
-    handles += [m.register_forward_hook(follow(m)) for m in module.modules()
-                if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
-    _run_hooked(module, x, handles)
+    norms = norms_after(module, names, x)
+    targets = {n: by_name[norms.get(n, n)] for n in names}
     gates, hooks = {}, []
     for name in names:
         gate = nn.Parameter(torch.ones(_out_channels(by_name[name])))
@@ -270,8 +281,9 @@ def multidim_from_json(obj: MultiDimPlan | Mapping[str, Any]) -> MultiDimPlan:
 
 def apply_scales(module: nn.Module, factors: Mapping[str, Factors], x: torch.Tensor,
                  mode: str = "nearest") -> nn.Module:
-    """In place: each named conv with a factor above 1 becomes a ScaledConv."""
+    """In place: each named conv with a factor above 1 becomes a ScaledConv (with the BatchNorm that reads it)."""
     shapes = conv_input_shapes(module, x)
+    norms = norms_after(module, [n for n, fs in factors.items() if n in shapes and any(f > 1 for f in fs)], x)
     for name, fs in factors.items():
         if all(f == 1 for f in fs):
             continue
@@ -280,7 +292,10 @@ def apply_scales(module: nn.Module, factors: Mapping[str, Factors], x: torch.Ten
             raise PlanError(f"plan.scales names {name!r}, which is not a Conv2d/Conv3d the model runs.")
         if len(fs) != conv.weight.dim() - 2 or any(n < f for n, f in zip(shapes[name][2:], fs)):
             raise PlanError(f"plan.scales[{name!r}] does not fit the layer's input {shapes[name][2:]}.")
-        _set_submodule(module, name, ScaledConv(conv, fs, full_size(conv, shapes[name][2:]), mode))
+        norm = module.get_submodule(norms[name]) if name in norms else None
+        if norm is not None:
+            _set_submodule(module, norms[name], nn.Identity())
+        _set_submodule(module, name, ScaledConv(conv, fs, full_size(conv, shapes[name][2:]), mode, norm))
     return module
 
 
