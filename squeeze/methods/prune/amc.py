@@ -61,7 +61,7 @@ NEEDS_DATA = ("AMC needs data (--data): every episode's policy is rewarded by it
 # A built policy is taken when it measures within this of the budget: readings of one model vary about that
 # much (SearchResult.budget_met allows the same).
 LATENCY_TOLERANCE = 1.02
-# Final policies measured before the best-priced one is taken anyway.
+# At most this many final policies are built and measured; when all read over the budget, the lowest is taken.
 SELECTION_TRIES = 3
 
 
@@ -102,19 +102,25 @@ class AMCPass(PruneSearch):
                      "long_term": {"iterations": 2}}
 
     def run(self, state, ctx):
-        from squeeze.errors import DataError
-        from squeeze.prune.budget import BudgetError, budget_resource
+        from squeeze.prune.budget import budget_resource
 
         # Refused before the harness measures anything.
-        if ctx.data is None:
-            raise DataError(*NEEDS_DATA)
-        if ctx.budget is not None and budget_resource(ctx.budget) == "size_bytes":
-            raise BudgetError("AMC searches under a MACs or latency budget, not a model size.",
-                              "Pass --macs 0.5x or --latency 0.5x.")
+        _check_inputs(ctx.data, None if ctx.budget is None else budget_resource(ctx.budget))
         return super().run(state, ctx)
 
     def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
         return amc(original, budget, resource, self.options, data, recalibrate, log)
+
+
+def _check_inputs(data: DataBundle | None, resource: str | None) -> None:
+    from squeeze.errors import DataError
+    from squeeze.prune.budget import BudgetError
+
+    if data is None:
+        raise DataError(*NEEDS_DATA)
+    if resource == "size_bytes":
+        raise BudgetError("AMC searches under a MACs or latency budget, not a model size.",
+                          "Pass --macs 0.5x or --latency 0.5x.")
 
 
 # The search. The pruning engine (torch) loads when it runs, not when `squeeze list` imports this module.
@@ -427,17 +433,12 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
     oracles) measures a model and re-fits the table to it."""
     from squeeze import progress
     from squeeze.agents import DDPG, DDPGConfig, run_episodes
-    from squeeze.errors import DataError
     from squeeze.prune.budget import BudgetError, check_reachable
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.search import SearchResult, pruned_candidate
     from squeeze.model.summary import summarize
 
-    if data is None:
-        raise DataError(*NEEDS_DATA)
-    if budget.resource not in ("macs", "latency_ms"):
-        raise BudgetError("AMC searches under a MACs or latency budget, not a model size.",
-                          "Pass --macs 0.5x or --latency 0.5x.")
+    _check_inputs(data, budget.resource)
     t_start = time.perf_counter()
     table = prunable_layers(original.module, original.example_input())
     steps = make_steps(table, opts.lbound, opts.round_to)
