@@ -1,6 +1,6 @@
 """Built-in models: indexed once by name in `squeeze.model.zoo.index` (listed by `squeeze list` without torch),
 built by `create_model`; one module per architecture (`resnet`, `mobilenet_v1`, `mobilenet_v2`, `densenet`,
-`digits_cnn`, `fashion_cnn`).
+`digits_cnn`, `fashion_cnn`, `r3d_small`).
 
 Every factory is a top-level function of its architecture's module, so `squeeze.model.zoo.resnet:resnet18` is
 an importable architecture reference (`ZooEntry.arch_ref`). Architectures follow the papers' tables; the

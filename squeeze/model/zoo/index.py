@@ -79,5 +79,8 @@ for _entry in (
     ZooEntry("fashion-cnn", "squeeze.model.zoo.fashion_cnn:fashion_cnn", (1, 1, 28, 28),
              "Small residual CNN for 28x28 Fashion-MNIST (91.8 % test top-1), trained on Fashion-MNIST on first use "
              "(needs the dataset-fashion-mnist package)", trained=True),
+    ZooEntry("r3d-small", "squeeze.model.zoo.r3d_small:r3d_small", (1, 1, 8, 32, 32),
+             "Small R3D-style 3D ResNet for fashion-motion clips (8 motion directions), trained on first use "
+             "(needs the dataset-fashion-mnist package)", trained=True),
 ):
     model_registry.register(_entry.name, _entry, owner="squeeze.model.zoo")

@@ -37,9 +37,11 @@ _RECIPES = {
     "digits-cnn": _TrainRecipe(epochs=10, lr=3e-3, batch_size=64, weight_decay=1e-4, seed=0),
     # 91.8 % test top-1 (92.2 % val) after 3 epochs; 13 min on 2 CPU cores shared with other jobs (load 4-5).
     "fashion-cnn": _TrainRecipe(epochs=3, lr=3e-3, batch_size=128, weight_decay=1e-4, seed=0),
+    # 100 % val/test top-1 after 1 epoch of the 12k fashion-motion clips; 4.5 min on 2 shared CPU cores (load 4).
+    "r3d-small": _TrainRecipe(epochs=1, lr=3e-3, batch_size=64, weight_decay=1e-4, seed=0),
 }
 # The `--data` spec each trained entry learns from (its train split, at the entry's input shape).
-_TRAIN_DATA = {"digits-cnn": "digits", "fashion-cnn": "fashion-mnist"}
+_TRAIN_DATA = {"digits-cnn": "digits", "fashion-cnn": "fashion-mnist", "r3d-small": "fashion-motion"}
 
 
 def trained_model(entry: ZooEntry, kwargs: dict) -> nn.Module:
