@@ -356,7 +356,8 @@ def prune_stage(pruner: _Pruner, budget: ResolvedBudget, price: Callable[[Loaded
     if top > budget.target:
         raise BudgetError(f"MDP cannot meet {budget.resource} <= {budget.target:.4g} with the scales it chose: "
                           f"every gated group at its minimum width prices {top:.4g} ({top / budget.original:.3g}x).",
-                          "Raise lambda_latency (lower resolutions), allow smaller spatial_scales, or ask for less.")
+                          "Raise lambda_latency (lower resolutions), allow smaller scales, use a smaller --round-to, "
+                          "or ask for less.")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if price(pruner.build(mid)) <= budget.target:
