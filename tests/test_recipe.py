@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from squeeze.errors import RecipeError
-from squeeze.passes import list_passes
+from squeeze.methods import list_passes
 from squeeze.recipe import load_recipe
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from squeeze.errors import RecipeError, SqueezeError
 from squeeze.measure.runtimes import OrtRuntime, Runtime, runtime_registry
-from squeeze.passes import pass_registry
+from squeeze.methods import pass_registry
 from squeeze.prune.importance import Criterion, importance_registry
 from squeeze.recipe import load_recipe
 from squeeze.registry import Registry
