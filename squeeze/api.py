@@ -540,3 +540,24 @@ def parse_preprocessing(normalize: str | None, resize: str | None) -> Preprocess
 def write_json(path: str | Path, data: Any) -> None:
     """`data` as indented JSON, written atomically (a reader never sees half a file)."""
     atomic_write_bytes(Path(path), json.dumps(data, indent=2, default=str).encode())
+
+
+def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, candidates: int = 12,
+                seed: int = 0) -> dict[str, Any]:
+    """`squeeze proxy check`: how well each cheap evaluation setting ranks `method`'s candidates against the full
+    one on this model and data; the rho of each is kept for the searches' reports."""
+    from squeeze.data import load_data
+    from squeeze.prune.proxy import proxy_check as check
+    from squeeze.prune.proxy import record_rho, rho_key
+
+    if method not in ("netadapt", "amc"):
+        raise SqueezeError(f"`squeeze proxy check` knows the candidates of netadapt and amc, not `{method}`.",
+                           "Pass --method netadapt or --method amc.")
+    model = opts.load(model_spec)
+    bundle = load_data(data, input_shape=model.input_shape, preprocessing=Preprocessing().over(model.preprocessing))
+    _check_classes(model, bundle)
+    short_term = get_pass("prune.netadapt").Options().short_term if method == "netadapt" else None
+    result = check(model, bundle, method, candidates, short_term, seed=seed)
+    for row in result.rows:
+        record_rho(rho_key(model.name, bundle.spec, method), row.proxy, row.agreement)
+    return {"model": model_spec, "data": bundle.spec, **result.to_json()}

@@ -1,8 +1,8 @@
 """Progress of long steps, reported by the core through one callback the CLI renders.
 
 The core never draws: a step that can take more than a few seconds opens a task with `progress.task(...)`
-and advances it; whoever runs squeeze installs a `Reporter` (the CLI's Rich bars, plain lines with --quiet or
-off a terminal, nothing at all for a notebook that did not ask). The default reporter does nothing.
+and advances it; whoever runs squeeze installs a `Reporter` (the CLI's Rich bars on a terminal,
+nothing at all off one or for a notebook that did not ask). The default reporter does nothing.
 
     with progress.task("fine-tune", total=epochs) as step:
         for ...:

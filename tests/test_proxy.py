@@ -112,3 +112,17 @@ def test_netadapt_scores_proposals_through_its_proxy(digits_model, digits_data, 
     # Every proposal on half the validation set; each iteration's best one finished on all of it.
     assert set(scored) == {math.ceil(n_val / 2)} and len(scored) == sum(len(h.proposals) for h in result.history)
     assert finished == [n_val] * len(result.history)
+
+
+def test_squeeze_proxy_check_prints_the_rank_table_and_refuses_other_methods(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
+    r = cli("proxy", "check", "zoo:digits-cnn", "--method", "amc", "--data", "digits", "--candidates", "4",
+            "--json", tmp_path / "p.json")
+    assert r.exit_code == 0, r.stderr
+    assert "Spearman rho" in r.stdout and "eval 50%" in r.stdout
+    import json
+
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["candidates"] == 4 and {row["label"] for row in result["rows"]} >= {"eval 50%", "eval 25%"}
+    r = cli("proxy", "check", "zoo:digits-cnn", "--method", "uniform", "--data", "digits")
+    assert r.exit_code == 2 and "Pass --method netadapt or --method amc." in r.stderr

@@ -9,7 +9,7 @@ import typer
 from rich.logging import RichHandler
 
 from squeeze import api
-from squeeze.cli import bench, info, listing, lut, prune, quantize, run, targets
+from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, run, targets
 from squeeze.cli.common import err, state
 
 app = typer.Typer(
@@ -49,4 +49,5 @@ app.command("validate")(run.validate)
 app.command("list")(listing.list_)
 app.add_typer(targets.app, name="targets")
 app.add_typer(lut.app, name="lut")
+app.add_typer(proxy.app, name="proxy")
 

@@ -280,3 +280,19 @@ def target_check_view(report: CheckReport, target: str) -> Table:
         detail = s.detail.split(". ")[0] + "." if s.status == "fail" else s.detail
         t.add_row(s.name, f"[{_STEP_STYLES[s.status]}]{s.status.upper()}[/]", escape(detail))
     return t
+
+
+def proxy_view(result: dict) -> Group:
+    """`squeeze proxy check`: one row per proxy, the recommendation under it."""
+    table = Table(title=f"proxy check: {result['method']} candidates of {result['model']} on {result['data']} "
+                        f"({result['candidates']} candidates; full evaluation {result['full_seconds']:.0f} s)")
+    for col in ("proxy", "Spearman rho [95%]", "Kendall tau", "top-k overlap", "cost"):
+        table.add_column(col, justify="left" if col == "proxy" else "right")
+    for r in result["rows"]:
+        table.add_row(r["label"], f"{r['spearman']:.2f} [{r['spearman_low']:.2f}, {r['spearman_high']:.2f}]",
+                      f"{r['kendall']:.2f}", f"{r['top_k_overlap']:.0%} of {r['top_k']}", f"{r['cost_ratio']:.2f}x")
+    best = result["recommended"]
+    line = (Text(f"recommended: {best['label']} (rho {best['spearman']:.2f}, {best['cost_ratio']:.2f}x the cost): "
+                 f"pass it as the search's proxy option", style="green") if best else
+            Text(f"no proxy keeps the ranking (rho >= {result['min_rho']}): evaluate candidates in full", style="yellow"))
+    return Group(table, line)

@@ -84,7 +84,9 @@ class ProxyConfig(BaseModel):
     def label(self) -> str:
         if self.is_full:
             return "full"
-        parts = [f"eval {self.eval_fraction:.0%}", f"steps {self.iterations_fraction:.0%}"]
+        parts = [f"eval {self.eval_fraction:.0%}"] if self.eval_fraction < 1 else []
+        if self.iterations_fraction < 1:
+            parts.append(f"steps {self.iterations_fraction:.0%}")
         if self.resolution < 1:
             parts.append(f"resolution x{self.resolution:g}")
         if self.promote:

@@ -1,0 +1,43 @@
+"""`squeeze proxy check MODEL --method netadapt|amc --data D --candidates N`: does a cheap evaluation keep the
+ranking of a search's candidates (EcoNAS)?"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from squeeze import api
+from squeeze.cli.common import InputShape, TrustModel, Weights, handles_errors, model_options, out
+
+app = typer.Typer(help="Cheap candidate evaluation (EcoNAS proxies): check that it keeps the ranking.",
+                  no_args_is_help=True)
+
+
+@app.command("check")
+@handles_errors
+def check(
+    model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
+    method: str = typer.Option("netadapt", "--method", "-m", help="Whose candidates: netadapt (one layer cut, "
+                               "short fine-tune) or amc (whole policies, no fine-tune)."),
+    data: str = typer.Option(..., "--data", help="The data the search will use (digits, fashion-mnist, a folder, ...)."),
+    candidates: int = typer.Option(12, "--candidates", min=3, help="Candidates scored under every setting."),
+    seed: int = typer.Option(0, "--seed"),
+    input_shape: Optional[str] = InputShape,
+    weights: Optional[str] = Weights,
+    trust_model: bool = TrustModel,
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON here (- for stdout)."),
+) -> None:
+    """Score candidates under the full evaluation and under each proxy; print Spearman's rho (95% interval),
+    Kendall's tau, top-k overlap and cost, and recommend the cheapest proxy with rho >= 0.8."""
+    from squeeze.report.render import proxy_view
+
+    result = api.proxy_check(model, method, data, model_options(input_shape, weights, trust_model),
+                             candidates=candidates, seed=seed)
+    if json_path == "-":
+        print(json.dumps(result, indent=2))
+        return
+    if json_path:
+        api.write_json(json_path, result)
+    out.print(proxy_view(result))
