@@ -289,3 +289,9 @@ def test_method_flags_and_option_pairs_name_what_the_user_typed(cli, tmp_path):
             "select=accuracy")
     assert_clean_error(r, "--select and --option select both set `select`")
     assert not out.exists()
+
+
+def test_episodes_is_a_flag_of_the_methods_that_have_episodes(cli, tmp_path):
+    r = cli("prune", "zoo:digits-cnn", "--method", "netadapt", "--episodes", "3", "--macs", "0.5x",
+            "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--episodes" in r.stderr and not (tmp_path / "o").exists()

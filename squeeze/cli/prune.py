@@ -39,6 +39,7 @@ def prune(
     latency_source: Optional[str] = METHODS.flag("latency_source", "--latency-source", "auto, table, measured or table+recalibrate"),
     select: Optional[str] = METHODS.flag("select", "--select", "accuracy or accuracy_per_latency"),
     short_term_iters: Optional[int] = METHODS.flag("short_term.iterations", "--short-term-iters", "fine-tune steps per proposal", min=1),
+    episodes: Optional[int] = METHODS.flag("episodes", "--episodes", "search episodes", min=1),
     long_term_epochs: Optional[int] = METHODS.flag("long_term.epochs", "--long-term-epochs", "Fine-tune epochs after the search", min=1),
     distill: Optional[bool] = METHODS.flag("distill", "--distill", "Distil the long-term fine-tune from the unpruned model"),
     option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
@@ -60,7 +61,7 @@ def prune(
         raise SqueezeError("No budget given.", "Pass one of --latency 0.5x, --latency-ms 12, --macs 0.5x, --size-bytes N.")
     options, given = METHODS.options(method_pass, {
         "--importance": importance, "--round-to": round_to, "--latency-source": latency_source, "--select": select,
-        "--short-term-iters": short_term_iters, "--long-term-epochs": long_term_epochs, "--distill": distill,
+        "--short-term-iters": short_term_iters, "--episodes": episodes, "--long-term-epochs": long_term_epochs, "--distill": distill,
     }, option)
     try:
         with rpc_flags(target, rpc, tracker, key):
