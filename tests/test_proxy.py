@@ -7,25 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from squeeze.data import load_data
 from squeeze.errors import SqueezeError
 from squeeze.methods.prune.netadapt import NetAdaptOptions, netadapt
-from squeeze.model.loading import load_model
 from squeeze.prune.budget import Resource, resolve_budget
 from squeeze.prune.proxy import (CandidateEvaluator, last_rho, proxy_check, rank_agreement, record_rho,
                                  resolution_error, scaled_steps)
 from squeeze.recipe import Budget
 from squeeze.train.config import FineTuneConfig, ProxyConfig
-
-
-@pytest.fixture(scope="module")
-def digits_model():
-    return load_model("zoo:digits-cnn")
-
-
-@pytest.fixture(scope="module")
-def digits_data(digits_model):
-    return load_data("digits", input_shape=digits_model.input_shape)
 
 
 def test_rank_statistics_on_known_rankings():
