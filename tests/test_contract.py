@@ -34,6 +34,8 @@ def fake_target(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.syspath_prepend(str(PLUGINS))
     patch.setenv("PYTHONPATH", str(PLUGINS))
+    for attr in ("_items", "_owners"):  # the fake runtime is registered for these tests only
+        patch.setattr(runtime_registry, attr, dict(getattr(runtime_registry, attr)))
     runtime_registry.load_plugins(importlib.metadata.entry_points(group="squeeze.runtimes", name="fake"))
     path = tmp_path_factory.mktemp("targets") / "fake-cpu.yaml"
     path.write_text("name: fake-cpu\nruntime: fake\ndevice: cpu\nproviders: [fake]\n"
