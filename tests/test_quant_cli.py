@@ -33,6 +33,10 @@ def quantized(tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "out"
     r = CliRunner().invoke(app, ["quantize", "zoo:digits-cnn", "--data", "digits", "--out", str(out),
                                  "--samples", "64"])
+    if r.exit_code == 1 and "is not faster than fp32" in r.stderr:
+        # On a CPU (or a moment) where int8 does not beat fp32 squeeze refuses and writes nothing: the contract.
+        assert not out.exists()
+        pytest.skip("int8 is not faster than fp32 on this machine now; squeeze refused, as it must")
     assert r.exit_code == 0, (r.stdout, r.stderr)
     return {"out": out, "stdout": r.stdout, "report": json.loads((out / "report.json").read_text())}
 
