@@ -36,7 +36,7 @@ HOST = load_target("host-cpu")
 
 def quick(**overrides) -> AMCOptions:
     """A few episodes, a short fine-tune: what a test can afford."""
-    base = {"episodes": 8, "warmup": 2, "eval_samples": 200, "feature_images": 128,
+    base = {"episodes": 8, "warmup": 2, "proxy": {"eval_fraction": 0.55}, "feature_images": 128,
             "long_term": {"optimizer": "sgd", "lr": 0.01, "iterations": 5}}
     return AMCOptions(**(base | overrides))
 
@@ -256,7 +256,7 @@ def test_amc_through_the_registry_meets_a_macs_budget(macs_search, digits_model)
     # One history entry per episode, each policy priced under the budget by the wall.
     assert len(record["history"]) == len(record["reward_curve"]) == 8
     assert all(h["resource"] <= budget["target"] for h in record["history"])
-    assert record["reward_curve"] == [h["proposals"][0]["reward"] for h in record["history"]]
+    assert record["reward_curve"] == pytest.approx([h["proposals"][0]["reward"] for h in record["history"]], abs=1e-6)
     # The chosen policy: of the highest rewards on the subset, the best on the whole validation split.
     chosen = next(s for s in record["selection"] if s["chosen"])
     rescored = record["rescored"]
@@ -369,7 +369,16 @@ def test_an_amc_search_on_mobilenet_v1_lands_at_half_the_macs(mobilenet):
     walled, _ = pruned_candidate(mobilenet, None, info["widths"], "l1", 8)
     assert 0.97 * budget.target <= summarize(walled).macs <= budget.target
     # A whole search (random episodes, no reconstruction, a tiny reward set): never above the budget.
-    opts = AMCOptions(episodes=2, warmup=0, eval_samples=4, reconstruct=False)
+    opts = AMCOptions(episodes=2, warmup=0, proxy={"eval_fraction": 0.004}, reconstruct=False)
     result = amc(mobilenet, budget, resource, opts, _random_images(4, mobilenet.input_shape, 1000))
     assert summarize(result.model).macs <= budget.target
     assert [h.resource for h in result.history] and all(h.resource <= budget.target for h in result.history)
+
+
+def test_amc_reward_set_is_the_proxy_and_the_record_says_which(macs_search):
+    _, record = macs_search
+    assert record["proxy"]["eval_fraction"] == 0.55 and record["proxy"]["label"] == "eval 55%"
+    # AMC has no per-episode fine-tune to cut, and its hierarchical step is rescore_top.
+    for bad in ({"iterations_fraction": 0.5}, {"promote": 2}):
+        with pytest.raises(ValueError, match="AMC scores policies without a fine-tune"):
+            AMCOptions(proxy=bad)

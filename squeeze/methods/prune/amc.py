@@ -13,7 +13,7 @@ latency summed from the lookup table as NetAdapt's proposals are), so every epis
 At the end of an episode the policy is built once: channels chosen by the importance criterion, then the
 weights of every layer that reads a pruned group re-fitted by least squares to the original model's outputs
 on sampled feature maps (1x1 and Linear directly, k x k through im2col; sampled once per search). The reward
-is measured on a fixed subset of the held-out split, without fine-tune: top-1 (the reference's accuracy x
+is measured on a fixed subset of the held-out split (the `proxy` option), without fine-tune: top-1 (the reference's accuracy x
 0.01) or -error x log(MACs) (accuracy-guaranteed). DDPG (squeeze.agents) credits it to every step of the
 episode, after the reference's warm-up of random episodes, with noise decaying 0.95 per episode.
 
@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 
 from squeeze.methods.base import register_pass
 from squeeze.methods.prune import PruneOptions, PruneSearch
+from squeeze.train.config import ProxyConfig
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +74,10 @@ class AMCOptions(PruneOptions):
     reward: Literal["accuracy", "error_log_flops"] = Field(
         "accuracy", description="accuracy: top-1 (resource-constrained, with the budget wall); error_log_flops: "
                                 "-error x log(MACs) (accuracy-guaranteed)")
-    eval_samples: int = Field(1000, ge=1, description="held-out samples the reward is measured on (the first N "
-                                                      "of the validation split, the same every episode)")
+    proxy: ProxyConfig = Field(ProxyConfig(eval_fraction=0.2), description="the reward's evaluation (EcoNAS): a "
+                               "fixed share of the held-out split, the same every episode (1k of Fashion-MNIST's "
+                               "5k by default), optionally at a smaller input resolution; check it keeps the "
+                               "ranking with `squeeze proxy check --method amc`")
     feature_images: int = Field(256, ge=1, description="training images whose feature maps the reconstruction fits")
     points_per_image: int = Field(10, ge=1, description="output positions sampled per image and layer")
     reconstruct: bool = Field(True, description="least-squares re-fit of the layers that read a pruned group")
@@ -92,13 +95,22 @@ class AMCOptions(PruneOptions):
     def _table(cls, value: str) -> str:
         return "table+recalibrate" if value == "auto" else value
 
+    @field_validator("proxy")
+    @classmethod
+    def _no_fine_tune(cls, value: ProxyConfig) -> ProxyConfig:
+        # AMC scores a policy without fine-tune, and its own hierarchical step is rescore_top.
+        if value.iterations_fraction < 1 or value.promote:
+            raise ValueError("AMC scores policies without a fine-tune: proxy.iterations_fraction must be 1 and "
+                             "proxy.promote 0 (the top policies are rescored in full by rescore_top)")
+        return value
+
 
 @register_pass
 class AMCPass(PruneSearch):
     name = "prune.amc"
     summary = "AMC: per-layer channel ratios from a DDPG agent under a MACs or latency budget, least-squares rebuilt."
     Options = AMCOptions
-    smoke_options = {"episodes": 3, "warmup": 1, "eval_samples": 64, "feature_images": 32,
+    smoke_options = {"episodes": 3, "warmup": 1, "proxy": {"eval_fraction": 0.25}, "feature_images": 32,
                      "long_term": {"iterations": 2}}
 
     def run(self, state, ctx):
@@ -381,14 +393,15 @@ class _Policies:
     def __init__(self, original: LoadedModel, table: LayerTable, data: DataBundle, opts: AMCOptions,
                  pricer: PolicyPricer) -> None:
         import torch
-        from torch.utils.data import Subset
 
+        from squeeze.prune.proxy import CandidateEvaluator
         from squeeze.prune.search import taylor_batch
 
         self.original, self.opts, self.pricer = original, opts, pricer
         self.full = table.widths()
         self.last_model: LoadedModel | None = None
-        self.eval_set = Subset(data.val, range(min(opts.eval_samples, len(data.val))))
+        self.evaluator = CandidateEvaluator(data.train, data.val, None, opts.proxy, seed=opts.seed)
+        self.evaluator.check_model(original.module, original.input_shape)
         self.val = data.val
         self.batch = taylor_batch(data, opts.importance)
         self.features = None
@@ -407,23 +420,28 @@ class _Policies:
         return model
 
     def score(self, policy: Policy) -> tuple[float, dict[str, Any]]:
-        """The episode's reward on the fixed subset; the model built for it stays as `last_model`."""
-        self.last_model = model = self.build(policy)
-        reward, accuracy = self.reward(model, policy, self.eval_set)
-        return reward, {"accuracy": accuracy}
+        """The episode's reward on the proxy's fixed subset; the model built for it stays as `last_model`."""
+        import torch
 
-    def reward(self, model: LoadedModel, policy: Policy, dataset) -> tuple[float, float]:
-        """(reward, top-1) on `dataset`: the reference's acc_reward (accuracy % x 0.01) or acc_flops_reward
-        (-error x log FLOPs)."""
+        self.last_model = model = self.build(policy)
+        with torch.no_grad():
+            accuracy = self.evaluator.accuracy(model.module)
+        return self.reward(policy, accuracy), {"accuracy": accuracy}
+
+    def full_reward(self, model: LoadedModel, policy: Policy) -> float:
+        """The reward on the whole validation split at full resolution."""
         import torch
 
         from squeeze.train import evaluate
 
         with torch.no_grad():
-            accuracy = evaluate(model.module, dataset).top1
+            return self.reward(policy, evaluate(model.module, self.val).top1)
+
+    def reward(self, policy: Policy, accuracy: float) -> float:
+        """The reference's acc_reward (accuracy % x 0.01) or acc_flops_reward (-error x log FLOPs)."""
         if self.opts.reward == "accuracy":
-            return accuracy, accuracy
-        return -(1.0 - accuracy) * math.log(self.pricer.macs(policy)), accuracy
+            return accuracy
+        return -(1.0 - accuracy) * math.log(self.pricer.macs(policy))
 
 
 def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: AMCOptions,
@@ -540,7 +558,7 @@ def _select(records, env: AMCEnv, policies: _Policies, budget: ResolvedBudget,
     rescored: dict[int, float] = {}
     for rec in ranked[:rescore]:
         models[rec.episode] = policies.build(rec.info["widths"])
-        rescored[rec.episode] = policies.reward(models[rec.episode], rec.info["widths"], policies.val)[0]
+        rescored[rec.episode] = policies.full_reward(models[rec.episode], rec.info["widths"])
     ranked.sort(key=lambda r: (0, -rescored[r.episode]) if r.episode in rescored else (1, 0.0))  # stable
     tried: list[tuple[LoadedModel, dict[str, Any]]] = []
     for rec in ranked:
