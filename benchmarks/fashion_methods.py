@@ -25,10 +25,12 @@ def method_options(method: str, args) -> dict:
     if method == "netadapt":
         options |= {"initial_reduction": args.step, "decay": 1.0,
                     "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": args.short_term_iters}}
-        if args.proxy:
-            options["proxy"] = json.loads(args.proxy)
+        if args.netadapt_proxy:
+            options["proxy"] = json.loads(args.netadapt_proxy)
     elif method == "amc":
         options |= {"episodes": args.episodes}
+        if args.amc_proxy:
+            options["proxy"] = json.loads(args.amc_proxy)
     return options
 
 
@@ -40,7 +42,9 @@ def main() -> None:
     ap.add_argument("--short-term-iters", type=int, default=40)
     ap.add_argument("--step", type=float, default=0.08, help="NetAdapt reduction per iteration (fraction of R0)")
     ap.add_argument("--episodes", type=int, default=120, help="AMC episodes")
-    ap.add_argument("--proxy", help='NetAdapt proxy as JSON, e.g. \'{"eval_fraction": 0.25}\'')
+    ap.add_argument("--netadapt-proxy", help='NetAdapt\'s proposal evaluation as JSON, e.g. \'{"eval_fraction": 0.25}\' '
+                                             "(see `squeeze proxy check`)")
+    ap.add_argument("--amc-proxy", help="AMC's reward evaluation as JSON (default: 20%% of the held-out split)")
     ap.add_argument("--target", default="host-cpu")
     ap.add_argument("--json", type=Path, help="also write every row here")
     args = ap.parse_args()
@@ -61,7 +65,7 @@ def main() -> None:
                        "final_top1": acc["final_top1"], "delta_pt": acc["delta_pt"], "latency_ratio": 1 / sp["ratio"],
                        "latency_ratio_ci": [1 / sp["high"], 1 / sp["low"]], "macs_reduction": r["macs_reduction"],
                        "search_seconds": record["search_seconds"], "total_seconds": time.perf_counter() - t0,
-                       "budget_met": record["budget_met"]}
+                       "budget_met": record["budget_met"], "proxy": record.get("proxy")}
                 rows.append(row)
                 print(f"{ratio:.2f}x, {method}, {100 * row['original_top1']:.2f} -> {100 * row['final_top1']:.2f}, "
                       f"{row['delta_pt']:+.2f}, {row['latency_ratio']:.3f} [{row['latency_ratio_ci'][0]:.3f}, "
