@@ -323,7 +323,7 @@ def test_3d_layers_are_table_entries_that_rebuild_as_themselves():
     configs = layer_configs(apply_multidim(tiny_r3d(), plan, x), x)
     assert configs["layers.0.0.conv1.0.conv"].key == "conv3d_in16x2x4x4_out16_k3x3x3_s1x1x1_p1x1x1_g1"
     assert configs["layers.0.0.conv1.0.pool"].key == "avgpool3d_in16x4x8x8_k2x2x2"
-    assert configs["layers.0.0.conv1.0.upsample"].key == "resize3d_trilinear_in16x2x4x4_out4x8x8"
+    assert configs["layers.0.0.conv1.0.upsample"].key == "resize3d_trilinear_4d_in16x2x4x4_out4x8x8"
     # the BatchNorm runs inside, before the resize: it reads the conv's output and folds into it
     assert not any(c.op == "bn3d" for c in configs.values())
     assert isinstance(apply_multidim(tiny_r3d(), plan, x).layers[0][0].conv1[1], nn.Identity)
@@ -368,3 +368,27 @@ def test_mdp_on_a_3d_net_searches_time_and_space(tmp_path):
     with torch.no_grad():
         ref = load_model(str(out / "model.pt")).module.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(run_batched(out / "model.onnx", x), ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "trilinear"])
+@pytest.mark.parametrize("size", [(8, 8, 12), (4, 8, 12), (8, 4, 6)])
+def test_a_5d_resize_runs_as_4d_resizes_with_the_same_output(tmp_path, mode, size):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from squeeze.measure.lut import resize
+
+    x = torch.randn(2, 3, 4, 4, 6)
+    module = resize(size, mode)
+    reference = torch.nn.functional.interpolate(x, size=size, mode=mode,
+                                                align_corners=None if mode == "nearest" else False)
+    assert torch.allclose(module(x), reference, atol=1e-6)
+    path = tmp_path / "resize.onnx"
+    torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.value_info, *graph.input]}
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    assert resizes and all(ranks[n.input[0]] == 4 for n in resizes)  # no 5-D Resize kernel runs
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, reference.numpy(), atol=1e-5)

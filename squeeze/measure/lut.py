@@ -65,7 +65,8 @@ class LayerConfig:
         if self.op.startswith("avgpool"):
             return f"{self.op}_in{self.c_in}x{size}_k{_x(self.kernel)}"
         if self.op.startswith("resize"):
-            return f"{self.op}_{self.mode}_in{self.c_in}x{size}_out{_x(self.out_size)}"
+            form = "_4d" if self.t else ""  # entries of Resize's 4-D form, not of a 5-D Resize op
+            return f"{self.op}_{self.mode}{form}_in{self.c_in}x{size}_out{_x(self.out_size)}"
         k, s, p = (_x(v) for v in (self.kernel, self.stride, self.padding))
         return f"{self.op}_in{self.c_in}x{size}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
 
@@ -92,9 +93,32 @@ def _x(values) -> str:
     return "x".join(map(str, values))
 
 
-def resize(size: tuple[int, ...], mode: str) -> nn.Upsample:
+class Resize(nn.Upsample):
+    """A resize to a fixed output size; a 5-D one runs as two 4-D resizes: time on (N, C, T, H*W), then space
+    on (N, C*T, H, W). ONNX Runtime's 5-D Resize is a generic kernel: (1, 32, 4, 16, 16) -> (8, 32, 32)
+    nearest took 2.97 ms on a 2-core EPYC against 0.16 ms for the 4-D form. Nearest and linear resizing are
+    separable per axis, so the two forms give the same output (an axis kept at its size is an identity)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            return super().forward(x)
+        import torch.nn.functional as F
+
+        mode = "nearest" if self.mode == "nearest" else "bilinear"
+        n, c, t, h, w = x.shape
+        t_out, h_out, w_out = self.size
+        if t_out != t:
+            x = F.interpolate(x.reshape(n, c, t, h * w), size=(t_out, h * w), mode=mode,
+                              align_corners=self.align_corners).reshape(n, c, t_out, h, w)
+        if (h_out, w_out) != (h, w):
+            x = F.interpolate(x.reshape(n, c * t_out, h, w), size=(h_out, w_out), mode=mode,
+                              align_corners=self.align_corners).reshape(n, c, t_out, h_out, w_out)
+        return x
+
+
+def resize(size: tuple[int, ...], mode: str) -> Resize:
     """A resize to a fixed output size (nearest, or (bi/tri)linear without corner alignment)."""
-    return nn.Upsample(size=tuple(size), mode=mode, align_corners=None if mode == "nearest" else False)
+    return Resize(size=tuple(size), mode=mode, align_corners=None if mode == "nearest" else False)
 
 
 def priced(m: nn.Module) -> nn.Module:
