@@ -382,3 +382,18 @@ def test_amc_reward_set_is_the_proxy_and_the_record_says_which(macs_search):
     for bad in ({"iterations_fraction": 0.5}, {"promote": 2}):
         with pytest.raises(ValueError, match="AMC scores policies without a fine-tune"):
             AMCOptions(proxy=bad)
+
+
+def test_the_fidelity_reward_is_zero_for_the_unpruned_policy_and_falls_as_channels_go(digits_model, digits_data):
+    from squeeze.methods.prune.amc import _Policies
+
+    table = prunable_layers(digits_model.module, digits_model.example_input())
+    pricer = PolicyPricer(digits_model, Resource("macs"), summarize(digits_model).macs)
+    policies = _Policies(digits_model, table, digits_data, AMCOptions(reward="fidelity", feature_images=64), pricer)
+    full = table.widths()
+
+    def cut(share: float) -> dict[str, int]:
+        return {name: max(8, int(share * w) // 8 * 8) for name, w in full.items()}
+
+    rewards = [policies.score(p)[0] for p in (full, cut(0.75), cut(0.25))]
+    assert rewards[0] == 0.0 and rewards[0] > rewards[1] > rewards[2]

@@ -71,9 +71,10 @@ class AMCOptions(PruneOptions):
     warmup: int = Field(100, ge=0, description="random-action episodes first (the reference's 100), at most a "
                                               "quarter of the episodes")
     lbound: float = Field(0.2, gt=0, le=1, description="smallest preserve ratio of a group")
-    reward: Literal["accuracy", "error_log_flops"] = Field(
+    reward: Literal["accuracy", "error_log_flops", "fidelity"] = Field(
         "accuracy", description="accuracy: top-1 (resource-constrained, with the budget wall); error_log_flops: "
-                                "-error x log(MACs) (accuracy-guaranteed)")
+                                "-error x log(MACs) (accuracy-guaranteed); fidelity: minus the relative squared "
+                                "error of the logits against the unpruned model's (labels unused)")
     proxy: ProxyConfig = Field(ProxyConfig(eval_fraction=0.2), description="the reward's evaluation (EcoNAS): a "
                                "fixed share of the held-out split, the same every episode (1k of Fashion-MNIST's "
                                "5k by default), optionally at a smaller input resolution; check it keeps the "
@@ -400,6 +401,7 @@ class _Policies:
         self.original, self.opts, self.pricer = original, opts, pricer
         self.full = table.widths()
         self.last_model: LoadedModel | None = None
+        self.reference_logits: dict[int, torch.Tensor] = {}
         self.evaluator = CandidateEvaluator(data.train, data.val, None, opts.proxy, seed=opts.seed)
         self.evaluator.check_model(original.module, original.input_shape)
         self.val = data.val
@@ -421,27 +423,45 @@ class _Policies:
 
     def score(self, policy: Policy) -> tuple[float, dict[str, Any]]:
         """The episode's reward on the proxy's fixed subset; the model built for it stays as `last_model`."""
-        import torch
-
         self.last_model = model = self.build(policy)
-        with torch.no_grad():
-            accuracy = self.evaluator.accuracy(model.module)
-        return self.reward(policy, accuracy), {"accuracy": accuracy}
+        reward, accuracy = self.measure(model, policy, self.evaluator.eval)
+        return reward, {"accuracy": accuracy}
 
     def full_reward(self, model: LoadedModel, policy: Policy) -> float:
         """The reward on the whole validation split at full resolution."""
+        return self.measure(model, policy, self.val)[0]
+
+    def measure(self, model: LoadedModel, policy: Policy, dataset) -> tuple[float, float]:
+        """(reward, top-1) on `dataset`: the reference's acc_reward (accuracy % x 0.01), its acc_flops_reward
+        (-error x log FLOPs), or fidelity to the unpruned model's logits, a reward that needs no trained labels
+        and grows with the capacity a policy keeps."""
         import torch
 
         from squeeze.train import evaluate
 
         with torch.no_grad():
-            return self.reward(policy, evaluate(model.module, self.val).top1)
+            accuracy = evaluate(model.module, dataset).top1
+            if self.opts.reward == "accuracy":
+                return accuracy, accuracy
+            if self.opts.reward == "error_log_flops":
+                return -(1.0 - accuracy) * math.log(self.pricer.macs(policy)), accuracy
+            if id(dataset) not in self.reference_logits:  # the unpruned model's, once per evaluation set
+                self.reference_logits[id(dataset)] = self._logits(self.original.module, dataset)
+            reference = self.reference_logits[id(dataset)]
+            error = (self._logits(model.module, dataset) - reference).pow(2).sum() / reference.pow(2).sum()
+            return -float(error), accuracy
 
-    def reward(self, policy: Policy, accuracy: float) -> float:
-        """The reference's acc_reward (accuracy % x 0.01) or acc_flops_reward (-error x log FLOPs)."""
-        if self.opts.reward == "accuracy":
-            return accuracy
-        return -(1.0 - accuracy) * math.log(self.pricer.macs(policy))
+    @staticmethod
+    def _logits(module: nn.Module, dataset) -> torch.Tensor:
+        import torch
+        from torch.utils.data import DataLoader
+
+        was_training = module.training
+        module.eval()
+        try:
+            return torch.cat([module(x) for x, _ in DataLoader(dataset, batch_size=256)])
+        finally:
+            module.train(was_training)
 
 
 def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: AMCOptions,
