@@ -90,6 +90,9 @@ def test_candidate_factors_fit_the_input():
     assert candidate_factors(nn.Conv2d(3, 3, 3), (1, 3, 6, 6), (1, 2, 4, 8)) == [(1, 1), (2, 2), (4, 4)]
     assert candidate_factors(nn.Conv3d(3, 3, 3), (1, 3, 4, 8, 8), (1, 2), (1, 2)) == [
         (1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 2, 2)]
+    # At least min_side pixels a side, and two frames.
+    assert candidate_factors(nn.Conv2d(3, 3, 3), (1, 3, 7, 7), (1, 2, 4), min_side=3) == [(1, 1), (2, 2)]
+    assert candidate_factors(nn.Conv3d(3, 3, 3), (1, 3, 2, 8, 8), (1, 2), (1, 2), min_side=4) == [(1, 1, 1), (1, 2, 2)]
 
 
 def _plan(model, scales, keep=None) -> MultiDimPlan:

@@ -138,13 +138,13 @@ def _run_hooked(module: nn.Module, x: torch.Tensor, handles: list) -> None:
 
 
 def candidate_factors(conv: nn.Module, in_shape: tuple[int, ...], spatial: tuple[int, ...] = (1, 2, 4),
-                      temporal: tuple[int, ...] = (1,)) -> list[Factors]:
-    """The pooling factors a conv may run at: every spatial factor (and, for a Conv3d, temporal factor) the
-    input is at least that large for; full resolution first."""
+                      temporal: tuple[int, ...] = (1,), min_side: int = 1) -> list[Factors]:
+    """The pooling factors a conv may run at: every spatial factor (and, for a Conv3d, temporal factor) that
+    leaves the input at least `min_side` pixels (and frames) a side; full resolution first."""
     size = in_shape[2:]
-    space = [f for f in sorted(set(spatial) | {1}) if all(n >= f for n in size[-2:])]
+    space = [f for f in sorted(set(spatial) | {1}) if f == 1 or all(n // f >= min_side for n in size[-2:])]
     if isinstance(conv, nn.Conv3d):
-        time = [t for t in sorted(set(temporal) | {1}) if size[0] >= t]
+        time = [t for t in sorted(set(temporal) | {1}) if t == 1 or size[0] // t >= min(min_side, 2)]
         return [(t, f, f) for t in time for f in space]
     return [(f, f) for f in space]
 

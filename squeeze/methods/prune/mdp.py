@@ -60,6 +60,9 @@ class MDPOptions(PruneOptions):
     spatial_scales: list[float] = Field([1.0, 0.5, 0.25], description="candidate scales of H and W (each 1/k)")
     temporal_scales: list[float] = Field([1.0], description="candidate scales of T for Conv3d layers (each 1/k), "
                                                             "e.g. [1, 0.5]")
+    min_side: int = Field(4, ge=1, description="smallest input side (pixels) a conv may be scaled to; in time, "
+                                               "at least 2 frames (fashion-cnn's 4x4 stage at 1/4 ran at one pixel "
+                                               "and cost 4 pt at 0.5x latency)")
     upsample: Literal["nearest", "bilinear"] = Field("nearest", description="how a reduced output is resized back")
     layers: list[str] | None = Field(None, description="the convs to search (default: every Conv2d/Conv3d)")
     search: FineTuneConfig = Field(FineTuneConfig(optimizer="sgd", lr=0.01, iterations=300),
@@ -227,7 +230,8 @@ def search_stage(original: LoadedModel, data: DataBundle, opts: MDPOptions, pric
         raise PlanError(f"MDP's layers {', '.join(map(repr, unknown))} are not Conv2d/Conv3d layers the model runs.",
                         f"Convs: {', '.join(shapes)}.")
     spatial, temporal = _factors(opts.spatial_scales), _factors(opts.temporal_scales)
-    candidates = {n: candidate_factors(original.module.get_submodule(n), shapes[n], spatial, temporal) for n in names}
+    candidates = {n: candidate_factors(original.module.get_submodule(n), shapes[n], spatial, temporal, opts.min_side)
+                  for n in names}
     prices: BranchPrices = prices_for(original.module, shapes, candidates)
     net, layers = supernet(original.module, x, candidates, opts.upsample)
     gates = Gates(net, names, x)
