@@ -21,6 +21,7 @@ from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import runtime_registry
 from squeeze.methods import get_pass, pass_registry
 from squeeze.model.loading import load_model
+from squeeze.quant.run import NotFasterError
 from squeeze.recipe import Budget
 from squeeze.target import load_target
 
@@ -76,7 +77,13 @@ def test_every_registered_method_keeps_the_contract(name, fake_target, tmp_path)
             run()
         assert Path(target).stem in str(refused.value) and not out.exists()
         return
-    report = run()
+    try:
+        report = run()
+    except NotFasterError as refused:
+        # A method for the real runtime gets this CPU's verdict: where int8 is not faster now, it refuses and
+        # writes nothing (the contract for that outcome); the rest of the contract needs a faster CPU.
+        assert "Nothing was written" in str(refused) and not out.exists()
+        pytest.skip(f"{name} is not faster than fp32 on this CPU now, and its refusal wrote nothing")
     assert json.loads((out / "report.json").read_text())["stages"][0]["method"] == name
     onnx_file = out / "model.onnx"
     x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
