@@ -397,3 +397,29 @@ def test_the_fidelity_reward_is_zero_for_the_unpruned_policy_and_falls_as_channe
 
     rewards = [policies.score(p)[0] for p in (full, cut(0.75), cut(0.25))]
     assert rewards[0] == 0.0 and rewards[0] > rewards[1] > rewards[2]
+
+
+def test_selection_measures_what_the_table_overprices_by_no_more_than_it_has_been_seen_to():
+    from types import SimpleNamespace as NS
+
+    from squeeze.methods.prune.amc import _select
+
+    # widths of one group -> (reward, table price, measured latency); the budget is 1.0 ms.
+    policies_seen = {24: (0.9, 1.3, 0.9), 16: (0.8, 0.95, 0.95), 12: (0.85, 1.2, 1.4)}
+    floor = {8: (None, 0.5, 0.6)}
+    known = policies_seen | floor
+    records = [NS(episode=i, reward=r, info={"widths": {"g": w}, "predicted": p})
+               for i, (w, (r, p, _)) in enumerate(policies_seen.items())]
+    env = NS(price=lambda ws: [known[ws[0]["g"]][1]], steps=[NS(name="g", grid=(8, 16, 24))])
+    policies = NS(build=lambda w: w["g"], full_reward=lambda m, w: known[m][0])
+    args = (records, env, policies, NS(resource="latency_ms", target=1.0), lambda m: known[m][2], NS(forget=lambda: None), 0)
+    # The table as priced: 24 channels look over the budget, 16 is taken.
+    _, tried, _ = _select(*args)
+    assert [(t["widths"]["g"], t["chosen"]) for t in tried] == [(16, True)]
+    # The table has over-priced a policy by 1.4x: 24 channels (priced 1.3) is measured, reads 0.9, and is taken.
+    _, tried, _ = _select(*args, slack=1.4)
+    assert [(t["widths"]["g"], t["chosen"]) for t in tried] == [(24, True)]
+    # Every policy tried reads over: the smallest allowed one is measured too, and taken where it reads under.
+    known[16] = (0.8, 0.95, 1.2)
+    _, tried, _ = _select(*args)
+    assert [(t["widths"]["g"], t["chosen"]) for t in tried] == [(16, False), (8, True)]

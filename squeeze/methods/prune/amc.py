@@ -498,7 +498,10 @@ def amc(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
         episodes = _Episodes(steps, budget, policies, pricer, refit, opts.recalibrate_every, bar, log)
         records = run_episodes(env, agent, opts.episodes, episodes.observe)
     confirm = resource.of if budget.resource == "macs" else (refit or resource.confirm)
-    chosen, selection, rescored = _select(records, env, policies, budget, confirm, pricer, opts.rescore_top)
+    # How much the table over-priced a measured policy (re-fits record both): that much over the budget as
+    # priced may still read under it, so those policies are measured too.
+    slack = max([1.0] + [r["predicted"] / r["measured"] for r in episodes.recalibrations if r["measured"] > 0])
+    chosen, selection, rescored = _select(records, env, policies, budget, confirm, pricer, opts.rescore_top, slack)
     final = next(e for e in selection if e["chosen"])
     result = SearchResult(chosen, budget, episodes.history)
     result.extra = {
@@ -562,13 +565,15 @@ class _Episodes:
 
 
 def _select(records, env: AMCEnv, policies: _Policies, budget: ResolvedBudget,
-            confirm: Callable[[LoadedModel], float], pricer: PolicyPricer, rescore: int
+            confirm: Callable[[LoadedModel], float], pricer: PolicyPricer, rescore: int, slack: float = 1.0
             ) -> tuple[LoadedModel, list[dict[str, Any]], list[dict[str, Any]]]:
-    """The best policy that prices under the budget now and measures (counts) under it when built; after
-    SELECTION_TRIES readings over it, the one that read lowest. Best: the `rescore` highest rewards ranked
-    again by their reward on the whole validation split, then the rest by reward. Returns its model and every
-    policy tried (the one taken marked `chosen`), each with its price before its own reading and that reading,
-    and the rewards ranked again."""
+    """The best policy that prices under the budget x `slack` now and measures (counts) under the budget when
+    built; after SELECTION_TRIES readings over it, the smallest allowed policy if it reads under, else the one
+    that read lowest. `slack`: the most the table has over-priced a measured policy (a latency table is a sum
+    of layers, and a runtime's layout choices make some widths much cheaper than their layers' sum). Best: the
+    `rescore` highest rewards ranked again by their reward on the whole validation split, then the rest by
+    reward. Returns its model and every policy tried (the one taken marked `chosen`), each with its price
+    before its own reading and that reading, and the rewards ranked again."""
     limit = (LATENCY_TOLERANCE if budget.resource == "latency_ms" else 1.0) * budget.target
     distinct: dict[tuple, Any] = {}
     for rec in sorted(records, key=lambda r: (-r.reward, r.info["predicted"])):
@@ -584,7 +589,7 @@ def _select(records, env: AMCEnv, policies: _Policies, budget: ResolvedBudget,
     for rec in ranked:
         widths = rec.info["widths"]
         predicted = env.price([widths])[0]
-        if predicted > budget.target:
+        if predicted > slack * budget.target:
             continue
         model = models.get(rec.episode) or policies.build(widths)
         tried.append((model, {"episode": rec.episode, "reward": rec.reward, "rescored": rescored.get(rec.episode),
@@ -592,7 +597,7 @@ def _select(records, env: AMCEnv, policies: _Policies, budget: ResolvedBudget,
         pricer.forget()  # a reading through the table's re-fit changes the prices
         if tried[-1][1]["confirmed"] <= limit or len(tried) == SELECTION_TRIES:
             break
-    if not tried:  # nothing prices under the budget after the last re-fit: the smallest allowed policy
+    if all(t[1]["confirmed"] > limit for t in tried):  # none priced under, or read under: the smallest allowed
         widths = {s.name: s.grid[0] for s in env.steps}
         model = policies.build(widths)
         tried.append((model, {"episode": None, "reward": None, "rescored": None, "widths": widths,
