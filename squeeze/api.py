@@ -543,7 +543,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, candidates: int = 12,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, base_ratio: float = 1.0) -> dict[str, Any]:
     """`squeeze proxy check`: how well each cheap evaluation setting ranks `method`'s candidates against the full
     one on this model and data; the rho of each is kept for the searches' reports."""
     from squeeze.data import load_data
@@ -557,7 +557,8 @@ def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, 
     bundle = load_data(data, input_shape=model.input_shape, preprocessing=Preprocessing().over(model.preprocessing))
     _check_classes(model, bundle)
     short_term = get_pass("prune.netadapt").Options().short_term if method == "netadapt" else None
-    result = check(model, bundle, method, candidates, short_term, seed=seed)
-    for row in result.rows:
-        record_rho(rho_key(model.name, bundle.spec, method), row.proxy, row.agreement)
+    result = check(model, bundle, method, candidates, short_term, seed=seed, base_ratio=base_ratio)
+    if base_ratio == 1:  # the rho a search's report quotes is the one measured on the original's candidates
+        for row in result.rows:
+            record_rho(rho_key(model.name, bundle.spec, method), row.proxy, row.agreement)
     return {"model": model_spec, "data": bundle.spec, **result.to_json()}

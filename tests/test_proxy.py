@@ -114,3 +114,17 @@ def test_squeeze_proxy_check_prints_the_rank_table_and_refuses_other_methods(cli
     assert result["candidates"] == 4 and {row["label"] for row in result["rows"]} >= {"eval 50%", "eval 25%"}
     r = cli("proxy", "check", "zoo:digits-cnn", "--method", "uniform", "--data", "digits")
     assert r.exit_code == 2 and "Pass --method netadapt or --method amc." in r.stderr
+
+
+def test_netadapt_candidates_can_be_cut_from_a_late_iterations_model(digits_model, digits_data, cli, tmp_path):
+    from squeeze.prune.graph import prunable_layers
+    from squeeze.prune.proxy import _candidates
+
+    widths = lambda m: {g.name: g.out_channels for g in prunable_layers(m, digits_model.example_input())}  # noqa: E731
+    full = widths(digits_model.module)
+    for module in _candidates(digits_model, "netadapt", 4, 8, seed=0, base_ratio=0.5):
+        cut = widths(module)
+        # every prunable layer at half its channels or fewer (the classifier's outputs stay)
+        assert cut["fc"] == full["fc"] and all(cut[n] <= full[n] // 2 for n in full if n != "fc")
+    r = cli("proxy", "check", "zoo:digits-cnn", "--method", "amc", "--data", "digits", "--from-ratio", "0.5")
+    assert r.exit_code == 2 and "AMC's policies always start from the original" in r.stderr

@@ -23,6 +23,9 @@ def check(
                                "short fine-tune) or amc (whole policies, no fine-tune)."),
     data: str = typer.Option(..., "--data", help="The data the search will use (digits, fashion-mnist, a folder, ...)."),
     candidates: int = typer.Option(12, "--candidates", min=3, help="Candidates scored under every setting."),
+    from_ratio: float = typer.Option(1.0, "--from-ratio", min=0.05, max=1.0,
+                                     help="NetAdapt: cut the candidates from the model with every layer at this "
+                                          "share of its channels (a late iteration's starting point)."),
     seed: int = typer.Option(0, "--seed"),
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
@@ -34,7 +37,7 @@ def check(
     from squeeze.report.render import proxy_view
 
     result = api.proxy_check(model, method, data, model_options(input_shape, weights, trust_model),
-                             candidates=candidates, seed=seed)
+                             candidates=candidates, seed=seed, base_ratio=from_ratio)
     if json_path == "-":
         print(json.dumps(result, indent=2))
         return

@@ -242,6 +242,7 @@ class ProxyCheck:
     candidates: int
     full_seconds: float
     rows: list[ProxyRow]
+    base_ratio: float = 1.0  # NetAdapt's candidates cut from every layer at this share of its channels
 
     @property
     def recommended(self) -> ProxyRow | None:
@@ -251,19 +252,28 @@ class ProxyCheck:
 
     def to_json(self) -> dict:
         best = self.recommended
-        return {"method": self.method, "candidates": self.candidates, "full_seconds": round(self.full_seconds, 2),
+        return {"method": self.method, "candidates": self.candidates, "base_ratio": self.base_ratio,
+                "full_seconds": round(self.full_seconds, 2),
                 "min_rho": MIN_RHO, "rows": [r.to_json() for r in self.rows],
                 "recommended": best.to_json() if best else None}
 
 
-def _candidates(original, method: str, n: int, round_to: int, seed: int, min_ratio: float = 0.2) -> list:
-    """`n` candidates of the kind `method` compares: NetAdapt, one layer cut to a width on its grid; AMC, a
-    whole policy of per-layer preserve ratios in [min_ratio, 1]."""
+def _candidates(original, method: str, n: int, round_to: int, seed: int, min_ratio: float = 0.2,
+                base_ratio: float = 1.0) -> list:
+    """`n` candidates of the kind `method` compares: NetAdapt, one layer cut to a width on its grid (of the
+    model with every layer at `base_ratio` of its channels: a later iteration's starting point); AMC, a whole
+    policy of per-layer preserve ratios in [min_ratio, 1]."""
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.plan import round_width
     from squeeze.prune.search import pruned_candidate, shrinkable, width_grid
 
     rng = np.random.default_rng(seed)
+    if base_ratio < 1:
+        if method != "netadapt":
+            raise SqueezeError("--from-ratio applies to NetAdapt's candidates (one layer cut from the model the "
+                               "search has reached); AMC's policies always start from the original.",
+                               "Drop --from-ratio for --method amc.")
+        original = pruned_candidate(original, None, base_ratio, "l1", round_to)[0]
     layers = shrinkable(prunable_layers(original.module, original.example_input()), round_to)
     if not layers:
         raise SqueezeError("The model has no prunable layer to build candidates from.",
@@ -282,12 +292,14 @@ def _candidates(original, method: str, n: int, round_to: int, seed: int, min_rat
 
 def proxy_check(original, data, method: str, candidates: int, short_term: FineTuneConfig | None,
                 round_to: int = 8, proxies: list[ProxyConfig] | None = None, seed: int = 0,
-                on_row: Callable[[ProxyRow], None] = lambda _row: None) -> ProxyCheck:
+                on_row: Callable[[ProxyRow], None] = lambda _row: None, base_ratio: float = 1.0) -> ProxyCheck:
     """Score `candidates` candidates of `method` under the full setting and under each proxy, with the same
-    starting weights; `short_term` is the method's per-candidate fine-tune (None: scored without one)."""
+    starting weights; `short_term` is the method's per-candidate fine-tune (None: scored without one).
+    `base_ratio` < 1: NetAdapt's candidates are cut from the model at that share of every layer's channels,
+    where a late iteration compares them (a proxy that ranks first cuts well may rank late ones badly)."""
     from squeeze import progress
 
-    modules = _candidates(original, method, candidates, round_to, seed)
+    modules = _candidates(original, method, candidates, round_to, seed, base_ratio=base_ratio)
     grid = proxies or proxy_grid(short_term is not None,
                                  resolution_error(original.module, original.input_shape, 0.5) is None)
     with progress.task(f"proxy check ({method})", total=1 + len(grid), unit="settings") as step:
@@ -301,4 +313,4 @@ def proxy_check(original, data, method: str, candidates: int, short_term: FineTu
             rows.append(ProxyRow(proxy, seconds, seconds / full_seconds, rank_agreement(scores, full, seed=seed)))
             on_row(rows[-1])
             step.advance(1, rho=f"{rows[-1].agreement.spearman:.2f}")
-    return ProxyCheck(method, candidates, full_seconds, rows)
+    return ProxyCheck(method, candidates, full_seconds, rows, base_ratio)

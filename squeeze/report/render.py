@@ -284,8 +284,10 @@ def target_check_view(report: CheckReport, target: str) -> Table:
 
 def proxy_view(result: dict) -> Group:
     """`squeeze proxy check`: one row per proxy, the recommendation under it."""
+    base = result.get("base_ratio", 1.0)
+    start = f", cut from every layer at {base:.0%}" if base < 1 else ""
     table = Table(title=f"proxy check: {result['method']} candidates of {result['model']} on {result['data']} "
-                        f"({result['candidates']} candidates; full evaluation {result['full_seconds']:.0f} s)")
+                        f"({result['candidates']} candidates{start}; full evaluation {result['full_seconds']:.0f} s)")
     for col in ("proxy", "Spearman rho [95%]", "Kendall tau", "top-k overlap", "cost"):
         table.add_column(col, justify="left" if col == "proxy" else "right")
     for r in result["rows"]:
