@@ -42,8 +42,8 @@ def main() -> None:
     ap.add_argument("--short-term-iters", type=int, default=40)
     ap.add_argument("--step", type=float, default=0.08, help="NetAdapt reduction per iteration (fraction of R0)")
     ap.add_argument("--episodes", type=int, default=120, help="AMC episodes")
-    ap.add_argument("--netadapt-proxy", help='NetAdapt\'s proposal evaluation as JSON, e.g. \'{"eval_fraction": 0.25}\' '
-                                             "(see `squeeze proxy check`)")
+    ap.add_argument("--netadapt-proxy", help="NetAdapt's proposal evaluation as JSON, e.g. "
+                                             '\'{"eval_fraction": 0.25}\' (see `squeeze proxy check`)')
     ap.add_argument("--amc-proxy", help="AMC's reward evaluation as JSON (default: 20%% of the held-out split)")
     ap.add_argument("--target", default="host-cpu")
     ap.add_argument("--json", type=Path, help="also write every row here")

@@ -412,7 +412,8 @@ def test_selection_measures_what_the_table_overprices_by_no_more_than_it_has_bee
                for i, (w, (r, p, _)) in enumerate(policies_seen.items())]
     env = NS(price=lambda ws: [known[ws[0]["g"]][1]], steps=[NS(name="g", grid=(8, 16, 24))])
     policies = NS(build=lambda w: w["g"], full_reward=lambda m, w: known[m][0])
-    args = (records, env, policies, NS(resource="latency_ms", target=1.0), lambda m: known[m][2], NS(forget=lambda: None), 0)
+    budget, pricer = NS(resource="latency_ms", target=1.0), NS(forget=lambda: None)
+    args = (records, env, policies, budget, lambda m: known[m][2], pricer, 0)
     # The table as priced: 24 channels look over the budget, 16 is taken.
     _, tried, _ = _select(*args)
     assert [(t["widths"]["g"], t["chosen"]) for t in tried] == [(16, True)]

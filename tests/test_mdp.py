@@ -393,5 +393,6 @@ def test_a_5d_resize_runs_as_4d_resizes_with_the_same_output(tmp_path, mode, siz
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.value_info, *graph.input]}
     resizes = [n for n in graph.node if n.op_type == "Resize"]
     assert resizes and all(ranks[n.input[0]] == 4 for n in resizes)  # no 5-D Resize kernel runs
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {graph.input[0].name: x.numpy()})[0]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, reference.numpy(), atol=1e-5)

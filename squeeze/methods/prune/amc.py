@@ -13,9 +13,10 @@ latency summed from the lookup table as NetAdapt's proposals are), so every epis
 At the end of an episode the policy is built once: channels chosen by the importance criterion, then the
 weights of every layer that reads a pruned group re-fitted by least squares to the original model's outputs
 on sampled feature maps (1x1 and Linear directly, k x k through im2col; sampled once per search). The reward
-is measured on a fixed subset of the held-out split (the `proxy` option), without fine-tune: top-1 (the reference's accuracy x
-0.01) or -error x log(MACs) (accuracy-guaranteed). DDPG (squeeze.agents) credits it to every step of the
-episode, after the reference's warm-up of random episodes, with noise decaying 0.95 per episode.
+is measured on a fixed subset of the held-out split (the `proxy` option), without fine-tune: top-1 (the
+reference's accuracy x 0.01), -error x log(MACs) (accuracy-guaranteed), or, for a model without trained labels,
+fidelity to the unpruned model's logits. DDPG (squeeze.agents) credits it to every step of the episode, after
+the reference's warm-up of random episodes, with noise decaying 0.95 per episode.
 
 A lookup table drifts from the machine: with table+recalibrate the best policy so far is measured every
 `recalibrate_every` episodes and the table re-fitted to it. The result is the best policy that prices under
