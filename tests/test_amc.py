@@ -54,11 +54,11 @@ def _toy_steps(n: int, seed: int) -> list[Step]:
     return steps
 
 
-def _toy_price(steps: list[Step], seed: int):
+def _toy_price(steps: list[Step], seed: int, jitter: float = 0.3):
     """A cost table: each layer costs its input times its output width plus a per-(layer, width) jitter that
     makes the cost not monotone in the width (as measured tables are not)."""
     rng = random.Random(seed)
-    jitter = {(s.name, w): rng.uniform(-0.3, 0.3) * w * w for s in steps for w in s.grid}
+    jitter = {(s.name, w): rng.uniform(-jitter, jitter) * w * w for s in steps for w in s.grid}
 
     def price(policies):
         out = []
@@ -95,6 +95,30 @@ def test_the_budget_wall_never_exceeds_the_budget_on_a_toy_cost_table(seed):
         for t, s in enumerate(steps):
             policy[s.name] = budget_wall(steps, policy, t, s.width, price, target)
         assert price([policy])[0] <= target
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_filled_wall_ends_every_episode_at_the_budget_where_the_one_sided_one_falls_short(seed):
+    steps = _toy_steps(6, seed)
+    price = _toy_price(steps, seed, jitter=0.0)
+    target = 0.5 * price([{}])[0]
+    rng = torch.Generator().manual_seed(seed)
+    spent = {}
+    for fill in (False, True):
+        env = AMCEnv(steps, price, target, 0.2, lambda policy: (0.0, {}), fill)
+        spent[fill] = []
+        for _ in range(20):
+            done, _ = False, env.reset()
+            while not done:
+                _, _, done, info = env.step(torch.rand(1, generator=rng))
+            policy, last = info["widths"], steps[-1]
+            assert info["predicted"] <= target
+            spent[fill].append(info["predicted"] / target)
+            if fill and policy[last.name] < last.width:
+                # The last group one grid step wider would be over: nothing left to spend.
+                wider = last.grid[last.grid.index(policy[last.name]) + 1]
+                assert price([{**policy, last.name: wider}])[0] > target
+    assert min(spent[True]) > max(0.9, sum(spent[False]) / len(spent[False])), spent
 
 
 def test_the_state_is_normalised_and_tracks_the_episode(digits_model):
