@@ -1,5 +1,6 @@
 """The Python API behind the CLI: info, bench, gate, recipes, one registered method at a time (compress, prune,
-quantize), what is registered (methods, catalog), lookup tables and target checks.
+quantize), a result's figures and HTML page (report), what is registered (methods, catalog), lookup tables and
+target checks.
 
 Light by design: every command imports this module, so torch and onnx load inside the functions that need them.
 It also re-exports what a caller needs around these functions (the CLI reaches the core only through here):
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelOptions", "BenchRow", "CompressOptions", "UnknownOptionError", "info", "bench", "gate", "run_recipe",
            "load_baseline", "compress", "prune", "quantize", "methods", "option_default", "method_options", "CATALOGS",
-           "catalog", "validate_recipe", "lut_build", "lut_check", "check_target", "parse_preprocessing", "write_json",
+           "catalog", "report", "validate_recipe", "lut_build", "lut_check", "check_target", "parse_preprocessing",
+           "write_json",
            # re-exported
            "__version__", "SqueezeError", "Target", "Protocol", "GateConfig", "RPC_ENV", "load_target", "list_targets",
            "parse_host_port", "parse_input_shape", "check_writable", "reporting"]
@@ -263,14 +265,15 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     """Validate the recipe, load model and data, run the stages, compare with the original, write outputs.
 
     `data_spec` and `preprocessing` win over the recipe's `data:`, which wins over what the model's
-    checkpoint recorded. Writes model.onnx and report.json (and model.pt, a squeeze checkpoint recording
-    the preprocessing, when a stage changed the architecture) to out_dir, all or nothing; an out_dir that
-    already holds files is refused before any work unless `force`.
+    checkpoint recorded. Writes model.onnx, report.json, its figures and report.html (and model.pt, a squeeze
+    checkpoint recording the preprocessing, when a stage changed the architecture) to out_dir, all or nothing;
+    an out_dir that already holds files is refused before any work unless `force`.
     """
     from squeeze.export.onnx import export_onnx
     from squeeze.measure.oracle import MeasuredOracle
     from squeeze.model.loading import checkpoint_bytes
     from squeeze.model.summary import summarize
+    from squeeze.report.html import report_files
 
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
     if preprocessing is not None and not (data_spec or recipe.data):
@@ -314,6 +317,7 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     if original.macs and final.macs and original.macs != final.macs:  # pruning; quantization keeps the MACs
         report["macs_reduction"] = original.macs / final.macs
     files: dict[str, bytes | Path] = {"model.onnx": state.artifact.path, "report.json": json.dumps(report, indent=2).encode()}
+    files |= report_files(report)  # figures and report.html, drawn from the report as written
     if state.model.plans:
         # The weights were fine-tuned and evaluated on data fed this way: a later --data reuses it.
         state.model.preprocessing = data.preprocessing if data else model.preprocessing
@@ -480,6 +484,25 @@ def catalog(kind: str) -> list[tuple[str, str]]:
     from squeeze.measure.runtimes import list_runtimes
 
     return [(r, "") for r in list_runtimes()]
+
+
+def report(results: list[str | Path], out_dir: str | Path | None = None, force: bool = False) -> list[Path]:
+    """`squeeze report`: one result's figures and report.html rebuilt from its report.json, into its own folder
+    (only those files are replaced) or into `out_dir`; two results as `out_dir`/compare.html, side by side.
+    Returns the files written. A folder without a readable report.json is a SqueezeError naming it."""
+    from squeeze.report.html import COMPARE_HTML, compare_html, read_report, report_files
+
+    if len(results) not in (1, 2):
+        raise SqueezeError(f"`squeeze report` takes one result folder or two to compare, not {len(results)}.",
+                           "Pass DIR to rebuild its report, or A B --out C to compare two.")
+    if len(results) == 2 and out_dir is None:
+        raise SqueezeError("Comparing two results writes compare.html to a folder of its own.", "Pass --out FOLDER.")
+    reports = [read_report(Path(r)) for r in results]
+    if len(reports) == 1:
+        own = out_dir is None
+        return write_outputs(Path(results[0] if own else out_dir), report_files(reports[0]), force or own)
+    page = compare_html(reports[0], reports[1], (str(results[0]), str(results[1])))
+    return write_outputs(Path(out_dir), {COMPARE_HTML: page.encode()}, force)
 
 
 def validate_recipe(recipe_ref: str) -> Recipe:

@@ -24,7 +24,8 @@ def test_prune_from_code_writes_what_the_cli_writes(tmp_path):
                            measure={"repeat": 5, "warmup": 2, "min_repeat_ms": 2})
     assert report["recipe"] == "prune-uniform" and report["stages"][0]["method"] == "prune.uniform"
     assert report["final"]["macs"] <= 0.6 * report["original"]["macs"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "model.pt", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["figure-layers.png", "model.onnx", "model.pt",
+                                                                     "report.html", "report.json"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["macs_reduction"] == report["macs_reduction"]
 
 

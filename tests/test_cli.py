@@ -65,7 +65,7 @@ def test_run_recipe_writes_outputs(cli, tmp_path, fast):
     out = tmp_path / "out"
     r = cli("run", "bench-host", "zoo:digits-cnn", "--target", "host-cpu", "--out", out)
     assert r.exit_code == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
     rep = json.loads((out / "report.json").read_text())
     assert [s["method"] for s in rep["stages"]] == ["export.onnx", "measure.latency"]
     assert rep["measurements"]["latency"]["stats"]["median_ms"] > 0 and rep["artifact"]["parity"]["passed"]

@@ -43,7 +43,8 @@ def quantized(tmp_path_factory):
 
 def test_quantize_writes_a_faster_int8_model(quantized):
     out, rep = quantized["out"], quantized["report"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["figure-layers.png", "figure-tradeoff.png", "model.onnx",
+                                                     "report.html", "report.json"]
     (stage,) = rep["stages"]
     rec = stage["record"]
     assert stage["method"] == "quant.int8" and rec["method"] == "int8" and rec["fallback"] is None

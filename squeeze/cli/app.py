@@ -9,7 +9,7 @@ import typer
 from rich.logging import RichHandler
 
 from squeeze import api
-from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, run, targets
+from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, report, run, targets
 from squeeze.cli.common import err, state
 
 app = typer.Typer(
@@ -47,6 +47,7 @@ app.command("quantize")(quantize.quantize)
 app.command("run")(run.run)
 app.command("validate")(run.validate)
 app.command("list")(listing.list_)
+app.command("report")(report.report)
 app.add_typer(targets.app, name="targets")
 app.add_typer(lut.app, name="lut")
 app.add_typer(proxy.app, name="proxy")
