@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["WIDTH_PX", "HEIGHT_PX", "FIGURES", "Point", "candidates", "pareto_front", "tradeoff", "layers",
+__all__ = ["WIDTH_PX", "HEIGHT_PX", "FIGURES", "Point", "Candidates", "candidates", "pareto_front", "tradeoff", "layers",
            "layer_latency", "reward_curve", "render_all"]
 
 WIDTH_PX, HEIGHT_PX, DPI = 800, 500, 100
@@ -54,17 +55,17 @@ def _first(report: dict[str, Any], test: Callable[[dict[str, Any]], bool]) -> di
 
 
 def _netadapt(rec: dict[str, Any]) -> Candidates | None:
-    """Every proposal of every iteration (accuracy after its short fine-tune); the last iteration's winner is the
-    model that went on to the long fine-tune."""
+    """Every proposal of every iteration that was scored (NetAdapt with data: accuracy after its short fine-tune);
+    the last iteration's winner is the model that went on to the long fine-tune."""
     history = rec["history"]
     last = history[-1] if history else None
     points = []
     for h in history:
-        winner = h is last and (h["layer"], h["width_after"])
+        winner = (h["layer"], h["width_after"]) if h is last else None
         points += [Point(p["resource"], 100 * p["accuracy"], (p.get("layer"), p.get("width")) == winner)
                    for p in h["proposals"] if p.get("accuracy") is not None]
     return _candidates(rec, points, "val top-1 after the short fine-tune (%)",
-                       f"NetAdapt: {len(points)} proposals in {len(history)} iterations")
+                       f"{rec['search']}: {len(points)} proposals in {len(history)} iterations")
 
 
 def _amc(rec: dict[str, Any]) -> Candidates | None:
@@ -253,7 +254,7 @@ def reward_curve(report: dict[str, Any]) -> bytes | None:
     name, rewards = found
     fig, ax = _figure()
     episodes = range(1, len(rewards) + 1)
-    best = [max(rewards[:i]) for i in episodes]
+    best = list(accumulate(rewards, max))
     ax.plot(episodes, rewards, marker="o" if len(rewards) <= 50 else None, ms=3, lw=1, color=RESULT, label="reward")
     ax.plot(episodes, best, color=CHOSEN, lw=1.5, label="best so far")
     ax.set(xlabel="episode", ylabel="reward", title=f"{name}: reward per episode")
