@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from squeeze.model.summary import ModelSummary
 
 __all__ = ["ModelOptions", "BenchRow", "CompressOptions", "UnknownOptionError", "info", "bench", "gate", "run_recipe",
-           "load_baseline", "compress", "prune", "quantize", "methods", "option_default", "method_options", "CATALOGS",
+           "load_baseline", "compress", "prune", "quantize", "reparam", "methods", "option_default", "method_options", "CATALOGS",
            "catalog", "report", "validate_recipe", "lut_build", "lut_check", "check_target", "parse_preprocessing",
            "write_json",
            # re-exported
@@ -400,6 +400,22 @@ def quantize(model_spec: str, out_dir: str | Path, *, method: str = "int8", late
             "Pass --data digits, a folder of class sub-folders, or package.module:function.")
     return compress(model_spec, out_dir, f"quant.{method}", budget=_budget(latency, latency_ms, None, size_bytes),
                     name=f"quantize-{method}", **kwargs)
+
+
+def reparam(model_spec: str, out_dir: str | Path, *, method: str = "ghost", latency: float | None = None,
+            latency_ms: float | None = None, macs: float | None = None, size_bytes: int | None = None,
+            **kwargs: Unpack[CompressOptions]) -> dict[str, Any]:
+    """`squeeze reparam` for code: e.g. `squeeze.api.reparam("zoo:fashion-cnn", "out", data="fashion-mnist")`.
+    Without a budget, each layer is replaced where its replacement is measured faster on the target."""
+    get_pass(f"reparam.{method}")
+    if kwargs.get("data") is None:
+        raise DataError(f"--method {method} needs data (--data): the replacements are fitted to the trained layers' "
+                        "responses on training images, fine-tuned, and the result's accuracy is reported.",
+                        "Pass --data digits, fashion-mnist, a folder of class sub-folders, or package.module:function.")
+    if latency is not None or latency_ms is not None:
+        refuse_emulated_latency(load_target(kwargs.get("target", "host-cpu")), "a latency budget")
+    return compress(model_spec, out_dir, f"reparam.{method}", budget=_budget(latency, latency_ms, macs, size_bytes),
+                    name=f"reparam-{method}", **kwargs)
 
 
 # What is registered, and the options a method takes.

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "onnx", "onnxruntime")
-COMMANDS = ["info", "bench", "prune", "quantize", "run", "validate", "list", "targets", "lut"]
+COMMANDS = ["info", "bench", "prune", "quantize", "reparam", "report", "run", "validate", "list", "targets", "lut"]
 
 # Runs the app with the given argv, then prints (last line of stderr) its exit code and which heavy modules loaded.
 PROBE = f"""

@@ -16,7 +16,8 @@ from squeeze.train import evaluate
 MODEL_NAMES = [entry.name for entry in zoo.list_models()]
 
 # Reference parameter counts at 1000 classes (the published torchvision counts).
-IMAGENET_PARAMS = {"resnet18": 11_689_512, "mobilenet_v2": 3_504_872, "densenet121": 7_978_856}
+IMAGENET_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872,
+                   "densenet121": 7_978_856}
 
 
 def _n_params(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import typer
 from rich.logging import RichHandler
 
 from squeeze import api
-from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, report, run, targets
+from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, reparam, report, run, targets
 from squeeze.cli.common import err, state
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ app.command("info")(info.info)
 app.command("bench")(bench.bench)
 app.command("prune")(prune.prune)
 app.command("quantize")(quantize.quantize)
+app.command("reparam")(reparam.reparam)
 app.command("run")(run.run)
 app.command("validate")(run.validate)
 app.command("list")(listing.list_)

@@ -53,6 +53,7 @@ class LayerConfig:
     out_size: tuple[int, ...] = ()  # resize: the output size per dim
     mode: str = ""  # resize: nearest | bilinear | trilinear
     t: int = 0  # 3D ops: input frames (0: a 2D op)
+    reparam: str = ""  # a conv2d replaced by a Ghost or Lego module: its spec's key (squeeze.reparam.modules)
 
     @property
     def key(self) -> str:
@@ -68,7 +69,8 @@ class LayerConfig:
             form = "_4d" if self.t else ""  # entries of Resize's 4-D form, not of a 5-D Resize op
             return f"{self.op}_{self.mode}{form}_in{self.c_in}x{size}_out{_x(self.out_size)}"
         k, s, p = (_x(v) for v in (self.kernel, self.stride, self.padding))
-        return f"{self.op}_in{self.c_in}x{size}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}"
+        reparam = f"_{self.reparam}" if self.reparam else ""
+        return f"{self.op}_in{self.c_in}x{size}_out{self.c_out}_k{k}_s{s}_p{p}_g{self.groups}{reparam}"
 
     def build(self) -> tuple[nn.Module, tuple[int, ...]]:
         """The layer as a tiny model (conv + ReLU: ORT fuses the activation into the conv kernel)."""
@@ -86,6 +88,13 @@ class LayerConfig:
             return nn.Sequential(priced(resize(self.out_size, self.mode))).eval(), shape
         conv = (nn.Conv3d if three else nn.Conv2d)(self.c_in, self.c_out, self.kernel, self.stride, self.padding,
                                                      groups=self.groups)
+        if self.reparam:
+            from squeeze.reparam.modules import build_replacement, spec_from_key
+
+            conv = build_replacement(conv, spec_from_key(self.reparam))
+            with torch.no_grad():  # values do not change fp32 kernel times; all-zero weights should not be timed
+                for p in conv.parameters():
+                    p.normal_(0, 0.1)
         return nn.Sequential(conv, nn.ReLU()).eval(), shape
 
 

@@ -94,7 +94,8 @@ class LoadedModel:
 _PLAN_APPLIERS: Registry[Callable[[nn.Module, dict[str, Any], tuple[int, ...]], nn.Module]] = Registry(
     "plan kind", error=ModelLoadError)
 # Where each plan kind is registered, imported only when a checkpoint needs it (keeps loading light).
-_PLAN_MODULES = {"channels": "squeeze.prune", "multidim": "squeeze.prune.multidim"}
+_PLAN_MODULES = {"channels": "squeeze.prune", "multidim": "squeeze.prune.multidim",
+                 "reparam": "squeeze.reparam.plan"}
 
 
 def register_plan_kind(kind: str):

@@ -322,6 +322,8 @@ class LayerFeatures:
         import torch
         from torch import nn
 
+        from squeeze.util.patches import sample_patches
+
         readers: dict[str, list[str]] = {}
         for layer in table:
             if layer.prunable:
@@ -344,7 +346,7 @@ class LayerFeatures:
 
         def hook(name: str):
             def record(m, inputs, output) -> None:
-                parts[name].append(_sample(m, inputs[0], output, points, generator))
+                parts[name].append(sample_patches(m, inputs[0], output, points, generator))
 
             return record
 
@@ -384,26 +386,6 @@ class LayerFeatures:
                 layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
             fitted.append(name)
         return fitted
-
-
-def _sample(m: nn.Module, x: torch.Tensor, y: torch.Tensor, points: int, generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`points` random output positions per image: (rows, C_in, kH * kW) input patches and (rows, C_out) outputs
-    without the bias. A Linear's sample is its whole input."""
-    import torch
-    import torch.nn.functional as F
-
-    bias = 0 if m.bias is None else m.bias
-    if y.ndim == 2:  # Linear on (N, C)
-        return x[:, :, None].clone(), y - bias
-    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C_in * kH * kW, L)
-    out = y.flatten(2)  # (N, C_out, L)
-    idx = torch.randint(0, out.shape[2], (len(x), points), generator=generator)  # (N, points)
-    cols = cols.gather(2, idx[:, None].expand(-1, cols.shape[1], -1)).transpose(1, 2)  # (N, points, C_in kk)
-    out = out.gather(2, idx[:, None].expand(-1, out.shape[1], -1)).transpose(1, 2)  # (N, points, C_out)
-    k = math.prod(m.kernel_size)
-    bias = bias[None] if torch.is_tensor(bias) else bias
-    return cols.reshape(-1, x.shape[1], k), out.reshape(-1, out.shape[2]) - bias
 
 
 class _Policies:

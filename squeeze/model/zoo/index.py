@@ -68,6 +68,8 @@ def get_entry(name: str) -> ZooEntry:
 for _entry in (
     ZooEntry("resnet18", "squeeze.model.zoo.resnet:resnet18",
              description="ResNet-18: BasicBlock residual net (11.7 M params)"),
+    ZooEntry("resnet50", "squeeze.model.zoo.resnet:resnet50",
+             description="ResNet-50: Bottleneck residual net (25.6 M params, 4.1 G MACs)"),
     ZooEntry("mobilenet_v1", "squeeze.model.zoo.mobilenet_v1:mobilenet_v1",
              description="MobileNetV1: depthwise-separable convs (4.2 M params, 569 M MACs)"),
     ZooEntry("mobilenet_v2", "squeeze.model.zoo.mobilenet_v2:mobilenet_v2",
