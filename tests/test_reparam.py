@@ -154,7 +154,14 @@ def test_only_layers_measured_faster_are_replaced_by_default():
     rows = [_row("a", 1.0, 0.5), _row("b", 1.0, 1.2), _row("c", 1.0, 0.98)]
     choose(rows, GhostOptions(), None)
     assert [r.chosen for r in rows] == [True, False, False]
-    assert "2.00x" in rows[0].reason and "below the 1.05x" in rows[1].reason
+    assert rows[0].reason == "faster: 2.00x standalone" and rows[1].reason.startswith("kept: not measured faster")
+    # Measured inside the model, the whole model's ratio decides: a layer faster alone may not be.
+    rows = [_row("a", 1.0, 0.5), _row("b", 1.0, 0.5)]
+    rows[0].in_model = {"ratio": 0.9, "low": 0.88, "high": 0.92}
+    rows[1].in_model = {"ratio": 0.99, "low": 0.97, "high": 1.01}
+    choose(rows, GhostOptions(), None)
+    assert [r.chosen for r in rows] == [True, False]
+    assert "whole model 0.990x [0.970, 1.010]" in rows[1].reason
     forced = [_row("a", 1.0, 0.5), _row("b", 1.0, 1.2)]
     choose(forced, GhostOptions(force=True), None)
     assert all(r.chosen for r in forced)
@@ -176,13 +183,14 @@ def test_a_macs_budget_may_take_slower_layers_after_the_faster_ones():
     assert "for the macs budget" in rows[1].reason
 
 
-def test_the_stem_and_grouped_convs_are_not_candidates(digits_model):
-    names, skipped = candidates(digits_model.module, digits_model.example_input(), GhostSpec(), None)
-    assert names == ["conv2.0", "conv3.0", "conv4.0", "conv5.0"]
-    assert skipped == {"conv1.0": "the stem (reads the model input)"}
+def test_the_stem_and_grouped_convs_are_not_candidates_and_batchnorms_are_absorbed(digits_model):
+    found = candidates(digits_model.module, digits_model.example_input(), GhostSpec(), None)
+    assert found.names == ["conv2.0", "conv3.0", "conv4.0", "conv5.0"]
+    assert found.skipped == {"conv1.0": "the stem (reads the model input)"}
+    assert found.absorbs == {n: n.replace(".0", ".1") for n in found.names}
     dw = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8))
-    names, skipped = candidates(dw, torch.randn(1, 3, 8, 8), GhostSpec(), ["*"])
-    assert names == ["0"] and skipped == {"1": "grouped (groups=8)"}
+    found = candidates(dw, torch.randn(1, 3, 8, 8), GhostSpec(), ["*"])
+    assert found.names == ["0"] and found.skipped == {"1": "grouped (groups=8)"} and found.absorbs == {}
 
 
 # --- plan, export, command -------------------------------------------------------------------------------
@@ -210,9 +218,12 @@ def test_the_replaced_model_exports_with_parity(digits_model, layer_data):
 def test_a_plan_naming_a_layer_the_architecture_lacks_is_refused():
     module = load_model("zoo:digits-cnn").module
     with pytest.raises(ModelLoadError, match="names layer 'nope'"):
-        replay_reparam_plan(module, plan_json({"nope": GhostSpec()}), (1, 1, 16, 16))
+        replay_reparam_plan(module, plan_json({"nope": GhostSpec()}, {}), (1, 1, 16, 16))
     with pytest.raises(ModelLoadError, match="grouped"):
-        replay_reparam_plan(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)), plan_json({"0": GhostSpec()}), (1, 8, 8, 8))
+        replay_reparam_plan(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)), plan_json({"0": GhostSpec()}, {}),
+                            (1, 8, 8, 8))
+    with pytest.raises(ModelLoadError, match="not a BatchNorm2d"):
+        replay_reparam_plan(module, plan_json({"conv2.0": GhostSpec()}, {"conv2.0": "conv2.2"}), (1, 1, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +234,7 @@ def reparam_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reparam") / "out"
     r = CliRunner().invoke(app, ["reparam", "zoo:digits-cnn", "--method", "lego", "--data", "digits",
-                                 "--replace-all", "--option", "fine_tune={iterations: 20}", "--option", "fit_images=32",
+                                 "--replace-all", "--option", "fine_tune={iterations: 20, lr: 0.001}", "--option", "fit_images=32",
                                  "--repeat", "5", "--warmup", "2", "--min-repeat-ms", "2", "--out", str(out)])
     assert r.exit_code == 0, (r.stdout, r.stderr)
     return out, json.loads((out / "report.json").read_text()), r.stdout
@@ -234,6 +245,8 @@ def test_squeeze_reparam_writes_a_replayable_checkpoint_and_reports_every_layer(
     rec = report["stages"][0]["record"]
     assert [row["name"] for row in rec["layers"]] == ["conv2.0", "conv3.0", "conv4.0", "conv5.0"]
     assert all(row["chosen"] and row["reason"].startswith("forced") for row in rec["layers"])
+    assert all(row["in_model"]["n"] >= 5 and row["in_model"]["low"] <= row["in_model"]["high"] for row in rec["layers"])
+    assert rec["plan"]["layers"]["conv2.0"]["absorbs"] == "conv2.1"
     assert all(row["original_ms"] > 0 and row["replacement_ms"] > 0 and row["fit"]["relative_error"] < 1
                for row in rec["layers"])
     assert rec["plan"]["kind"] == "reparam" and set(rec["plan"]["layers"]) == {r["name"] for r in rec["layers"]}
@@ -243,6 +256,7 @@ def test_squeeze_reparam_writes_a_replayable_checkpoint_and_reports_every_layer(
     # Reloaded without pickle (weights_only), the checkpoint computes what the shipped ONNX file computes.
     reloaded = load_model(str(out / "model.pt"))
     assert sum(isinstance(m, LegoConv2d) for m in reloaded.module.modules()) == 4
+    assert isinstance(reloaded.module.get_submodule("conv2.1"), nn.Identity)
     x = torch.randn(4, 1, 16, 16)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
