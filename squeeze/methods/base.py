@@ -53,6 +53,7 @@ class PassContext:
     data: Any = None  # a squeeze.data.DataBundle, for passes that fine-tune or evaluate
     seed: int = 0
     use_cache: bool = True
+    checkpoint: Any = None  # a squeeze.prune.resume.StageCheckpoint, given to a resumable pass only
 
 
 class Pass(ABC):
@@ -65,6 +66,8 @@ class Pass(ABC):
     # A run on a small net in seconds: the contract tests (tests/test_contract.py) run every method with these.
     smoke_options: ClassVar[dict[str, Any]] = {}
     smoke_budget: ClassVar[dict[str, Any]] = {"macs_ratio": 0.7}
+    # Saves its progress in ctx.checkpoint as it goes, so that `--resume` continues a stopped run.
+    resumable: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions) -> None:
         self.options = options
