@@ -278,3 +278,18 @@ def test_reparam_with_a_bad_option_names_it(cli, model_file, tmp_path):
     r = cli("reparam", model_file, "--method", "adder", "--data", "digits", "--out", tmp_path / "out")
     assert r.exit_code != 0 and "ghost, lego" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_no_layer_faster_in_the_model_refuses_and_writes_nothing(cli, model_file, tmp_path, monkeypatch):
+    import squeeze.reparam.run as run
+
+    slower = {"ratio": 1.08, "low": 1.05, "high": 1.1, "confidence": 0.95, "n": 5, "method": "fixed"}
+    monkeypatch.setattr(run, "measure_in_model", lambda original, found, *a, **k: {n: slower for n in found.names})
+    before = file_digest(model_file)
+    r = cli("reparam", model_file, "--data", "digits", "--out", tmp_path / "out", "--repeat", "5", "--warmup", "2",
+            "--min-repeat-ms", "2")
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert "No layer runs faster on `host-cpu` as a ghost replacement" in r.stderr
+    assert "whole model 1.080x [1.050, 1.100]" in r.stderr and "--replace-all" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and file_digest(model_file) == before

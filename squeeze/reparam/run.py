@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from squeeze.errors import DataError
+from squeeze.errors import DataError, SqueezeError
 from squeeze.reparam.modules import GhostSpec, LegoConv2d, LegoSpec, build_replacement, replaceable
 
 if TYPE_CHECKING:
@@ -36,9 +36,16 @@ if TYPE_CHECKING:
     from squeeze.model.loading import LoadedModel
     from squeeze.target import Target
 
-__all__ = ["LayerChoice", "candidates", "choose", "measure_layers", "run_reparam"]
+__all__ = ["LayerChoice", "NotFasterError", "candidates", "choose", "measure_layers", "measure_in_model",
+           "run_reparam"]
 
 log = logging.getLogger("squeeze")
+
+
+class NotFasterError(SqueezeError):
+    """No replacement is faster on the target: nothing is handed back."""
+
+    exit_code = 1
 
 Fitter = Callable[[nn.Conv2d, Any], tuple[nn.Module, dict[str, Any]]]  # (conv, LayerData) -> module, fit record
 
@@ -293,6 +300,11 @@ def run_reparam(state: ModelState, ctx: PassContext, opts, spec: GhostSpec | Leg
                 r.in_model = in_model[r.name]
     choose(rows, opts, budget)
     chosen = [r for r in rows if r.chosen]
+    if not chosen:
+        raise NotFasterError(
+            f"No layer runs faster on `{ctx.target.name}` as a {spec.type} replacement, so nothing was replaced "
+            "and nothing written: " + "; ".join(f"{r.name} {r.describe()}" for r in rows) + ".",
+            "Keep the original, try the other method, or add --replace-all to replace the layers anyway.")
     data = ctx.data
     n_fit = min(opts.fit_images, len(data.train))
     images = torch.stack([data.train[i][0] for i in range(n_fit)])
@@ -316,7 +328,7 @@ def run_reparam(state: ModelState, ctx: PassContext, opts, spec: GhostSpec | Leg
                               "layers": [r.to_json() for r in rows], "fit_seconds": round(fit_seconds, 2),
                               "val_top1": {"original": evaluate(original.module, val).top1,
                                            "initialised": evaluate(module, val).top1}}
-    if chosen and opts.fine_tune is not None:
+    if opts.fine_tune is not None:
         legos = [m for m in module.modules() if isinstance(m, LegoConv2d)]
         for m in legos:
             m.learn_selection()
