@@ -261,18 +261,20 @@ def _gain_warning(delta_pt: float, data) -> str:
 def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: ModelOptions, *,
                target_name: str | None = None, data_spec: str | None = None,
                preprocessing: Preprocessing | None = None, use_cache: bool = True,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False, resume: bool = False) -> dict[str, Any]:
     """Validate the recipe, load model and data, run the stages, compare with the original, write outputs.
 
     `data_spec` and `preprocessing` win over the recipe's `data:`, which wins over what the model's
     checkpoint recorded. Writes model.onnx, report.json, its figures and report.html (and model.pt, a squeeze
     checkpoint recording the preprocessing, when a stage changed the architecture) to out_dir, all or nothing;
-    an out_dir that already holds files is refused before any work unless `force`.
+    an out_dir that already holds files is refused before any work unless `force`. A resumable stage saves its
+    progress next to out_dir as it goes; `resume` continues a stopped run of the same arguments from it.
     """
     from squeeze.export.onnx import export_onnx
     from squeeze.measure.oracle import MeasuredOracle
     from squeeze.model.loading import checkpoint_bytes
     from squeeze.model.summary import summarize
+    from squeeze.prune.resume import open_run, run_fingerprint
     from squeeze.report.html import report_files
 
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
@@ -283,6 +285,9 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     if recipe.budget and (recipe.budget.latency_ms is not None or recipe.budget.latency_ratio is not None):
         refuse_emulated_latency(target, "a latency budget")
     check_out_dir(out_dir, force)
+    fingerprint = run_fingerprint(recipe, model_spec, opts.weights, opts.input_shape, target.name, data_spec,
+                                  preprocessing)
+    checkpoints = open_run(out_dir, fingerprint, [get_pass(s.method) for s in recipe.stages], resume, force)
     get_runtime_check(target)
     protocol = Protocol.for_target(target, **recipe.measure.model_dump())
     model = opts.load(model_spec)
@@ -294,8 +299,9 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
                                     rtol=recipe.export.rtol, use_cache=use_cache)
     original_top1 = _original_top1(original_artifact, data)
     stages = []
-    for stage in recipe.stages:
+    for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
+        ctx.checkpoint = checkpoints.stage(index)
         state, record = get_pass(stage.method)(stage.typed_options()).run(state, ctx)
         stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record})
     state = ensure_artifact(state, ctx)
@@ -323,6 +329,7 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         state.model.preprocessing = data.preprocessing if data else model.preprocessing
         files["model.pt"] = checkpoint_bytes(state.model)
     report["written"] = [str(p) for p in write_outputs(out_dir, files, force)]
+    checkpoints.discard()
     return report
 
 
@@ -337,13 +344,14 @@ class CompressOptions(TypedDict, total=False):
     measure: dict[str, Any] | None  # protocol overrides: repeat, warmup, min_repeat_ms, batch_size
     use_cache: bool
     force: bool
+    resume: bool  # continue a stopped run of a resumable method (netadapt) with the same arguments
 
 
 def compress(model_spec: str, out_dir: str | Path, method: str, *, target: str = "host-cpu",
              budget: Budget | None = None, data: str | None = None, options: dict[str, Any] | None = None,
              model_options: ModelOptions | None = None, preprocessing: Preprocessing | None = None,
              measure: dict[str, Any] | None = None, use_cache: bool = True, force: bool = False,
-             name: str | None = None) -> dict[str, Any]:
+             resume: bool = False, name: str | None = None) -> dict[str, Any]:
     """One registered method (`prune.netadapt`, `quant.int8`, ...) as a one-stage recipe, so that the CLI, a
     recipe and a notebook run the same thing. Returns the report (also written to out_dir/report.json).
 
@@ -358,7 +366,7 @@ def compress(model_spec: str, out_dir: str | Path, method: str, *, target: str =
                     measure=MeasureOverrides(**(measure or {})))
     recipe.stages[0].typed_options()
     return run_recipe(recipe, model_spec, Path(out_dir), model_options or ModelOptions(), preprocessing=preprocessing,
-                      use_cache=use_cache, force=force)
+                      use_cache=use_cache, force=force, resume=resume)
 
 
 def _budget(latency: float | None, latency_ms: float | None, macs: float | None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from squeeze.errors import SqueezeError
 
-__all__ = ["check_out_dir", "check_writable", "write_outputs", "remove_unfinished"]
+__all__ = ["check_out_dir", "check_writable", "write_outputs", "remove_unfinished", "partial_dir"]
 
 _unfinished: set[Path] = set()  # output folders (or staging folders) being written right now
 
@@ -18,6 +18,13 @@ def remove_unfinished() -> None:
     """What an interrupted process must not leave behind (called from the Ctrl-C handler)."""
     for path in list(_unfinished):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where a resumable search keeps a run's progress: `<out>.partial`, next to the output folder and outside
+    its all-or-nothing staging, so that Ctrl-C or a crash leaves it for `--resume` (squeeze.prune.resume)."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.with_name(f"{out_dir.name}.partial")
 
 
 def check_out_dir(out_dir: Path, force: bool = False) -> Path:

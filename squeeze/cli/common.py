@@ -18,7 +18,7 @@ from squeeze.api import SqueezeError
 from squeeze.cli.progress import reporter_for
 
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "parse_ratio", "InputShape", "Weights",
-           "TrustModel", "model_options", "TargetOpt", "NoCache", "Force", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags",
+           "TrustModel", "model_options", "TargetOpt", "NoCache", "Force", "Resume", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags",
            "NormalizeOpt", "ResizeOpt", "LatencyOpt", "LatencyMsOpt", "MacsOpt", "SizeBytesOpt", "RepeatOpt", "WarmupOpt",
            "MinRepeatMsOpt"]
 
@@ -110,6 +110,7 @@ def model_options(input_shape: str | None, weights: str | None, trust_model: boo
 TargetOpt = typer.Option("host-cpu", "--target", "-t", help="Target name (squeeze targets list) or a target YAML file.")
 NoCache = typer.Option(False, "--no-cache", help="Re-export and re-measure instead of using cached results.")
 Force = typer.Option(False, "--force", help="Write into an --out folder that already holds files (replacing the ones this command writes).")
+Resume = typer.Option(False, "--resume", help="Continue a stopped search (netadapt) from the progress kept in <out>.partial/; give the same arguments as the stopped run.")
 RpcOpt = typer.Option(None, "--rpc", help="TVM RPC targets: HOST:PORT of the board's rpc_server (overrides SQUEEZE_RPC_HOST/PORT and the target file).")
 TrackerOpt = typer.Option(None, "--tracker", help="TVM RPC targets: HOST:PORT of an rpc_tracker; use with --key.")
 KeyOpt = typer.Option(None, "--key", help="TVM RPC targets: the device key the board registered with the tracker.")

@@ -11,7 +11,7 @@ import typer
 from squeeze import api
 from squeeze.api import SqueezeError
 from squeeze.cli.common import (Force, InputShape, KeyOpt, LatencyMsOpt, LatencyOpt, MacsOpt, NoCache, NormalizeOpt,
-                                ResizeOpt, RpcOpt, SizeBytesOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
+                                ResizeOpt, Resume, RpcOpt, SizeBytesOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
                                 handles_errors, model_options, out, parse_ratio, rpc_flags)
 from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 
@@ -48,6 +48,7 @@ def prune(
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
     force: bool = Force,
+    resume: bool = Resume,
     rpc: Optional[str] = RpcOpt,
     tracker: Optional[str] = TrackerOpt,
     key: Optional[str] = KeyOpt,
@@ -69,7 +70,7 @@ def prune(
                                latency_ms=latency_ms, macs=parse_ratio(macs, "--macs"), size_bytes=size_bytes,
                                data=data, options=options, preprocessing=preprocessing,
                                model_options=model_options(input_shape, weights, trust_model),
-                               use_cache=not no_cache, force=force)
+                               use_cache=not no_cache, force=force, resume=resume)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **BUDGET_FLAGS}) from None
     out.print(recipe_view(report))

@@ -4,6 +4,7 @@ the record in the report). A search itself is a method module (squeeze/methods/p
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from squeeze.methods.prune import PruneOptions
 
 __all__ = ["Candidate", "IterationRecord", "SearchResult", "Search", "pruned_candidate", "smallest_model",
-           "taylor_batch", "finish", "width_grid", "shrinkable", "run_pruning_search", "SMALLEST"]
+           "taylor_batch", "finish", "width_grid", "shrinkable", "replayed_model", "run_pruning_search", "SMALLEST"]
 
 log = logging.getLogger("squeeze.prune")
 
@@ -96,6 +97,15 @@ def pruned_candidate(base: LoadedModel, base_plan: ChannelPlan | None, keep: dic
     return model, total
 
 
+def replayed_model(original: LoadedModel, plan: ChannelPlan, state_dict: dict[str, torch.Tensor]) -> LoadedModel:
+    """`original` pruned by `plan` (composed on it) with `state_dict` loaded: what `pruned_candidate` built step
+    by step, rebuilt from a saved plan and weights."""
+    module = apply_plan(original.module, plan, original.example_input())
+    module.load_state_dict(state_dict)
+    return LoadedModel(original.name, original.kind, original.input_shape, module, arch=original.arch,
+                       plans=[*original.plans, plan_to_json(plan)], metadata=dict(original.metadata))
+
+
 def taylor_batch(data: DataBundle | None, importance: str, n: int = 256):
     if importance != "taylor":
         return None
@@ -155,12 +165,20 @@ def _resource(ctx: PassContext, original, opts) -> tuple[Resource, Any, str]:
 
 def run_pruning_search(state: ModelState, ctx: PassContext, opts: PruneOptions, name: str,
                        search: Search) -> tuple[ModelState, dict[str, Any]]:
-    """Run `search` (named `name` in the report) under the recipe's budget, then fine-tune and confirm."""
+    """Run `search` (named `name` in the report) under the recipe's budget, then fine-tune and confirm. A
+    resumable pass (given `ctx.checkpoint`) has a search taking `progress` (squeeze.prune.resume.SearchProgress)."""
     original = state.model
     resource, recalibrate, source = _resource(ctx, original, opts)
     if source != "counted":  # NetAdapt re-fits the table every few steps only if it sees what `auto` chose
         opts = opts.model_copy(update={"latency_source": source})
     budget = resolve_budget(ctx.budget, original, resource)
+    if ctx.checkpoint is not None:
+        from squeeze.prune.resume import SearchProgress
+
+        table = resource.oracle if isinstance(resource.oracle, TableOracle) else None
+        progress = SearchProgress(ctx.checkpoint, table)
+        budget = progress.budget(budget)
+        search = functools.partial(search, progress=progress)
     log.info(f"{name}: {budget.resource} {budget.original:.4g} -> budget {budget.target:.4g} "
              f"({100 * budget.ratio:.0f}%), latency from {source}")
     result = search(original, budget, resource, ctx.data, recalibrate, log.info)

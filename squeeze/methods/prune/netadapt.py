@@ -15,11 +15,16 @@ the search, the smallest allowed model (every group at its minimum width) is mea
 below it is refused; when no proposal reads under an iteration's target, every group steps one grid width
 down and the best of those is taken, so a high reading slows the search but never ends it. A budget is
 called unreachable only when every group is at its minimum width and that model measures above it.
+
+Resumable: after every iteration the current plan, fine-tuned weights and history are saved (with the RNG
+states, squeeze.prune.resume), and `--resume` goes on from the next iteration, to the plan the run would
+have reached without stopping.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
     from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
     from squeeze.prune.proxy import CandidateEvaluator
+    from squeeze.prune.resume import SearchProgress
     from squeeze.prune.search import Candidate, IterationRecord, SearchResult
 
 __all__ = ["NetAdaptOptions", "NetAdaptPass", "netadapt"]
@@ -53,11 +59,12 @@ class NetAdaptPass(PruneSearch):
     name = "prune.netadapt"
     summary = "NetAdapt: iterative per-layer channel pruning driven by measured/table latency, short fine-tunes."
     Options = NetAdaptOptions
+    resumable = True
     smoke_options = {"initial_reduction": 0.1, "short_term": {"iterations": 2},
                      "long_term": {"iterations": 2}}
 
-    def search(self, original, budget, resource, data, recalibrate, log) -> SearchResult:
-        return netadapt(original, budget, resource, self.options, data, recalibrate, log)
+    def search(self, original, budget, resource, data, recalibrate, log, progress=None) -> SearchResult:
+        return netadapt(original, budget, resource, self.options, data, recalibrate, log, progress)
 
 
 # The search. The pruning engine (torch) loads when it runs, not when `squeeze list` imports this module.
@@ -181,8 +188,9 @@ def _widths_for_step(proposals: _Proposals, layers, current: float, step: float,
 
 def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts: NetAdaptOptions,
              data: DataBundle | None = None, recalibrate: Callable[[LoadedModel], float] | None = None,
-             log: Callable[[str], None] = lambda _msg: None) -> SearchResult:
-    """Prune `original` until `budget` is met; `recalibrate(model)` (table oracles) re-fits the table."""
+             log: Callable[[str], None] = lambda _msg: None, progress: SearchProgress | None = None) -> SearchResult:
+    """Prune `original` until `budget` is met; `recalibrate(model)` (table oracles) re-fits the table; `progress`
+    saves the search after every iteration and, resuming, gives back where a stopped run was."""
     from squeeze.prune.budget import BudgetError, check_reachable, confirm_floor
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.search import SMALLEST, Candidate, SearchResult, shrinkable, smallest_model
@@ -201,7 +209,17 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         current.accuracy = evaluator.accuracy(original.module)
     result = SearchResult(original, budget)
     confirm = recalibrate or resource.confirm
-    for i in range(opts.max_iterations):
+    i = 0
+    saved = progress.restore() if progress else None
+    if saved is not None:
+        current, i, seconds = _resumed(original, saved, result)
+        t_start -= seconds
+        log(f"resumed after iteration {i - 1}: {budget.resource} {current.resource:.4g}")
+    while current.resource > budget.target:
+        if i == opts.max_iterations:
+            raise BudgetError(f"NetAdapt stopped after {opts.max_iterations} iterations at {current.resource:.4g} "
+                              f"{budget.resource} (budget {budget.target:.4g}).",
+                              "Raise max_iterations or initial_reduction.")
         t0 = time.perf_counter()
         table = prunable_layers(current.model.module, x)
         layers = shrinkable(table, opts.round_to)
@@ -224,12 +242,24 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         result.history.append(_record(i, target, best, records, measured, widths, t0))
         log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
             f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
-        current = best
-        if current.resource <= budget.target:
-            break
-    else:
-        raise BudgetError(f"NetAdapt stopped after {opts.max_iterations} iterations at {current.resource:.4g} "
-                          f"{budget.resource} (budget {budget.target:.4g}).", "Raise max_iterations or initial_reduction.")
+        current, i = best, i + 1
+        if progress is not None:
+            progress.save({"iteration": i, "resource": current.resource, "accuracy": current.accuracy,
+                           "plan": current.plan.to_json(), "history": [asdict(h) for h in result.history],
+                           "search_seconds": time.perf_counter() - t_start}, current.model.module.state_dict())
     result.model = current.model
     result.search_seconds = time.perf_counter() - t_start
     return result
+
+
+def _resumed(original: LoadedModel, saved, result: SearchResult) -> tuple[Candidate, int, float]:
+    """The current candidate, the next iteration and the seconds searched so far of a stopped search (its
+    history goes back into `result`)."""
+    from squeeze.prune.plan import plan_from_json
+    from squeeze.prune.search import Candidate, IterationRecord, replayed_model
+
+    state, weights = saved
+    plan = plan_from_json(state["plan"])
+    result.history = [IterationRecord(**h) for h in state["history"]]
+    current = Candidate(replayed_model(original, plan, weights), plan, state["resource"], accuracy=state["accuracy"])
+    return current, state["iteration"], state["search_seconds"]
