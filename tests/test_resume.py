@@ -161,6 +161,14 @@ def test_a_fresh_run_does_not_replace_a_stopped_runs_progress_unasked(stopped, t
     assert not out.exists() and (partial_dir(out) / "stage-0" / "weights-1.pt").is_file()
 
 
+def test_force_starts_over(stopped, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(partial_dir(stopped), partial_dir(out))
+    saved = saves_until(monkeypatch, 1)
+    assert invoke("prune", *ARGS, "--out", out, "--force").exit_code == 130
+    assert saved == [1]  # from the first iteration again (a resume would have saved iteration 2 first)
+
+
 def test_resume_without_a_stopped_run_says_there_is_nothing_to_resume(tmp_path):
     recipe = tmp_path / "prune.yaml"
     recipe.write_text(RECIPE)
@@ -215,3 +223,13 @@ def test_progress_puts_back_the_rng_states_the_table_fit_and_the_budget(tmp_path
     assert state == {"iteration": 4, "plan": None} and torch.equal(weights["w"], torch.ones(2))
     assert (table.constant_ms, table.reference_ms) == (0.25, 2.5)
     assert draws() == expected
+
+
+def test_damaged_progress_is_a_clear_error(stopped, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(partial_dir(stopped), partial_dir(out))
+    (partial_dir(out) / "run.json").write_text("{not json")
+    r = invoke("prune", *ARGS, "--out", out, "--resume")
+    assert_clean_error(r, f"The progress kept in {partial_dir(out)} cannot be read (JSONDecodeError",
+                       "Start over without --resume, with --force")
+    assert not out.exists()
