@@ -138,6 +138,7 @@ def _differences(saved: Any, now: Any, path: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for key in sorted(set(saved) | set(now))
                 for d in _differences(saved.get(key), now.get(key), f"{path}.{key}" if path else key)]
+    # The list of methods reads best whole; options and the like by their index
     if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now) and path != "methods":
         return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _differences(a, b, f"{path}[{i}]")]
     return [] if saved == now else [f"{path} ({json.dumps(saved)} then, {json.dumps(now)} now)"]
