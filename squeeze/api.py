@@ -32,7 +32,7 @@ from squeeze.methods.builtin import ensure_artifact
 from squeeze.outputs import check_out_dir, check_writable, write_outputs
 from squeeze.preprocessing import Preprocessing, from_flags
 from squeeze.progress import reporting
-from squeeze.recipe import Budget, Recipe, load_recipe
+from squeeze.recipe import Budget, Recipe, check_runtimes, load_recipe, remaining_budget
 from squeeze.util.shapes import parse_input_shape
 from squeeze.target import RPC_ENV, Target, list_targets, load_target, parse_host_port, refuse_emulated_latency
 
@@ -282,7 +282,8 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         raise SqueezeError("--normalize/--resize say how --data is fed to the model, but no data is given.",
                            "Pass --data (digits, a folder, package.module:function), or leave them out.")
     target = load_target(target_name or recipe.target or "host-cpu")
-    if recipe.budget and (recipe.budget.latency_ms is not None or recipe.budget.latency_ratio is not None):
+    check_runtimes(recipe, target)
+    if any(b.latency_ms is not None or b.latency_ratio is not None for b in recipe.budgets()):
         refuse_emulated_latency(target, "a latency budget")
     check_out_dir(out_dir, force)
     fingerprint = run_fingerprint(recipe, model_spec, opts.weights, opts.input_shape, target.name, data_spec,
@@ -298,14 +299,22 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     original_artifact = export_onnx(model, exporter=recipe.export.exporter, atol=recipe.export.atol,
                                     rtol=recipe.export.rtol, use_cache=use_cache)
     original_top1 = _original_top1(original_artifact, data)
+    original = summarize(model)
     stages = []
     for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
         ctx.checkpoint = checkpoints.stage(index)
+        ctx.budget = stage.budget if stage.own_budget else recipe.budget
+        if not stage.own_budget and recipe.budget and index:  # what the earlier stages left of the recipe's
+            reached = _reached(recipe.budget, original, original_artifact, state, ctx)
+            ctx.budget = remaining_budget(recipe.budget, reached)
         state, record = get_pass(stage.method)(stage.typed_options()).run(state, ctx)
-        stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record})
+        stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record,
+                       "budget": ctx.budget.model_dump(exclude_none=True) if ctx.budget else None,
+                       "budget_from": "stage" if stage.own_budget else "recipe" if recipe.budget else None})
     state = ensure_artifact(state, ctx)
-    original, final = summarize(model), summarize(state.model)
+    final = summarize(state.model)
+    latency = _compare(original_artifact, state.artifact, target, protocol, use_cache)
     report = {
         "recipe": recipe.name,
         "model": model_spec,
@@ -315,10 +324,11 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         "original": {**original.to_json(), "onnx_bytes": original_artifact.path.stat().st_size},
         "final": {**final.to_json(), "onnx_bytes": state.artifact.path.stat().st_size},
         "artifact": {**state.artifact.to_json(), "path": str(Path(out_dir) / "model.onnx")},
-        "latency": _compare(original_artifact, state.artifact, target, protocol, use_cache),
+        "latency": latency,
         "accuracy": _accuracy(original_top1, state.artifact, data),
         "measurements": {k: m.to_json() for k, m in state.measurements.items()},
         "stages": stages,
+        "budget": _budget_met(recipe.budget, original, final, state.artifact, latency) if recipe.budget else None,
     }
     if original.macs and final.macs and original.macs != final.macs:  # pruning; quantization keeps the MACs
         report["macs_reduction"] = original.macs / final.macs
@@ -331,6 +341,39 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     report["written"] = [str(p) for p in write_outputs(out_dir, files, force)]
     checkpoints.discard()
     return report
+
+
+def _reached(budget: Budget, original: ModelSummary, original_artifact: OnnxArtifact, state: ModelState,
+             ctx: PassContext) -> dict[str, float]:
+    """The ratios to the original that the model a stage receives has reached, for the budget's ratio keys:
+    MACs counted, latency measured interleaved with the original."""
+    from squeeze.model.summary import summarize
+
+    reached = {}
+    if budget.macs_ratio is not None:
+        reached["macs_ratio"] = summarize(state.model).macs / original.macs
+    if budget.latency_ratio is not None:
+        state = ensure_artifact(state, ctx)
+        speedup = _compare(original_artifact, state.artifact, ctx.target, ctx.protocol, ctx.use_cache)["speedup"]
+        reached["latency_ratio"] = 1 / speedup["ratio"] if speedup else 1.0
+    return reached
+
+
+def _budget_met(budget: Budget, original: ModelSummary, final: ModelSummary, artifact: OnnxArtifact,
+                latency: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's budget against the final model: latency measured (median; ratio from the interleaved run
+    against the original), MACs counted, size the shipped ONNX file."""
+    speedup = latency["speedup"]
+    value_of = {"latency_ms": lambda: latency["final"]["stats"]["median_ms"],
+                "latency_ratio": lambda: 1 / speedup["ratio"] if speedup else 1.0,
+                "macs_ratio": lambda: final.macs / original.macs, "size_bytes": lambda: artifact.path.stat().st_size}
+    limits = budget.model_dump(exclude_none=True)
+    reached = {k: value_of[k]() for k in limits}
+    missed = [k for k, limit in limits.items() if reached[k] > limit]
+    if missed:
+        log.warning("the final model misses the recipe's budget: " + ", ".join(
+            f"{k} {reached[k]:.4g} > {limits[k]:.4g}" for k in missed))
+    return {"limits": limits, "final": reached, "met": not missed, "missed": missed}
 
 
 class CompressOptions(TypedDict, total=False):
@@ -533,7 +576,7 @@ def validate_recipe(recipe_ref: str) -> Recipe:
     """A recipe file (or shipped name) checked without loading any model: its schema, methods, options, target."""
     recipe = load_recipe(recipe_ref)
     if recipe.target:
-        load_target(recipe.target)
+        check_runtimes(recipe, load_target(recipe.target))
     return recipe
 
 

@@ -3,7 +3,7 @@
 A recipe is YAML:
     name: bench-host
     target: host-cpu            # optional; --target overrides
-    budget: {latency_ratio: 0.5}
+    budget: {latency_ratio: 0.5}    # what the final model must meet against the original
     data: digits                # or {spec: digits, normalize: "0.5,0.5", resize: bilinear}; --data overrides
     stages:
       - method: export.onnx
@@ -11,6 +11,10 @@ A recipe is YAML:
         options: {label: final}
     export: {exporter: dynamo}
     measure: {repeat: 30}
+
+One budget for the whole recipe: a stage may declare its own share (`budget:` on the stage, its ratios of the
+model the stage receives; `budget: null` for none); a stage without one gets what is left of the recipe's
+(`remaining_budget`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from squeeze.errors import RecipeError, SqueezeError
 from squeeze.methods import PassOptions, get_pass, list_passes
 from squeeze.preprocessing import Preprocessing, from_flags, parse_normalize, parse_resize
+from squeeze.target import Target
 from squeeze.util.resources import data_dir
 from squeeze.util.yamlio import format_validation_error, load_yaml_model
 
-__all__ = ["Budget", "Stage", "ExportOptions", "MeasureOverrides", "DataSection", "Recipe", "load_recipe",
-           "resolve_recipe_path"]
+__all__ = ["Budget", "RATIOS", "remaining_budget", "Stage", "ExportOptions", "MeasureOverrides", "DataSection",
+           "Recipe", "check_runtimes", "load_recipe", "resolve_recipe_path"]
 
 
 class _Strict(BaseModel):
@@ -49,9 +54,23 @@ class Budget(_Strict):
         return self
 
 
+RATIOS = ("latency_ratio", "macs_ratio")  # the budget keys that are fractions of the original
+
+
+def remaining_budget(budget: Budget, reached: dict[str, float]) -> Budget:
+    """What is left of a recipe's budget for a stage that receives a model at `reached` (ratio key -> the
+    received model's latency (measured) or MACs (counted) over the original's): each ratio becomes
+    target / reached, capped at 1 (a budget already met asks for no more than the received model); absolute
+    values (latency_ms, size_bytes) are what the final model must meet, so they pass unchanged."""
+    left = {k: min(1.0, getattr(budget, k) / reached[k]) for k in RATIOS if getattr(budget, k) is not None}
+    return budget.model_copy(update=left)
+
+
 class Stage(_Strict):
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
+    budget: Budget | None = Field(None, description="this stage's share, its ratios of the model it receives; "
+                                                    "null: none (default: what is left of the recipe's budget)")
 
     @field_validator("method")
     @classmethod
@@ -63,6 +82,11 @@ class Stage(_Strict):
 
     def typed_options(self) -> PassOptions:
         return get_pass(self.method).Options.model_validate(self.options)
+
+    @property
+    def own_budget(self) -> bool:
+        """`budget:` given on the stage (`budget: null` included): it does not share the recipe's."""
+        return "budget" in self.model_fields_set
 
 
 class ExportOptions(_Strict):
@@ -126,10 +150,26 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _budget_where_needed(self):
-        needing = [s.method for s in self.stages if get_pass(s.method).needs_budget]
-        if needing and self.budget is None:
+        needing = [s.method for s in self.stages if get_pass(s.method).needs_budget and s.budget is None
+                   and (s.own_budget or self.budget is None)]
+        if needing:
             raise ValueError(f"{', '.join(needing)} need a `budget:` (e.g. budget: {{latency_ratio: 0.5}})")
         return self
+
+    def budgets(self) -> list[Budget]:
+        return [b for b in (self.budget, *(s.budget for s in self.stages)) if b is not None]
+
+
+def check_runtimes(recipe: Recipe, target: Target) -> None:
+    """Refuse a stage whose exports the target's runtime cannot run, before any stage runs (a quantization
+    after a long pruning search would otherwise fail only when its turn comes)."""
+    for i, stage in enumerate(recipe.stages):
+        runtimes = get_pass(stage.method).runtimes
+        if runtimes is not None and target.runtime not in runtimes:
+            raise RecipeError(
+                f"Recipe `{recipe.name}` stage {i} (`{stage.method}`) writes models for {', '.join(runtimes)}; "
+                f"target `{target.name}` runs `{target.runtime}`.",
+                "Use a target with that runtime (squeeze list targets), or drop the stage.")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

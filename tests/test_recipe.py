@@ -1,11 +1,14 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from squeeze import api
 from squeeze.errors import RecipeError
 from squeeze.methods import list_passes
-from squeeze.recipe import load_recipe
+from squeeze.recipe import Budget, MeasureOverrides, Recipe, Stage, load_recipe, remaining_budget
 
 
 def write(tmp_path, text):
@@ -63,3 +66,78 @@ def test_validation_imports_no_torch():
     code = "import sys; from squeeze.recipe import load_recipe; load_recipe('bench-host'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates_and_lists(name, cli):
+    r = cli("validate", name)
+    assert r.exit_code == 0 and f"recipe `{name}`" in r.stdout
+    assert name in [n for n, _ in api.catalog("recipes")]
+
+
+def test_shipped_chains_declare_shares_and_leave_int8_the_rest():
+    for name, shares in [("prune-quantize-host", [{"latency_ratio": 0.6}, None]),
+                         ("prune-reparam-quantize-host", [{"latency_ratio": 0.7}, None, None])]:
+        r = load_recipe(name)
+        assert r.budget == Budget(latency_ratio=0.4) and r.stages[-1].method == "quant.int8"
+        assert [s.budget.model_dump(exclude_none=True) if s.budget else None for s in r.stages] == shares
+        assert [s.own_budget for s in r.stages] == [True] * (len(shares) - 1) + [False]
+
+
+def test_remaining_budget_divides_ratios_by_what_was_reached():
+    left = remaining_budget(Budget(latency_ratio=0.4, macs_ratio=0.5, size_bytes=1000),
+                            {"latency_ratio": 0.8, "macs_ratio": 0.4})
+    assert left == Budget(latency_ratio=0.5, macs_ratio=1.0, size_bytes=1000)  # MACs already met: capped at 1
+
+
+def test_stage_budget_stands_in_for_the_recipe_s_and_null_opts_out(tmp_path):
+    own = load_recipe(write(tmp_path, "name: x\nstages:\n  - method: prune.uniform\n    budget: {macs_ratio: 0.5}\n"))
+    assert own.budget is None and own.stages[0].budget == Budget(macs_ratio=0.5)
+    with pytest.raises(RecipeError, match=r"prune.uniform need a `budget:`"):
+        load_recipe(write(tmp_path, "name: x\nbudget: {macs_ratio: 0.5}\nstages:\n  - method: prune.uniform\n"
+                                    "    budget: null\n"))
+    with pytest.raises(RecipeError, match=r"r.yaml:4: `stages.0.budget.macs_ratio`"):
+        load_recipe(write(tmp_path, "name: x\nstages:\n  - method: prune.uniform\n    budget: {macs_ratio: 2}\n"))
+
+
+def test_a_stage_the_target_cannot_run_is_refused_by_validate(tmp_path, cli):
+    path = write(tmp_path, "name: arm\ntarget: arm-a72\nbudget: {latency_ratio: 0.4}\nstages:\n"
+                           "  - method: prune.uniform\n  - method: quant.int8\n")
+    r = cli("validate", path)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "stage 1 (`quant.int8`) writes models for onnxruntime; target `arm-a72` runs `tvm`" in r.output
+
+
+def test_later_stages_get_what_earlier_ones_left_of_one_budget(tmp_path):
+    recipe = Recipe(name="twice", budget=Budget(macs_ratio=0.5), measure=MeasureOverrides(repeat=3, warmup=0),
+                    stages=[Stage(method="prune.uniform", budget=Budget(macs_ratio=0.8)),
+                            Stage(method="prune.uniform")])
+    report = api.run_recipe(recipe, "zoo:digits-cnn", tmp_path / "out", api.ModelOptions())
+    original_macs = report["original"]["macs"]
+    first, second = report["stages"]
+    assert (first["budget"], first["budget_from"]) == ({"macs_ratio": 0.8}, "stage")
+    received_macs = second["record"]["budget"]["original"]  # counted on the first stage's output
+    assert received_macs <= 0.8 * original_macs
+    assert second["budget_from"] == "recipe"
+    assert second["budget"]["macs_ratio"] == pytest.approx(0.5 * original_macs / received_macs)
+    assert report["final"]["macs"] <= 0.5 * original_macs
+    final_ratio = report["final"]["macs"] / original_macs
+    assert report["budget"] == {"limits": {"macs_ratio": 0.5}, "final": {"macs_ratio": final_ratio}, "met": True,
+                                "missed": []}
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["budget"]["met"] is True
+
+
+def test_a_resumed_run_must_have_the_same_stage_budgets():
+    from squeeze.prune.resume import run_fingerprint
+
+    def fingerprint(*stage_budgets):
+        recipe = Recipe(name="x", budget=Budget(macs_ratio=0.5),
+                        stages=[Stage(method="prune.uniform", **b) for b in stage_budgets])
+        return run_fingerprint(recipe, "zoo:digits-cnn", None, None, "host-cpu", None, None)
+
+    assert "stage budgets" not in fingerprint({})  # as before stages had budgets: saved progress still matches
+    assert fingerprint({"budget": Budget(macs_ratio=0.8)}, {})["stage budgets"] == [{"macs_ratio": 0.8}, None]
+    assert fingerprint({"budget": Budget(macs_ratio=0.8)}) != fingerprint({"budget": Budget(macs_ratio=0.7)})

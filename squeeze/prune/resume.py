@@ -60,6 +60,9 @@ def run_fingerprint(recipe: Recipe, model_spec: str, weights: str | None, input_
         "method options": [stage.typed_options().model_dump(mode="json") for stage in recipe.stages],
         "budget": recipe.budget.model_dump(mode="json", exclude_none=True) if recipe.budget else None,
         "target": target,
+        # Only where a stage has one, so that progress saved before stages could have budgets still resumes.
+        **({"stage budgets": [s.budget.model_dump(mode="json", exclude_none=True) if s.budget else None
+                              for s in recipe.stages]} if any(s.own_budget for s in recipe.stages) else {}),
     }
 
 
