@@ -12,12 +12,23 @@ from squeeze import api
 from squeeze.cli import bench, info, listing, lut, proxy, prune, quantize, reparam, report, run, targets
 from squeeze.cli.common import err, state
 
+# What every command's exit status means: set by handles_errors (squeeze/cli/common.py) from the error's
+# `exit_code`, by the commands that give a verdict, and by the Ctrl-C handler (squeeze/cli/__init__.py).
+EXIT_CODES = {
+    0: "done (a gate that passed)",
+    1: "a verdict against the result (the gate failed, the quantized or re-parameterized model is not faster, "
+       "no quantized model is within the accuracy floor, a target check failed)",
+    2: "bad input or environment (the message says which and how to fix it)",
+    3: "an internal error (a bug: --debug shows the traceback)",
+    130: "interrupted",
+}
+
 app = typer.Typer(
     name="squeeze",
     help="Hardware-aware model compression, proven by measuring the exported model on the target.",
+    epilog="Exit codes:\n\n" + "\n\n".join(f"{code}: {meaning}" for code, meaning in EXIT_CODES.items()),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 
