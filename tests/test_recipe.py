@@ -141,3 +141,23 @@ def test_a_resumed_run_must_have_the_same_stage_budgets():
     assert "stage budgets" not in fingerprint({})  # as before stages had budgets: saved progress still matches
     assert fingerprint({"budget": Budget(macs_ratio=0.8)}, {})["stage budgets"] == [{"macs_ratio": 0.8}, None]
     assert fingerprint({"budget": Budget(macs_ratio=0.8)}) != fingerprint({"budget": Budget(macs_ratio=0.7)})
+
+
+def test_latency_left_is_the_ratio_measured_against_the_original(monkeypatch):
+    from squeeze.methods import ModelState, PassContext
+
+    monkeypatch.setattr(api, "_compare", lambda original, received, *args: {"speedup": {"ratio": 2.0}})
+    state = ModelState(model=None, artifact="received.onnx")  # exported already: nothing to export again
+    reached = api._reached(Budget(latency_ratio=0.4), None, "original.onnx", state,
+                           PassContext(target=None, oracle=None, protocol=None, export=None))
+    assert reached == {"latency_ratio": 0.5}
+    assert remaining_budget(Budget(latency_ratio=0.4), reached) == Budget(latency_ratio=0.8)
+
+
+def test_a_missed_recipe_budget_is_reported_and_warned(caplog):
+    latency = {"final": {"stats": {"median_ms": 12.0}}, "speedup": {"ratio": 2.5}}  # final 0.4x of the original
+    met = api._budget_met(Budget(latency_ratio=0.3, latency_ms=10), None, None, None, latency)
+    assert met == {"limits": {"latency_ratio": 0.3, "latency_ms": 10.0},
+                   "final": {"latency_ratio": 0.4, "latency_ms": 12.0}, "met": False,
+                   "missed": ["latency_ms", "latency_ratio"]}
+    assert "misses the recipe's budget: latency_ms 12 > 10, latency_ratio 0.4 > 0.3" in caplog.text
