@@ -13,11 +13,10 @@ from squeeze.cli.common import (Force, InputShape, LatencyMsOpt, LatencyOpt, Mac
                                 NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel, WarmupOpt,
                                 Weights, handles_errors, model_options, out, parse_ratio)
 from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
+from squeeze.cli.prune import BUDGET_FLAGS
 
 METHODS = MethodFlags("reparam", "re-parameterization", "reparam")
-OTHER_FLAGS = {"latency_ratio": "--latency", "latency_ms": "--latency-ms", "macs_ratio": "--macs",
-               "size_bytes": "--size-bytes", "repeat": "--repeat", "warmup": "--warmup",
-               "min_repeat_ms": "--min-repeat-ms"}
+OTHER_FLAGS = {**BUDGET_FLAGS, "repeat": "--repeat", "warmup": "--warmup", "min_repeat_ms": "--min-repeat-ms"}
 
 
 @handles_errors
