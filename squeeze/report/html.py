@@ -144,9 +144,21 @@ def layer_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list
                            [[r["layer"], r["precision"], f"{r['weight_bits']}/{r['act_bits']}", f"{r['cost']:.4g}",
                              "measured" if r.get("measured") else "modelled", r.get("exported_as", "")]
                             for r in rec["rows"]]))
+        elif s["method"].startswith("reparam."):
+            tables.append((f"{s['method']}: replaced or kept, per layer",
+                           ["layer", "standalone ms", "in the model", "MACs", "fit error", "decision"],
+                           [[r["name"], f"{r['original_ms']:.4f} -> {r['replacement_ms']:.4f}",
+                             _ratio(r.get("in_model")), f"{fmt_count(r['original_macs'])} -> "
+                             f"{fmt_count(r['replacement_macs'])}",
+                             f"{r['fit']['relative_error']:.3f}" if r.get("fit") else "—", r["reason"]]
+                            for r in rec["layers"]]))
         elif isinstance(rec.get("layers"), dict) and rec["layers"]:
             tables.append((f"{s['method']}: precision per layer", ["layer", "precision"], list(rec["layers"].items())))
     return tables
+
+
+def _ratio(r: dict[str, Any] | None) -> str:
+    return "—" if not r else f"{r['ratio']:.3f}x [{r['low']:.3f}, {r['high']:.3f}]"
 
 
 def _kv(d: dict[str, Any], prefix: str = "") -> list[list[Any]]:
