@@ -297,3 +297,25 @@ def test_episodes_is_a_flag_of_the_methods_that_have_episodes(cli, tmp_path):
     r = cli("prune", "zoo:digits-cnn", "--method", "netadapt", "--episodes", "3", "--macs", "0.5x",
             "--out", tmp_path / "o")
     assert r.exit_code == 2 and "--episodes" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_json_dash_prints_only_the_report_and_a_json_file_keeps_the_tables(cli, tmp_path):
+    r = cli("prune", "zoo:digits-cnn", "--method", "uniform", "--macs", "0.6x", "--data", "digits",
+            "--long-term-epochs", "1", "--json", "-", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.stderr
+    printed = json.loads(r.stdout)  # stdout holds the JSON and nothing else
+    assert printed["stages"][0]["method"] == "prune.uniform"
+    written = printed.pop("written")  # the files, listed once they are in place
+    assert printed == json.loads((tmp_path / "a" / "report.json").read_text())
+    assert str(tmp_path / "a" / "report.json") in written
+    r = cli("prune", "zoo:digits-cnn", "--method", "uniform", "--macs", "0.6x", "--data", "digits",
+            "--long-term-epochs", "1", "--json", tmp_path / "r.json", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["recipe"] == "prune-uniform" and "MACs" in r.stdout
+
+
+def test_an_unwritable_json_path_fails_before_any_work(cli, tmp_path):
+    r = cli("prune", "zoo:digits-cnn", "--method", "uniform", "--macs", "0.6x", "--json", tmp_path,
+            "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "--json" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -20,7 +22,7 @@ from squeeze.cli.progress import reporter_for
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "parse_ratio", "InputShape", "Weights",
            "TrustModel", "model_options", "TargetOpt", "NoCache", "Force", "Resume", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags",
            "NormalizeOpt", "ResizeOpt", "LatencyOpt", "LatencyMsOpt", "MacsOpt", "SizeBytesOpt", "RepeatOpt", "WarmupOpt",
-           "MinRepeatMsOpt"]
+           "MinRepeatMsOpt", "JsonReportOpt", "check_json_out", "show_report"]
 
 out = Console()
 err = Console(stderr=True)
@@ -175,3 +177,24 @@ def rpc_flags(target: str, rpc: str | None, tracker: str | None, key: str | None
         yield
     finally:
         _set_env(saved)
+
+
+JsonReportOpt = typer.Option(None, "--json", help="Also write the report JSON to this file; `--json -` prints it "
+                                                 "to stdout instead of the tables.")
+
+
+def check_json_out(json_out: str | None) -> None:
+    """Before any work: a --json file that could not be written fails now, not after the search."""
+    if json_out not in (None, "-"):
+        api.check_writable(Path(json_out), "--json")
+
+
+def show_report(report: dict[str, Any], json_out: str | None, *views: Any) -> None:
+    """The result as tables on stdout, or as JSON (`-`: stdout only the JSON, for a pipe), or both (a file)."""
+    if json_out == "-":
+        print(json.dumps(report, indent=2, default=str))
+        return
+    if json_out is not None:
+        api.write_json(json_out, report)
+    for view in views:
+        out.print(view)

@@ -10,9 +10,10 @@ import typer
 
 from squeeze import api
 from squeeze.api import SqueezeError
-from squeeze.cli.common import (Force, InputShape, KeyOpt, LatencyMsOpt, LatencyOpt, MacsOpt, NoCache, NormalizeOpt,
-                                ResizeOpt, Resume, RpcOpt, SizeBytesOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
-                                handles_errors, model_options, out, parse_ratio, rpc_flags)
+from squeeze.cli.common import (Force, InputShape, JsonReportOpt, KeyOpt, LatencyMsOpt, LatencyOpt, MacsOpt, NoCache,
+                                NormalizeOpt, ResizeOpt, Resume, RpcOpt, SizeBytesOpt, TargetOpt, TrackerOpt,
+                                TrustModel, Weights, check_json_out, handles_errors, model_options, parse_ratio,
+                                rpc_flags, show_report)
 from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 
 METHODS = MethodFlags("prune", "pruning method", "prune")
@@ -48,12 +49,14 @@ def prune(
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
     force: bool = Force,
+    json_out: Optional[str] = JsonReportOpt,
     resume: bool = Resume,
     rpc: Optional[str] = RpcOpt,
     tracker: Optional[str] = TrackerOpt,
     key: Optional[str] = KeyOpt,
 ) -> None:
     """Prune channels until a budget is met on the target, measured; writes the pruned model and a report."""
+    check_json_out(json_out)
     from squeeze.report.render import recipe_view
 
     preprocessing = api.parse_preprocessing(normalize, resize)
@@ -73,4 +76,4 @@ def prune(
                                use_cache=not no_cache, force=force, resume=resume)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **BUDGET_FLAGS}) from None
-    out.print(recipe_view(report))
+    show_report(report, json_out, recipe_view(report))

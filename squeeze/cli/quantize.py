@@ -9,9 +9,10 @@ import pydantic
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (Force, InputShape, LatencyMsOpt, LatencyOpt, MinRepeatMsOpt, NoCache, NormalizeOpt,
-                                RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel, WarmupOpt, Weights,
-                                handles_errors, model_options, out, parse_fraction, parse_ratio)
+from squeeze.cli.common import (Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MinRepeatMsOpt, NoCache,
+                                NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel, WarmupOpt,
+                                Weights, check_json_out, handles_errors, model_options, parse_fraction,
+                                parse_ratio, show_report)
 from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 
 METHODS = MethodFlags("quant", "quantization method", "quantize")
@@ -59,8 +60,10 @@ def quantize(
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
     force: bool = Force,
+    json_out: Optional[str] = JsonReportOpt,
 ) -> None:
     """Quantize for the target, measured: the result is faster than fp32 or nothing is handed back."""
+    check_json_out(json_out)
     from squeeze.report.quant import quant_view
     from squeeze.report.render import recipe_view
 
@@ -84,5 +87,4 @@ def quantize(
                               use_cache=not no_cache, force=force)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **OTHER_FLAGS}) from None
-    out.print(recipe_view(report))
-    out.print(quant_view(report))
+    show_report(report, json_out, recipe_view(report), quant_view(report))

@@ -9,9 +9,10 @@ import pydantic
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (Force, InputShape, LatencyMsOpt, LatencyOpt, MacsOpt, MinRepeatMsOpt, NoCache,
-                                NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel, WarmupOpt,
-                                Weights, handles_errors, model_options, out, parse_ratio)
+from squeeze.cli.common import (Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MacsOpt, MinRepeatMsOpt,
+                                NoCache, NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel,
+                                WarmupOpt, Weights, check_json_out, handles_errors, model_options, parse_ratio,
+                                show_report)
 from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 from squeeze.cli.prune import BUDGET_FLAGS
 
@@ -49,8 +50,10 @@ def reparam(
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
     force: bool = Force,
+    json_out: Optional[str] = JsonReportOpt,
 ) -> None:
     """Replace trained convs by Ghost or Lego modules where the target runs them faster, fitted then fine-tuned."""
+    check_json_out(json_out)
     from squeeze.report.render import recipe_view
     from squeeze.report.reparam import reparam_view
 
@@ -70,5 +73,4 @@ def reparam(
                              use_cache=not no_cache, force=force)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **OTHER_FLAGS}) from None
-    out.print(recipe_view(report))
-    out.print(reparam_view(report))
+    show_report(report, json_out, recipe_view(report), reparam_view(report))

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (Force, InputShape, NoCache, NormalizeOpt, ResizeOpt, Resume, TrustModel, Weights,
-                                handles_errors, model_options, out)
+from squeeze.cli.common import (Force, InputShape, JsonReportOpt, NoCache, NormalizeOpt, ResizeOpt, Resume,
+                                TrustModel, Weights, check_json_out, handles_errors, model_options, out, show_report)
 
 
 @handles_errors
@@ -26,15 +26,17 @@ def run(
     trust_model: bool = TrustModel,
     no_cache: bool = NoCache,
     force: bool = Force,
+    json_out: Optional[str] = JsonReportOpt,
     resume: bool = Resume,
 ) -> None:
     """Run a recipe's stages on a model and write the results."""
+    check_json_out(json_out)
     from squeeze.report.render import recipe_view
 
     report = api.run_recipe(recipe, model, out_dir, model_options(input_shape, weights, trust_model),
                             target_name=target, data_spec=data, preprocessing=api.parse_preprocessing(normalize, resize),
                             use_cache=not no_cache, force=force, resume=resume)
-    out.print(recipe_view(report))
+    show_report(report, json_out, recipe_view(report))
 
 
 @handles_errors
