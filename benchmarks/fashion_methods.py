@@ -46,6 +46,8 @@ def main() -> None:
                                              '\'{"eval_fraction": 0.25}\' (see `squeeze proxy check`)')
     ap.add_argument("--amc-proxy", help="AMC's reward evaluation as JSON (default: 20%% of the held-out split)")
     ap.add_argument("--target", default="host-cpu")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="images per measured inference (a server's batch makes the small CNN compute-bound)")
     ap.add_argument("--json", type=Path, help="also write every row here")
     args = ap.parse_args()
     logging.basicConfig(format="%(message)s")
@@ -58,7 +60,8 @@ def main() -> None:
             for method in args.methods:
                 t0 = time.perf_counter()
                 r = api.prune("zoo:fashion-cnn", Path(tmp) / f"{method}-{ratio}", method=method, latency=ratio,
-                              target=args.target, data="fashion-mnist", options=method_options(method, args))
+                              target=args.target, data="fashion-mnist", options=method_options(method, args),
+                              measure={"batch_size": args.batch_size})
                 acc, sp = r["accuracy"], r["latency"]["speedup"]
                 record = r["stages"][0]["record"]
                 row = {"budget": ratio, "method": method, "original_top1": acc["original_top1"],

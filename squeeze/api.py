@@ -592,14 +592,10 @@ def _lut_setup(model_spec: str, target: Target, opts: ModelOptions) -> tuple[Loa
 def lut_build(model_spec: str, target: Target, opts: ModelOptions, round_to: int = 8,
               single_layer: bool = False) -> tuple[LoadedModel, LatencyTable, BuildResult]:
     """Measure the layer configurations a pruning search on the model meets; stored entries are reused."""
-    from squeeze import progress
-    from squeeze.prune.tables import build_table, search_space_configs
+    from squeeze.prune.tables import build_table
 
     loaded, table = _lut_setup(model_spec, target, opts)
-    total = len(search_space_configs(loaded, round_to, single_layer))
-    with progress.task("measuring layers", total=total) as step:
-        result = build_table(loaded, table, round_to, single_layer, progress=step.advance)
-    return loaded, table, result
+    return loaded, table, build_table(loaded, table, round_to, single_layer)
 
 
 def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 10, seed: int = 0,

@@ -216,7 +216,7 @@ class FakeTable:
     def __init__(self, target):
         self.target = target
 
-    def entries(self, configs, progress=None):
+    def entries(self, configs):
         return {c.key: LutEntry(c.key, 1, _cost_ms(c), 0.0, _cost_ms(c)) for c in configs}
 
     def layers_ms(self, module, example_input):

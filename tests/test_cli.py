@@ -387,4 +387,40 @@ def test_progress_bars_are_drawn_on_a_terminal_only_and_vanish_when_done():
             drawn = buf.getvalue()
     assert "fine-tune" in drawn and "1/4" in drawn and "steps loss 0.1234" in drawn
     assert not reporter.progress.live.is_started and not reporter.progress.tasks  # transient: gone with the last
-    assert reporter_for(Console(file=io.StringIO())) is None  # a pipe or a file: nothing drawn
+    assert isinstance(reporter_for(Console(file=io.StringIO(), force_terminal=True)), RichReporter)
+    assert reporter_for(Console(file=io.StringIO(), force_terminal=True), quiet=True) is None
+
+
+def test_progress_off_a_terminal_is_plain_lines_throttled_and_quiet_hides_it(cli, monkeypatch, tmp_path):
+    """A log or CI gets a line per step started and ended, and at most one per `every` seconds in between."""
+    import io
+
+    from rich.console import Console
+
+    from squeeze import progress
+    from squeeze.cli import progress as cli_progress
+
+    buf = io.StringIO()
+    reporter = cli_progress.reporter_for(Console(file=buf, width=200))
+    assert isinstance(reporter, cli_progress.PlainReporter)
+    clock = iter([0.0, 0.0, 1.0, 20.0, 20.0, 20.0, 21.0, 30.0, 30.0])  # each monotonic() call, in order
+    monkeypatch.setattr(cli_progress.time, "monotonic", lambda: next(clock))
+    with progress.reporting(reporter), progress.task("NetAdapt to 0.05 latency_ms", total=100, unit="%") as bar:
+        bar.advance(10, best="conv1 -> 24")  # 1 s: too soon for a line
+        bar.advance(10, best="conv2 -> 16")  # 20 s: a line
+        bar.advance(80, best="conv3 -> 8")  # 21 s: too soon again
+    assert buf.getvalue().splitlines() == [
+        "NetAdapt to 0.05 latency_ms: 100 %",
+        "NetAdapt to 0.05 latency_ms: 20/100 % best conv2 -> 16 (20 s)",
+        "NetAdapt to 0.05 latency_ms: done, 100/100 % in 30.0 s (best conv3 -> 8)",
+    ]
+    monkeypatch.undo()
+    # The CLI (a pipe in the test runner) shows the lookup table being measured in lines; --quiet shows nothing.
+    args = ["lut", "build", "testnets:tiny_cnn", "--input-shape", "1,3,16,16", "--round-to", "4"]
+    for quiet, cache in ((False, "a"), (True, "b")):
+        monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / cache))
+        r = cli(*(["--quiet"] if quiet else []), *args)
+        assert r.exit_code == 0, r.output
+        lines = [line for line in r.stderr.splitlines() if line.startswith("lookup table: measuring")]
+        assert (lines == []) if quiet else (len(lines) >= 2 and "done" in lines[-1])
+        assert not quiet or r.stderr == ""

@@ -96,3 +96,23 @@ def test_check_table_reports_table_and_recalibrated_errors():
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
     assert all(math.isfinite(v) for v in (med, p90, rmed, rp90)) and med <= p90
     assert result.to_json()["rows"][1]["recalibrated_error_pct"] == rest[0].recalibrated_error_pct
+
+
+def test_a_search_times_its_table_at_the_batch_its_whole_model_readings_use():
+    """A run measured at batch 4 prices layers at batch 4: a batch-1 table would be re-fitted to batch-4
+    readings by one factor, and the searches would prune to the wrong model."""
+    from types import SimpleNamespace
+
+    from squeeze.methods.prune import PruneOptions
+    from squeeze.prune.search import _resource
+    from squeeze.recipe import Budget
+
+    ref = load_model("zoo:digits-cnn")
+    at4 = Protocol.for_target(HOST, repeat=5, warmup=2, min_repeat_ms=2, batch_size=4)
+    ctx = SimpleNamespace(budget=Budget(latency_ratio=0.5), target=HOST, protocol=at4)
+    opts = PruneOptions(latency_source="table+recalibrate")
+    resource, recalibrate, source = _resource(ctx, ref, opts)
+    assert source == "table+recalibrate" and resource.oracle.table.protocol.batch_size == 4
+    (conv,) = [c for n, c in layer_configs(ref.module, ref.example_input()).items() if n == "conv3.0"]
+    one, four = (LatencyTable(HOST, batch_size=b).entries([conv])[conv.key].median_ms for b in (1, 4))
+    assert four > 1.5 * one  # the layers really ran at the batch (4x the work; margin for a loaded machine)

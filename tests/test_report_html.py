@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from squeeze.cli.app import app
 from squeeze.report import figures
-from squeeze.report.html import compare_html, read_report, report_files, report_html
+from squeeze.report.html import compare_html, report_files, report_html
 
 LAYERS = ["conv1.0", "conv2.0", "conv3.0", "conv5.0"]
 

@@ -285,9 +285,9 @@ def test_reports_label_emulated_figures():
 # --- tuning database --------------------------------------------------------------------------------------
 
 
-def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypatch):
+def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypatch, caplog):
     """The reuse logic without tuning: layers recorded as tuned are not tuned again, and how far each layer
-    is tuned is part of the compiled library's key."""
+    is tuned is part of the compiled library's key. Before tuning, the user is told how much and how long."""
     from squeeze.export import tuning
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
@@ -308,7 +308,10 @@ def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypa
 
     monkeypatch.setattr(tuning, "_tune_one", fake_tune)
     monkeypatch.setattr(tuning, "_builder_and_runner", lambda target: (None, None))
+    caplog.set_level("INFO", logger="squeeze.tuning")
     first = tuning.ensure_tuned(lowered, tvm_target, target)
+    assert f"tuning {len(tasks)} layers x 4 trials" in caplog.text and "no estimate" in caplog.text
+    caplog.clear()
     assert sorted(first.tuned) == sorted(tuned_now) == sorted(t.task_name for t in tasks) and first.reused == 0
     db = tuning.TuningDatabase(tvm_target)
     assert all(db.trials_done(t.dispatched[0]) == 4 for t in tasks)
@@ -318,6 +321,9 @@ def test_tuning_database_is_reused_and_keys_the_library(tiny, tmp_path, monkeypa
     # More trials asked: every layer is tuned further, and the library key moves with the state.
     more = target.model_copy(update={"tvm": target.tvm.model_copy(update={"tuning_trials": 8})})
     third = tuning.ensure_tuned(lowered, tvm_target, more)
+    # Now timed here: the estimate comes from those tunings (the fake takes no time: under a minute).
+    assert f"tuning {len(tasks)} layers x 8 trials on tuned ({4 * len(tasks)} trials to run), under a minute on " \
+           "this machine" in caplog.text
     assert len(tuned_now) == len(tasks) and third.state != first.state
     assert asked[-len(tasks):] == [4] * len(tasks)  # by the 4 trials each lacks, not 8 again
     # The same layer shapes in another model reuse the records: a wider first conv changes only its own layers.

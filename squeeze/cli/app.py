@@ -41,12 +41,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (bars or lines) and no log lines on stderr: "
+                               "only results, warnings and errors (squeeze --quiet prune ...)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     state["debug"] = debug or bool(os.environ.get("SQUEEZE_DEBUG"))
+    state["quiet"] = quiet
     # Searches report progress through the "squeeze" loggers; show it on stderr (once per process).
     logger = logging.getLogger("squeeze")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     if not logger.handlers:
         logger.addHandler(RichHandler(console=err, show_path=False))
 

@@ -9,7 +9,7 @@ import typer
 
 from squeeze import api
 from squeeze.api import SqueezeError
-from squeeze.cli.common import (InputShape, KeyOpt, MinRepeatMsOpt, NoCache, RepeatOpt, RpcOpt, TargetOpt, TrackerOpt,
+from squeeze.cli.common import (BatchSizeOpt, InputShape, KeyOpt, MinRepeatMsOpt, NoCache, RepeatOpt, RpcOpt, TargetOpt, TrackerOpt,
                                 TrustModel, WarmupOpt, Weights, handles_errors, model_options, out, parse_fraction,
                                 rpc_flags)
 
@@ -30,7 +30,7 @@ def bench(
     warmup: Optional[int] = WarmupOpt,
     min_repeat_ms: Optional[float] = MinRepeatMsOpt,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the target's; 1 for the --against gate)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    batch_size: Optional[int] = BatchSizeOpt,
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript; the other is tried if one fails."),
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,

@@ -22,11 +22,12 @@ from squeeze.cli.progress import reporter_for
 __all__ = ["out", "err", "state", "handles_errors", "parse_fraction", "parse_ratio", "InputShape", "Weights",
            "TrustModel", "model_options", "TargetOpt", "NoCache", "Force", "Resume", "RpcOpt", "TrackerOpt", "KeyOpt", "rpc_flags",
            "NormalizeOpt", "ResizeOpt", "LatencyOpt", "LatencyMsOpt", "MacsOpt", "SizeBytesOpt", "RepeatOpt", "WarmupOpt",
-           "MinRepeatMsOpt", "JsonReportOpt", "check_json_out", "show_report"]
+           "MinRepeatMsOpt", "BatchSizeOpt", "JsonReportOpt", "check_json_out", "show_report"]
 
 out = Console()
 err = Console(stderr=True)
-state = {"debug": False}  # set by the root callback on every invocation (--debug or $SQUEEZE_DEBUG)
+# Set by the root callback on every invocation: --debug (or $SQUEEZE_DEBUG), --quiet.
+state = {"debug": False, "quiet": False}
 
 
 def _disk_full(exc: OSError) -> None:
@@ -38,14 +39,14 @@ def _disk_full(exc: OSError) -> None:
 
 def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A SqueezeError becomes one paragraph on stderr and exit code 2 (a full disk too); Ctrl-C exits 130;
-    other errors exit 3. With --debug the traceback is shown instead. The core's long steps show as progress
-    bars on stderr while the command runs (when stderr is a terminal).
+    other errors exit 3. With --debug the traceback is shown instead. The core's long steps show their progress on
+    stderr while the command runs (bars on a terminal, plain lines otherwise, nothing with --quiet).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            reporter = reporter_for(err)
+            reporter = reporter_for(err, state["quiet"])
             with api.reporting(reporter) if reporter else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except SqueezeError as exc:
@@ -136,6 +137,8 @@ SizeBytesOpt = typer.Option(None, "--size-bytes", help="Model size budget in byt
 RepeatOpt = typer.Option(None, "--repeat", min=3, help="Timed samples per model (default: the target's).")
 WarmupOpt = typer.Option(None, "--warmup", min=0)
 MinRepeatMsOpt = typer.Option(None, "--min-repeat-ms", min=0.0)
+BatchSizeOpt = typer.Option(None, "--batch-size", min=1, help="Images per measured inference (default: the target's, "
+                            "1); latency budgets, ratios and lookup tables are all at this batch.")
 
 
 def _set_env(values: dict[str, str | None]) -> None:

@@ -1,16 +1,19 @@
-"""The CLI's progress reporter: the core's long steps (`squeeze.progress.task`) as Rich bars on stderr.
+"""The CLI's progress reporters: the core's long steps (`squeeze.progress.task`) on stderr.
 
-Bars are drawn only when stderr is a terminal, and are transient: once a step ends its bar is gone, so what a
-command prints (and what a log or a pipe receives) is the same with or without them.
+On a terminal they are Rich bars, transient: once a step ends its bar is gone, so what a command prints is the
+same with or without them. Off a terminal (a log, a pipe, CI) they are plain lines: one when a step starts, one
+at most every `PlainReporter.every` seconds while it runs, one when it ends. `squeeze --quiet` shows neither.
 """
 
 from __future__ import annotations
+
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-__all__ = ["RichReporter", "reporter_for"]
+__all__ = ["RichReporter", "PlainReporter", "reporter_for"]
 
 
 class _Fields(ProgressColumn):
@@ -55,6 +58,58 @@ class RichReporter:
             self.progress.stop()
 
 
-def reporter_for(console: Console) -> RichReporter | None:
-    """Bars on `console` if it is a terminal; None (the core's silent default) for a pipe, a file or a test."""
-    return RichReporter(console) if console.is_terminal else None
+def _figures(unit: str, fields: dict[str, object]) -> str:
+    return " ".join(filter(None, (unit, "  ".join(f"{k} {v}" for k, v in fields.items()))))
+
+
+class _Line:
+    """One task's handle in plain-line mode: counts, figures and when it last printed."""
+
+    def __init__(self, console: Console, every: float, description: str, total: float | None, unit: str) -> None:
+        self.console, self.every = console, every
+        self.description, self.total, self.unit = description, total, unit
+        self.done, self.fields = 0.0, {}
+        self.started = self.printed = time.monotonic()
+
+    def count(self) -> str:
+        done = f"{self.done:g}"
+        return f"{done}/{self.total:g}" if self.total is not None else done
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.printed = time.monotonic()
+
+    def advance(self, n: float = 1, **fields: object) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if time.monotonic() - self.printed >= self.every:
+            elapsed = time.monotonic() - self.started
+            self.say(f"{self.description}: {self.count()} {_figures(self.unit, self.fields)} ({elapsed:.0f} s)")
+
+    def describe(self, description: str) -> None:
+        self.description = description
+
+
+class PlainReporter:
+    """Progress as plain lines, for output that is not a terminal: a line per step started and ended, and
+    while it runs one at most every `every` seconds with its count and figures."""
+
+    def __init__(self, console: Console, every: float = 15.0) -> None:
+        self.console, self.every = console, every
+
+    def open(self, description: str, total: float | None, unit: str) -> _Line:
+        line = _Line(self.console, self.every, description, total, unit)
+        line.say(f"{description} ..." if total is None else f"{description}: {total:g} {unit or 'steps'}")
+        return line
+
+    def close(self, task: _Line) -> None:
+        figures = _figures("", task.fields)
+        task.say(f"{task.description}: done, {task.count()} {task.unit} in {time.monotonic() - task.started:.1f} s"
+                 + (f" ({figures})" if figures else ""))
+
+
+def reporter_for(console: Console, quiet: bool = False) -> RichReporter | PlainReporter | None:
+    """Bars on `console` if it is a terminal, plain lines otherwise; None (the core's silent default) if `quiet`."""
+    if quiet:
+        return None
+    return RichReporter(console) if console.is_terminal else PlainReporter(console)

@@ -10,7 +10,7 @@ import typer
 
 from squeeze import api
 from squeeze.api import SqueezeError
-from squeeze.cli.common import (Force, InputShape, JsonReportOpt, KeyOpt, LatencyMsOpt, LatencyOpt, MacsOpt, NoCache,
+from squeeze.cli.common import (BatchSizeOpt, Force, InputShape, JsonReportOpt, KeyOpt, LatencyMsOpt, LatencyOpt, MacsOpt, NoCache,
                                 NormalizeOpt, ResizeOpt, Resume, RpcOpt, SizeBytesOpt, TargetOpt, TrackerOpt,
                                 TrustModel, Weights, check_json_out, handles_errors, model_options, parse_ratio,
                                 rpc_flags, show_report)
@@ -44,6 +44,7 @@ def prune(
     long_term_epochs: Optional[int] = METHODS.flag("long_term.epochs", "--long-term-epochs", "Fine-tune epochs after the search", min=1),
     distill: Optional[bool] = METHODS.flag("distill", "--distill", "Distil the long-term fine-tune from the unpruned model"),
     option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
+    batch_size: Optional[int] = BatchSizeOpt,
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -73,7 +74,8 @@ def prune(
                                latency_ms=latency_ms, macs=parse_ratio(macs, "--macs"), size_bytes=size_bytes,
                                data=data, options=options, preprocessing=preprocessing,
                                model_options=model_options(input_shape, weights, trust_model),
-                               use_cache=not no_cache, force=force, resume=resume)
+                               measure={"batch_size": batch_size}, use_cache=not no_cache, force=force,
+                               resume=resume)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **BUDGET_FLAGS}) from None
     show_report(report, json_out, recipe_view(report))

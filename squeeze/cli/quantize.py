@@ -9,7 +9,7 @@ import pydantic
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MinRepeatMsOpt, NoCache,
+from squeeze.cli.common import (BatchSizeOpt, Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MinRepeatMsOpt, NoCache,
                                 NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel, WarmupOpt,
                                 Weights, check_json_out, handles_errors, model_options, parse_fraction,
                                 parse_ratio, show_report)
@@ -18,7 +18,8 @@ from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 METHODS = MethodFlags("quant", "quantization method", "quantize")
 # Budget and measurement fields -> the flags that set them, for validation errors.
 OTHER_FLAGS = {"latency_ratio": "--latency", "latency_ms": "--latency-ms", "size_bytes": "--size-bytes",
-               "repeat": "--repeat", "warmup": "--warmup", "min_repeat_ms": "--min-repeat-ms"}
+               "repeat": "--repeat", "warmup": "--warmup", "min_repeat_ms": "--min-repeat-ms",
+               "batch_size": "--batch-size"}
 
 
 @handles_errors
@@ -55,6 +56,7 @@ def quantize(
     repeat: Optional[int] = RepeatOpt,
     warmup: Optional[int] = WarmupOpt,
     min_repeat_ms: Optional[float] = MinRepeatMsOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -83,7 +85,8 @@ def quantize(
         report = api.quantize(model, out_dir, method=method, target=target, latency=parse_ratio(latency, "--latency"),
                               latency_ms=latency_ms, size_bytes=size_bytes, data=data, options=options,
                               preprocessing=preprocessing, model_options=model_options(input_shape, weights, trust_model),
-                              measure={"repeat": repeat, "warmup": warmup, "min_repeat_ms": min_repeat_ms},
+                              measure={"repeat": repeat, "warmup": warmup, "min_repeat_ms": min_repeat_ms,
+                                       "batch_size": batch_size},
                               use_cache=not no_cache, force=force)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **OTHER_FLAGS}) from None

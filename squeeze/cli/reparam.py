@@ -9,7 +9,7 @@ import pydantic
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MacsOpt, MinRepeatMsOpt,
+from squeeze.cli.common import (BatchSizeOpt, Force, InputShape, JsonReportOpt, LatencyMsOpt, LatencyOpt, MacsOpt, MinRepeatMsOpt,
                                 NoCache, NormalizeOpt, RepeatOpt, ResizeOpt, SizeBytesOpt, TargetOpt, TrustModel,
                                 WarmupOpt, Weights, check_json_out, handles_errors, model_options, parse_ratio,
                                 show_report)
@@ -17,7 +17,8 @@ from squeeze.cli.method_flags import OPTION_HELP, MethodFlags
 from squeeze.cli.prune import BUDGET_FLAGS
 
 METHODS = MethodFlags("reparam", "re-parameterization", "reparam")
-OTHER_FLAGS = {**BUDGET_FLAGS, "repeat": "--repeat", "warmup": "--warmup", "min_repeat_ms": "--min-repeat-ms"}
+OTHER_FLAGS = {**BUDGET_FLAGS, "repeat": "--repeat", "warmup": "--warmup", "min_repeat_ms": "--min-repeat-ms",
+               "batch_size": "--batch-size"}
 
 
 @handles_errors
@@ -45,6 +46,7 @@ def reparam(
     repeat: Optional[int] = RepeatOpt,
     warmup: Optional[int] = WarmupOpt,
     min_repeat_ms: Optional[float] = MinRepeatMsOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -69,7 +71,8 @@ def reparam(
                              latency_ms=latency_ms, macs=parse_ratio(macs, "--macs"), size_bytes=size_bytes,
                              data=data, options=options, preprocessing=preprocessing,
                              model_options=model_options(input_shape, weights, trust_model),
-                             measure={"repeat": repeat, "warmup": warmup, "min_repeat_ms": min_repeat_ms},
+                             measure={"repeat": repeat, "warmup": warmup, "min_repeat_ms": min_repeat_ms,
+                                       "batch_size": batch_size},
                              use_cache=not no_cache, force=force)
     except pydantic.ValidationError as exc:
         raise METHODS.invalid(exc, method_pass, {**given, **OTHER_FLAGS}) from None

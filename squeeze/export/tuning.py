@@ -28,6 +28,8 @@ from squeeze.target import Target, parse_host_port
 
 __all__ = ["TuningError", "TuningReport", "TuningDatabase", "extract_tasks", "ensure_tuned", "known_tuning"]
 
+_log = logging.getLogger("squeeze.tuning")
+
 # Per candidate, generous: a builder process's first build includes importing TVM (20 s and more on 2 loaded
 # cores; MetaSchedule's default of 30 s made every candidate fail there).
 BUILD_TIMEOUT_S = 180.0
@@ -92,10 +94,16 @@ class TuningDatabase:
     def trials_done(self, mod) -> int:
         return self.trials().get(self.workload_key(mod), {}).get("trials", 0)
 
-    def record(self, mod, task_name: str, trials: int) -> None:
+    def record(self, mod, task_name: str, trials: int, seconds_per_trial: float) -> None:
         done = self.trials()
-        done[self.workload_key(mod)] = {"task": task_name, "trials": trials}
+        done[self.workload_key(mod)] = {"task": task_name, "trials": trials,
+                                        "seconds_per_trial": round(seconds_per_trial, 3)}
         atomic_write_bytes(self._trials_path, json.dumps(done, indent=1, sort_keys=True).encode())
+
+    def seconds_per_trial(self) -> float | None:
+        """The median time one trial took in the tunings recorded here (this target, this machine's cache)."""
+        times = sorted(r["seconds_per_trial"] for r in self.trials().values() if "seconds_per_trial" in r)
+        return times[len(times) // 2] if times else None
 
     def reload(self) -> None:
         """Re-read the records (another process may have tuned while this one waited for the lock)."""
@@ -250,6 +258,17 @@ def _tune_one(task, db: TuningDatabase, trials: int, builder, runner, log, advan
     return bool(db.db.get_top_k(workload, 1))
 
 
+def _tuning_estimate(layers: int, trials: int, total: int, seconds_per_trial: float | None, target: Target) -> str:
+    """What the user is told before tuning starts: how much, and how long by this machine's earlier tunings."""
+    what = f"tuning {layers} layers x {trials} trials on {target.name} ({total} trials to run)"
+    if seconds_per_trial is None:
+        return (f"{what}; no tuning has been timed on this machine yet, so no estimate: the bar's time left appears "
+                "after the first trials. Tuned layers are kept, so this is paid once per layer shape.")
+    minutes = total * seconds_per_trial / 60
+    return (f"{what}, {'under a minute' if minutes < 1 else f'~{minutes:.0f} min'} on this machine "
+            f"(by its earlier tunings, {seconds_per_trial:.1f} s per trial)")
+
+
 def _tune_pending(pending: list, db: TuningDatabase, target: Target, of_tasks: int) -> tuple[list[str], list[str]]:
     """Tune each pending task by the trials it lacks, reported as one progress task in trials (the label names
     the layer being tuned); returns (tuned, failed) names."""
@@ -258,12 +277,14 @@ def _tune_pending(pending: list, db: TuningDatabase, target: Target, of_tasks: i
     builder, runner = _builder_and_runner(target)
     log = _logger(db)
     tuned, failed = [], []
+    _log.info(_tuning_estimate(len(pending), trials, sum(missing), db.seconds_per_trial(), target))
     with progress.task(f"tuning {len(pending)} of {of_tasks} layers of {target.name}", total=sum(missing),
                        unit="trials") as step:
         for i, (task, extra) in enumerate(zip(pending, missing), 1):
             step.describe(f"tuning layer {i}/{len(pending)} ({task.task_name})")
+            t0 = time.perf_counter()
             if _tune_one(task, db, extra, builder, runner, log, step.advance):
-                db.record(task.dispatched[0], task.task_name, trials)
+                db.record(task.dispatched[0], task.task_name, trials, (time.perf_counter() - t0) / extra)
                 tuned.append(task.task_name)
             else:
                 failed.append(task.task_name)

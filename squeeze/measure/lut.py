@@ -214,11 +214,15 @@ def layer_configs(module: nn.Module, example_input: torch.Tensor) -> dict[str, L
 
 
 class LatencyTable:
-    """Layer latencies for one target + protocol, stored in the measurement SQLite file; measured on demand."""
+    """Layer latencies for one target + protocol, stored in the measurement SQLite file; measured on demand.
 
-    def __init__(self, target: Target, protocol: Protocol | None = None) -> None:
+    Without a protocol, the table's own sampling at `batch_size`: a search's table must time layers at the batch
+    its whole-model measurements use (the run protocol's), or the two disagree by the batch's factor."""
+
+    def __init__(self, target: Target, protocol: Protocol | None = None, *, batch_size: int = 1) -> None:
         self.target = target
-        self.protocol = protocol or Protocol.for_target(target, repeat=10, warmup=3, min_repeat_ms=5)
+        self.protocol = protocol or Protocol.for_target(target, repeat=10, warmup=3, min_repeat_ms=5,
+                                                        batch_size=batch_size)
         runtime = get_runtime(target)
         scope = json.dumps([target.model_dump(mode="json"), runtime.version(), self.protocol.model_dump()])
         self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
@@ -258,34 +262,37 @@ class LatencyTable:
             db.executemany("INSERT OR REPLACE INTO lut VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(self.scope, e.key, e.count, e.mean_ms, e.var_ms, e.median_ms, time.time()) for e in entries])
 
-    def measure(self, configs: list[LayerConfig], progress=None) -> list[LutEntry]:
+    def measure(self, configs: list[LayerConfig]) -> list[LutEntry]:
         """Measure layers in batches, each interleaved with the anchor layer, and store them.
 
         An entry is its median ratio to the anchor (paired samples of one run) times the anchor's stored
         latency, so entries measured at different moments, under different load, stay comparable.
         """
+        from squeeze import progress
+
         anchor_ms = self._anchor_ms()
         entries = []
-        for start in range(0, len(configs), _BATCH):
-            batch = configs[start:start + _BATCH]
-            anchor, *measured = self._run([ANCHOR, *batch])
-            for cfg, m in zip(batch, measured):
-                scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
-                s = m.stats
-                entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
-                                        s.median_ms * scale))
-            if progress:
-                progress(len(batch))
+        with progress.task(f"lookup table: measuring {len(configs)} layers on {self.target.name}",
+                           total=len(configs), unit="layers") as step:
+            for start in range(0, len(configs), _BATCH):
+                batch = configs[start:start + _BATCH]
+                anchor, *measured = self._run([ANCHOR, *batch])
+                for cfg, m in zip(batch, measured):
+                    scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
+                    s = m.stats
+                    entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
+                                            s.median_ms * scale))
+                step.advance(len(batch))
         self._store(entries)
         return entries
 
-    def entries(self, configs: list[LayerConfig], progress=None) -> dict[str, LutEntry]:
+    def entries(self, configs: list[LayerConfig]) -> dict[str, LutEntry]:
         """Entries for all configs, measuring only the ones not stored yet."""
         unique = {c.key: c for c in configs}
         have = self.stored(list(unique))
         missing = [c for k, c in unique.items() if k not in have]
         if missing:
-            have.update({e.key: e for e in self.measure(missing, progress)})
+            have.update({e.key: e for e in self.measure(missing)})
         return have
 
     def layers_ms(self, module: nn.Module, example_input: torch.Tensor) -> dict[str, float]:

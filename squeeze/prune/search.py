@@ -159,7 +159,7 @@ def _resource(ctx: PassContext, original, opts) -> tuple[Resource, Any, str]:
         source = "measured" if measured.reference_ms < TABLE_MIN_MS else "table+recalibrate"
     if source == "measured":
         return Resource(name, measured, measured), None, source
-    table_oracle = TableOracle(LatencyTable(ctx.target), original, measured)
+    table_oracle = TableOracle(LatencyTable(ctx.target, batch_size=ctx.protocol.batch_size), original, measured)
     return Resource(name, table_oracle, measured), table_oracle.recalibrate, source
 
 

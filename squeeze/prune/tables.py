@@ -103,13 +103,12 @@ def search_space_configs(model: LoadedModel, round_to: int = 8, single_layer: bo
     return list(configs.values())
 
 
-def build_table(model: LoadedModel, table: LatencyTable, round_to: int = 8, single_layer: bool = False,
-                progress: Callable[[int], None] | None = None) -> BuildResult:
+def build_table(model: LoadedModel, table: LatencyTable, round_to: int = 8, single_layer: bool = False) -> BuildResult:
     configs = search_space_configs(model, round_to, single_layer)
     have = table.stored([c.key for c in configs])
     missing = [c for c in configs if c.key not in have]
     if missing:
-        table.measure(missing, progress)
+        table.measure(missing)
     return BuildResult(len(configs), len(missing), len(configs) - len(missing))
 
 

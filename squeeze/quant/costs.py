@@ -161,8 +161,8 @@ def _timing_calibration(layer: LayerConfig):
 class CostTable(LatencyTable):
     """LatencyTable whose entries can also be layers in int8 / fp16 / int4w (PrecisionConfig)."""
 
-    def __init__(self, target: Target, protocol=None) -> None:
-        super().__init__(target, protocol)
+    def __init__(self, target: Target, protocol=None, *, batch_size: int = 1) -> None:
+        super().__init__(target, protocol, batch_size=batch_size)
         self.precisions, self.unsupported = runtime_precisions(target)
 
     def _artifact(self, cfg: LayerConfig | PrecisionConfig):
@@ -193,13 +193,13 @@ class CostTable(LatencyTable):
         """The measured precisions of a layer on this target (int4w only for Linear)."""
         return [p for p in self.precisions if p != "int4w" or layer.op == "linear"]
 
-    def rows(self, layers: dict[str, LayerConfig], modelled: bool = False, progress=None) -> list[CostRow]:
+    def rows(self, layers: dict[str, LayerConfig], modelled: bool = False) -> list[CostRow]:
         """Every layer in every measured precision (measuring what is not stored yet); with `modelled`,
         also the 2..7-bit convolution rows derived from the int8 ones."""
         configs = {name: [PrecisionConfig(layer, p) for p in self.measured_precisions(layer)]
                    for name, layer in layers.items()}
         flat = [c.layer if c.precision == "fp32" else c for cs in configs.values() for c in cs]
-        entries = self.entries(flat, progress)
+        entries = self.entries(flat)
         out = []
         for name, cs in configs.items():
             layer = layers[name]

@@ -178,7 +178,7 @@ def _cost(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def measure_layers(module: nn.Module, x: torch.Tensor, found: Candidates, spec: GhostSpec | LegoSpec,
-                   target: Target) -> list[LayerChoice]:
+                   target: Target, batch_size: int = 1) -> list[LayerChoice]:
     """Each candidate conv and its replacement timed standalone on `target` (lookup-table entries), with MACs
     and bytes (a replacement that absorbs a BatchNorm against the conv with it folded, as the runtime runs it)."""
     from squeeze.measure.lut import LatencyTable, layer_configs
@@ -187,7 +187,7 @@ def measure_layers(module: nn.Module, x: torch.Tensor, found: Candidates, spec: 
     inputs, _ = _trace(module, x)
     originals = {n: configs[n] for n in found.names}
     replaced = {n: c.__class__(**{**asdict(c), "reparam": spec.key}) for n, c in originals.items()}
-    entries = LatencyTable(target).entries([*originals.values(), *replaced.values()])
+    entries = LatencyTable(target, batch_size=batch_size).entries([*originals.values(), *replaced.values()])
     rows = []
     for n in found.names:
         shape = tuple(inputs[n].shape)
@@ -293,7 +293,7 @@ def run_reparam(state: ModelState, ctx: PassContext, opts, spec: GhostSpec | Leg
     budget = _budget(ctx, original)
     with progress.task(f"timing {len(found.names)} layers and their {spec.type} replacements, standalone and in "
                        "the model", total=None, unit="step"):
-        rows = measure_layers(original.module, x, found, spec, ctx.target)
+        rows = measure_layers(original.module, x, found, spec, ctx.target, ctx.protocol.batch_size)
         if opts.in_model:
             in_model = measure_in_model(original, found, spec, ctx.target, ctx.protocol)
             for r in rows:

@@ -69,14 +69,14 @@ def fine_tune(
     *,
     teacher: nn.Module | None = None,
     val_ds: Dataset | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> FineTuneResult:
     """Train `model` in place on `train_ds` for the budget in `config`; leaves it in eval mode.
 
     With a `teacher`, the loss mixes cross-entropy with distillation from the teacher's logits (the
     teacher runs in eval mode without gradients, and gets its mode back afterwards). With `val_ds`, the
     result carries the final validation accuracy. Progress is reported through `squeeze.progress` unless
-    `progress=False`.
+    `progress=False` (a string labels the bar).
     """
     if len(train_ds) == 0:
         raise DataError("The fine-tune data set is empty.", "Check the --data train split.")
@@ -182,11 +182,12 @@ def _step_loss(
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, teacher: nn.Module | None) -> Iterator[Callable[[float, float], None]]:
+def _progress_bar(enabled: bool | str, total: int, teacher: nn.Module | None) -> Iterator[Callable[[float, float], None]]:
     """Yields `advance(loss, lr)`: one iteration of a `squeeze.progress` task showing the loss and lr, or a no-op
     when disabled (a fine-tune run inside a larger step, which reports its own progress)."""
     if not enabled:
         yield lambda loss, lr: None
         return
-    with progress_task("distill" if teacher is not None else "fine-tune", total=total) as step:
+    label = enabled if isinstance(enabled, str) else "distill" if teacher is not None else "fine-tune"
+    with progress_task(label, total=total, unit="steps") as step:
         yield lambda loss, lr: step.advance(1, loss=f"{loss:.4f}", lr=f"{lr:.2e}")

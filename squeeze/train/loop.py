@@ -21,13 +21,14 @@ def train_classifier(
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    progress: bool | str = False,
 ) -> FineTuneResult:
     """Train in place with AdamW, a cosine decay over all steps and cross-entropy; leaves eval mode.
 
     Deterministic for a given seed on a given machine, and leaves the caller's RNG state untouched
-    (see `fine_tune`). No progress bar: this runs inside other commands (the zoo trains on first use).
+    (see `fine_tune`). `progress` as fine_tune's (a string labels the bar).
     """
     config = FineTuneConfig(
         optimizer="adamw", lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, seed=seed
     )
-    return fine_tune(model, dataset, config, progress=False)
+    return fine_tune(model, dataset, config, progress=progress)

@@ -390,7 +390,8 @@ def mdp(original: LoadedModel, budget: ResolvedBudget, resource: Resource, opts:
         from squeeze.measure.lut import LatencyTable
 
         # The expected latency is always a table sum; whole candidates are priced as the harness decided.
-        table = getattr(resource.oracle, "table", None) or LatencyTable(resource.oracle.target)
+        oracle = resource.oracle
+        table = getattr(oracle, "table", None) or LatencyTable(oracle.target, batch_size=oracle.protocol.batch_size)
 
     def prices_for(module, shapes, candidates):
         return branch_prices(module, shapes, candidates, budget.resource, table, opts.upsample)

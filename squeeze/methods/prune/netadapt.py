@@ -31,6 +31,7 @@ from pydantic import Field
 
 from squeeze.methods.base import register_pass
 from squeeze.methods.prune import PruneOptions, PruneSearch
+from squeeze.progress import task as progress_task
 from squeeze.train.config import FineTuneConfig, ProxyConfig
 
 if TYPE_CHECKING:
@@ -215,38 +216,50 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
         current, i, seconds = _resumed(original, saved, result)
         t_start -= seconds
         log(f"resumed after iteration {i - 1}: {budget.resource} {current.resource:.4g}")
-    while current.resource > budget.target:
-        if i == opts.max_iterations:
-            raise BudgetError(f"NetAdapt stopped after {opts.max_iterations} iterations at {current.resource:.4g} "
-                              f"{budget.resource} (budget {budget.target:.4g}).",
-                              "Raise max_iterations or initial_reduction.")
-        t0 = time.perf_counter()
-        table = prunable_layers(current.model.module, x)
-        layers = shrinkable(table, opts.round_to)
-        if not layers:  # every group at its minimum width: the floor itself decides
-            current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
-            break
-        step = opts.initial_reduction * budget.original * opts.decay ** i
-        proposals = _Proposals(current, original_widths, resource, opts, data, evaluator)
-        target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
-        best, records = proposals.choose(widths_found)
-        measured = None
-        due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
-        if budget.resource == "latency_ms" and (due or best.resource <= budget.target):
-            # The reading that picked the winner is biased low (the minimum of noisy readings): measure again
-            # before believing the budget is met.
-            resource.set_resolution(step, budget.target)
-            measured = confirm(best.model)
-            best.resource = measured
-        widths = table.widths()
-        result.history.append(_record(i, target, best, records, measured, widths, t0))
-        log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
-            f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
-        current, i = best, i + 1
-        if progress is not None:
-            progress.save({"iteration": i, "resource": current.resource, "accuracy": current.accuracy,
-                           "plan": current.plan.to_json(), "history": [asdict(h) for h in result.history],
-                           "search_seconds": time.perf_counter() - t_start}, current.model.module.state_dict())
+    # The bar counts the share of the reduction done: iterations are as many as the steps the budget takes.
+    span = max(budget.original - budget.target, 1e-12)
+
+    def _reduced(c) -> float:
+        return min(100.0, 100.0 * (budget.original - c.resource) / span)
+
+    with progress_task(f"NetAdapt to {budget.target:.4g} {budget.resource}", total=100, unit="% of the way") as bar:
+        bar_at = _reduced(current)
+        bar.advance(bar_at)
+        while current.resource > budget.target:
+            if i == opts.max_iterations:
+                raise BudgetError(f"NetAdapt stopped after {opts.max_iterations} iterations at {current.resource:.4g} "
+                                  f"{budget.resource} (budget {budget.target:.4g}).",
+                                  "Raise max_iterations or initial_reduction.")
+            t0 = time.perf_counter()
+            table = prunable_layers(current.model.module, x)
+            layers = shrinkable(table, opts.round_to)
+            if not layers:  # every group at its minimum width: the floor itself decides
+                current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
+                break
+            step = opts.initial_reduction * budget.original * opts.decay ** i
+            proposals = _Proposals(current, original_widths, resource, opts, data, evaluator)
+            target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
+            best, records = proposals.choose(widths_found)
+            measured = None
+            due = opts.latency_source == "table+recalibrate" and (i + 1) % opts.recalibrate_every == 0
+            if budget.resource == "latency_ms" and (due or best.resource <= budget.target):
+                # The reading that picked the winner is biased low (the minimum of noisy readings): measure again
+                # before believing the budget is met.
+                resource.set_resolution(step, budget.target)
+                measured = confirm(best.model)
+                best.resource = measured
+            widths = table.widths()
+            result.history.append(_record(i, target, best, records, measured, widths, t0))
+            log(f"iteration {i}: {best.layer} {widths[best.layer]} -> {best.width}, {budget.resource} "
+                f"{best.resource:.4g} (target {target:.4g})" + (f", val top-1 {best.accuracy:.4f}" if data else ""))
+            current, i = best, i + 1
+            bar.advance(_reduced(current) - bar_at, iteration=i, best=f"{best.layer} -> {best.width}",
+                        **{budget.resource: f"{best.resource:.4g}"}, **({"val": f"{best.accuracy:.4f}"} if data else {}))
+            bar_at = _reduced(current)
+            if progress is not None:
+                progress.save({"iteration": i, "resource": current.resource, "accuracy": current.accuracy,
+                               "plan": current.plan.to_json(), "history": [asdict(h) for h in result.history],
+                               "search_seconds": time.perf_counter() - t_start}, current.model.module.state_dict())
     result.model = current.model
     result.search_seconds = time.perf_counter() - t_start
     return result

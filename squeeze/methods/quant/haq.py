@@ -271,7 +271,7 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
     setup = HAQSetup(original, data, target, protocol, opts, resource=_check_inputs(original, data, budget))
     setup.fp32_size_bytes = float(summarize(original).size_bytes)
     setup.calibration = calibration_data(data, opts.samples, seed=opts.seed)
-    table = CostTable(target)
+    table = CostTable(target, batch_size=protocol.batch_size)
     setup.unsupported = table.unsupported
     setup.layers, setup.rows = _layers(setup, table, setup.resource)
     setup.ranges = input_ranges(original.module, [layer.name for layer in setup.layers],

@@ -32,14 +32,18 @@ class _TrainRecipe:
     seed: int
 
 
-# ~99.5 % test top-1 (>= 97 % across seeds) in about 3 s on 2 CPU cores.
 _RECIPES = {
+    # ~99.5 % test top-1 (>= 97 % across seeds).
     "digits-cnn": _TrainRecipe(epochs=10, lr=3e-3, batch_size=64, weight_decay=1e-4, seed=0),
-    # 91.8 % test top-1 (92.2 % val) after 3 epochs; 13 min on 2 CPU cores shared with other jobs (load 4-5).
+    # 91.8 % test top-1 (92.2 % val) after 3 epochs.
     "fashion-cnn": _TrainRecipe(epochs=3, lr=3e-3, batch_size=128, weight_decay=1e-4, seed=0),
-    # 100 % val/test top-1 after 1 epoch of the 12k fashion-motion clips; 4.5 min on 2 shared CPU cores (load 4).
+    # 100 % val/test top-1 after 1 epoch of the 12k fashion-motion clips.
     "r3d-small": _TrainRecipe(epochs=1, lr=3e-3, batch_size=64, weight_decay=1e-4, seed=0),
 }
+# How long the first use trains, as measured (told to the user before it starts). fashion-cnn: 1 min 54 s from
+# an empty cache on 2 idle AVX2 cores, 13 min on 2 cores shared with other jobs (load 4-5).
+_TAKES = {"digits-cnn": "about 3 s on 2 CPU cores", "fashion-cnn": "about 2 min on 2 idle CPU cores",
+          "r3d-small": "about 4.5 min on 2 CPU cores under load 4"}
 # The `--data` spec each trained entry learns from (its train split, at the entry's input shape).
 _TRAIN_DATA = {"digits-cnn": "digits", "fashion-cnn": "fashion-mnist", "r3d-small": "fashion-motion"}
 
@@ -63,8 +67,11 @@ def trained_model(entry: ZooEntry, kwargs: dict) -> nn.Module:
 
     from squeeze.data import load_data  # the data set's own needs (scikit-learn, a package) only on first use
 
-    train_classifier(model, load_data(_TRAIN_DATA[entry.name], input_shape=entry.input_shape).train,
-                     **asdict(recipe))
+    data = _TRAIN_DATA[entry.name]
+    logging.getLogger("squeeze.zoo").info(f"zoo:{entry.name} is trained on {data} on first use "
+                                          f"({_TAKES[entry.name]}); its weights are cached in {path}")
+    train_classifier(model, load_data(data, input_shape=entry.input_shape).train,
+                     progress=f"training zoo:{entry.name} ({recipe.epochs} epochs)", **asdict(recipe))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write_bytes(path, buffer.getvalue())
