@@ -163,7 +163,9 @@ def _check_tvm(target: Target, steps: _Steps) -> None:
     # A board is connected before compiling: reaching it needs no compiler, and an unreachable board is the
     # first thing to know (a missing cross-compiler must not hide it).
     if mode == "rpc":
-        steps.run("connect", lambda: _device_step(target, box))
+        # The boards behind a tracker's key, seen while this check holds one of them.
+        if steps.run("connect", lambda: _device_step(target, box)) and target.tvm.rpc.tracker:
+            steps.run("boards", lambda: mt.fleet(target.tvm.rpc).describe())
     steps.run("compile", compile_)
     if target.tvm.cross_compiler:
         def elf() -> str:

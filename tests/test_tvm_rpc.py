@@ -121,6 +121,9 @@ def test_check_through_the_tracker(cli, tracker, tmp_path):
     assert r.exit_code == 0, r.stdout + r.stderr
     steps = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
     assert steps["connect"]["status"] == "pass" and f"key {KEY}" in steps["connect"]["detail"]
+    # The one board behind the key, busy with the check's own session.
+    assert steps["boards"]["detail"].startswith(f"1 board(s) under key `{KEY}` (127.0.0.1:")
+    assert "0 free, 1 busy" in steps["boards"]["detail"]
     assert float(steps["numerics vs ORT"]["detail"].split()[3]) < 1e-4
     assert f"via RPC (tracker {tracker}, key {KEY})" in steps["latency"]["detail"]
     assert "labelled: untuned" in steps["latency"]["detail"]
@@ -190,3 +193,95 @@ def test_tuning_times_candidates_on_the_board(direct_server, tmp_path, monkeypat
     assert lib.tuning["tuned_now"] == ["fused_conv2d_add_relu"]
     records = TuningDatabase(resolve_target(t)).db.get_all_tuning_records()
     assert records and all(r.run_secs and float(r.run_secs[0]) > 0 for r in records)
+
+
+# --- a fleet: several boards behind one key ------------------------------------------------------------------
+
+
+def test_batches_go_to_the_boards_left_when_one_drops():
+    """The scheduling alone: a board that drops mid-batch has its batch queued again; other errors stop."""
+    import threading
+
+    from squeeze.measure.fleet import run_batches
+
+    dropped, lock, done = [], threading.Lock(), []
+
+    def run(batch):
+        with lock:
+            first = batch == "b" and not dropped
+            dropped.append(batch) if first else None
+        if first:
+            raise mt.DeviceDropped("The device at 127.0.0.1:9 dropped mid-run.", "Check the board.")
+        return batch.upper()
+
+    assert run_batches(["a", "b", "c"], run, 2, done.append) == ["A", "B", "C"]
+    assert dropped == ["b"] and sorted(done) == ["a", "b", "c"]
+    with pytest.raises(mt.DeviceDropped, match="failed 3 times, on whichever boards were left"):
+        run_batches(["a"], lambda b: (_ for _ in ()).throw(mt.DeviceDropped("Gone.", "")), 2, done.append)
+    with pytest.raises(ValueError):  # not a board's failure: no second try
+        run_batches(["a", "b"], lambda b: (_ for _ in ()).throw(ValueError(b)), 2, done.append)
+
+
+@pytest.fixture
+def two_boards():
+    """A tracker with two rpc_servers under one key (this CPU's code), each in a process of its own."""
+    from tvm import rpc
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    port = free_port()
+    trk = Tracker(host="127.0.0.1", port=port, port_end=port + 1, silent=True)
+    servers = []
+    for _ in range(2):
+        p = free_port()
+        servers.append(Server(host="127.0.0.1", port=p, port_end=p + 1, tracker_addr=("127.0.0.1", trk.port),
+                              key="fleet", silent=True))
+    import time
+
+    for _ in range(150):
+        if rpc.connect_tracker("127.0.0.1", trk.port).summary()["queue_info"].get("fleet", {}).get("free") == 2:
+            break
+        time.sleep(0.2)
+    yield f"127.0.0.1:{trk.port}", servers
+    for srv in servers:
+        srv.terminate()
+    trk.terminate()
+
+
+def test_a_lookup_table_build_uses_both_boards_and_survives_one_dying(two_boards, tmp_path, monkeypatch):
+    import threading
+
+    from squeeze.measure import fleet as fleet_mod
+    from squeeze.measure.lut import LatencyTable, LayerConfig
+
+    tracker, servers = two_boards
+    t = board_target(tmp_path, f"tracker: '{tracker}', key: fleet")
+    found = mt.fleet(t.tvm.rpc)
+    assert len(found.boards) == 2 and found.free == 2 and "2 board(s) under key `fleet`" in found.describe()
+    assert mt.TvmRuntime().devices(t) == 2
+    monkeypatch.setattr("squeeze.measure.lut._BATCH", 2)  # three batches of two layers
+    cfgs = [LayerConfig("conv2d", 8, c, 8, 8, (3, 3), (1, 1), (1, 1), 1) for c in (8, 16, 24, 32, 40, 48)]
+    at_once, running, lock = [], [0], threading.Lock()
+    real = fleet_mod.run_batches
+
+    def watched(batches, run, slots, done, attempts=3):
+        def counted(batch):
+            with lock:
+                running[0] += 1
+                at_once.append(running[0])
+            try:
+                if len(at_once) == 2:  # both boards are busy: one of them dies under its batch
+                    servers[1].terminate()
+                return run(batch)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return real(batches, counted, slots, done, attempts)
+
+    monkeypatch.setattr(fleet_mod, "run_batches", watched)
+    table = LatencyTable(t, Protocol.for_target(t, repeat=3, warmup=1, min_repeat_ms=1))
+    entries = table.entries(cfgs)
+    assert set(entries) == {c.key for c in cfgs} and all(e.median_ms > 0 for e in entries.values())
+    assert max(at_once) == 2  # two batches ran at the same time, one per board
+    assert len(mt.fleet(t.tvm.rpc).boards) == 1  # the dead board left the tracker; its batch ran on the other

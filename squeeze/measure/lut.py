@@ -250,12 +250,12 @@ class LatencyTable:
                               m.stats.median_ms)])
         return m.stats.median_ms
 
+    def _artifact(self, cfg: LayerConfig):
+        module, shape = cfg.build()
+        return export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript")
+
     def _run(self, configs: list[LayerConfig]):
-        artifacts = []
-        for cfg in configs:
-            module, shape = cfg.build()
-            artifacts.append(export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript"))
-        return interleaved(artifacts, self.target, self.protocol)
+        return interleaved([self._artifact(c) for c in configs], self.target, self.protocol)
 
     def _store(self, entries: list[LutEntry]) -> None:
         with self._connect() as db:
@@ -269,20 +269,24 @@ class LatencyTable:
         latency, so entries measured at different moments, under different load, stay comparable.
         """
         from squeeze import progress
+        from squeeze.measure.fleet import run_batches
 
         anchor_ms = self._anchor_ms()
         entries = []
-        with progress.task(f"lookup table: measuring {len(configs)} layers on {self.target.name}",
-                           total=len(configs), unit="layers") as step:
-            for start in range(0, len(configs), _BATCH):
-                batch = configs[start:start + _BATCH]
-                anchor, *measured = self._run([ANCHOR, *batch])
+        batches = [configs[start:start + _BATCH] for start in range(0, len(configs), _BATCH)]
+        devices = get_runtime(self.target).devices(self.target)
+        # Exported here, in turn: the exporter's tracing is not thread-safe, and only the runs spread over boards.
+        artifacts = {id(b): [self._artifact(c) for c in [ANCHOR, *b]] for b in batches}
+        with progress.task(f"lookup table: measuring {len(configs)} layers on {self.target.name}"
+                           + (f" ({devices} boards)" if devices > 1 else ""), total=len(configs), unit="layers") as step:
+            runs = run_batches(batches, lambda b: interleaved(artifacts[id(b)], self.target, self.protocol), devices,
+                               lambda b: step.advance(len(b)))
+            for batch, (anchor, *measured) in zip(batches, runs):
                 for cfg, m in zip(batch, measured):
                     scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
                     s = m.stats
                     entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
                                             s.median_ms * scale))
-                step.advance(len(batch))
         self._store(entries)
         return entries
 

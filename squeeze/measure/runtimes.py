@@ -50,6 +50,11 @@ class Runtime(ABC):
         """Facts every measurement on `target` must carry in its environment (e.g. untuned, emulated)."""
         return {}
 
+    def devices(self, target: Target) -> int:
+        """How many devices can each time a run at once (boards behind one tracker key); a host is one: two
+        runs on it at once would time each other."""
+        return 1
+
     @abstractmethod
     def open(self, artifact: OnnxArtifact, target: Target, protocol: Protocol) -> Session: ...
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -147,23 +148,56 @@ def _connect_direct(rpc: RpcOptions):
                          "tracker only accepts sessions the tracker hands out: use --tracker and --key).") from None
 
 
-def _connect_tracker(rpc: RpcOptions):
+@dataclass(frozen=True)
+class Fleet:
+    """The boards a tracker knows under one key: each registered server's address, and the queue's state."""
+
+    key: str
+    boards: list[str]  # HOST:PORT each rpc_server registered from
+    free: int  # boards idle now (the tracker does not say which)
+    waiting: int  # session requests queued for a board
+
+    def describe(self) -> str:
+        listed = ", ".join(self.boards) or "none"
+        return (f"{len(self.boards)} board(s) under key `{self.key}` ({listed}): {self.free} free, "
+                f"{len(self.boards) - self.free} busy, {self.waiting} request(s) waiting")
+
+
+def _tracker(rpc: RpcOptions):
+    """The tracker's client and its summary, with the tracker errors of `connect`."""
     from tvm import rpc as tvm_rpc
 
     host, port = parse_host_port(rpc.tracker, "tracker")
     _probe(host, port, rpc.connect_timeout_s, "rpc_tracker")
-    where = f"tracker at {host}:{port}"
     try:
         tracker = _within(rpc.connect_timeout_s, lambda: tvm_rpc.connect_tracker(host, port), BoardTimeout(
             f"{host}:{port} accepted the connection but did not answer as a TVM rpc_tracker within "
             f"{rpc.connect_timeout_s:g} s.", "Check the port: is it the tracker's (default 9190)?"))
         summary = _within(rpc.connect_timeout_s, tracker.summary, BoardTimeout(
-            f"The {where} did not send its device list within {rpc.connect_timeout_s:g} s.", "Check the tracker."))
+            f"The tracker at {host}:{port} did not send its device list within {rpc.connect_timeout_s:g} s.",
+            "Check the tracker."))
     except BoardError:
         raise
     except Exception as exc:  # TVM's tracker client raises RuntimeError/OSError on a wrong peer
         raise BoardError(f"{host}:{port} is not a TVM rpc_tracker ({first_line(exc)}).",
                          "Check the port: is it the tracker's (default 9190)?") from None
+    return tracker, summary
+
+
+def fleet(rpc: RpcOptions) -> Fleet:
+    """The boards behind `rpc.key` on `rpc.tracker`."""
+    import_tvm()
+    _, summary = _tracker(rpc)
+    servers = [s for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1] == rpc.key]
+    queue = summary.get("queue_info", {}).get(rpc.key, {})
+    return Fleet(rpc.key, sorted(":".join(map(str, s.get("addr", ["?"]))) for s in servers), queue.get("free", 0),
+                 queue.get("pending", 0))
+
+
+def _connect_tracker(rpc: RpcOptions):
+    host, port = parse_host_port(rpc.tracker, "tracker")
+    where = f"tracker at {host}:{port}"
+    tracker, summary = _tracker(rpc)
     queues = summary.get("queue_info", {})
     registered = sum(1 for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1] == rpc.key)
     if not registered:
@@ -293,6 +327,13 @@ class TvmRuntime(Runtime):
 
     def labels(self, target: Target) -> dict:
         return labels_for(target)
+
+    def devices(self, target: Target) -> int:
+        rpc = target.tvm.rpc if target.tvm else None
+        if runner_mode(target) != "rpc" or rpc is None or not rpc.tracker:
+            return 1
+        # Boards behind one key share the machine only when emulated on it, and those never time latency.
+        return max(1, len(fleet(rpc).boards))
 
     def _device(self, target: Target, protocol: Protocol):
         tvm = import_tvm()

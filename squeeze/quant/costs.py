@@ -32,7 +32,6 @@ import numpy as np
 
 from squeeze.errors import TargetError
 from squeeze.measure.lut import LatencyTable, LayerConfig
-from squeeze.measure.oracle import interleaved
 from squeeze.target import Target
 
 __all__ = ["Precision", "PRECISIONS", "modelled_precision", "precision", "PrecisionConfig", "CostRow", "CostTable",
@@ -185,9 +184,6 @@ class CostTable(LatencyTable):
         from squeeze.quant.mixed import int4_weights
 
         return int4_weights(fp32, ["0"])  # the standalone layer is module `0` of its Sequential
-
-    def _run(self, configs):
-        return interleaved([self._artifact(c) for c in configs], self.target, self.protocol)
 
     def measured_precisions(self, layer: LayerConfig) -> list[str]:
         """The measured precisions of a layer on this target (int4w only for Linear)."""
