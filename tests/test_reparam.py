@@ -255,6 +255,7 @@ def test_squeeze_reparam_writes_a_replayable_checkpoint_and_reports_every_layer(
     assert "lego per layer" in stdout
     html = (out / "report.html").read_text()
     assert "reparam.lego: replaced or kept, per layer" in html and all(n in html for n in ("conv2.0", "conv5.0"))
+    assert {"figure-layers.png", "figure-layer-latency.png"} <= {p.name for p in out.iterdir()}
     # Reloaded without pickle (weights_only), the checkpoint computes what the shipped ONNX file computes.
     reloaded = load_model(str(out / "model.pt"))
     assert sum(isinstance(m, LegoConv2d) for m in reloaded.module.modules()) == 4

@@ -171,6 +171,11 @@ def tradeoff(report: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+def _reparam(report: dict[str, Any]) -> dict[str, Any] | None:
+    """A reparam stage's record: one row per candidate conv, with its standalone costs and whether it was replaced."""
+    return _first(report, lambda r: isinstance(r.get("layers"), list) and bool(r["layers"]) and "spec" in r)
+
+
 def _per_layer(report: dict[str, Any]) -> tuple[str, str, list[str], list[tuple[str, list[float]]]] | None:
     """(title, y label, layer names, [(series label, one value per layer)]): widths or bits before and after."""
     rec = _first(report, lambda r: "widths" in r and "search" in r)
@@ -184,6 +189,12 @@ def _per_layer(report: dict[str, Any]) -> tuple[str, str, list[str], list[tuple[
         return ("bits per layer (fp32 before)", "bits", [r["layer"] for r in rows],
                 [("before", [32.0] * len(rows)), ("after: weights", [r["weight_bits"] for r in rows]),
                  ("after: activations", [r["act_bits"] for r in rows])])
+    rec = _reparam(report)
+    if rec:
+        rows = rec["layers"]
+        return ("MACs per candidate layer (replaced where chosen)", "MMACs", [r["name"] for r in rows],
+                [("before", [r["original_macs"] / 1e6 for r in rows]),
+                 ("after", [(r["replacement_macs"] if r["chosen"] else r["original_macs"]) / 1e6 for r in rows])])
     rec = _first(report, lambda r: isinstance(r.get("layers"), dict) and bool(r["layers"]))
     if rec:
         bits = {"fp32": 32, "fp16": 16, "int16": 16, "int8": 8}
@@ -221,8 +232,16 @@ def layers(report: dict[str, Any]) -> bytes | None:
 
 
 def layer_latency(report: dict[str, Any]) -> bytes | None:
-    """Per-layer latency, original against result, where the report carries per-layer times: HAQ's cost table
-    (each layer's ms at fp32 and at its chosen precision) under a latency budget. Other records hold none."""
+    """Per-layer latency, original against result, where the report carries per-layer times: reparam's standalone
+    entries of each candidate and its replacement, or HAQ's cost table (each layer's ms at fp32 and at its chosen
+    precision) under a latency budget. Other records hold none."""
+    rec = _reparam(report)
+    if rec:
+        rows = rec["layers"]
+        return _bars("per-layer latency (lookup table, standalone, ms)", "ms", [r["name"] for r in rows],
+                     [("original", [r["original_ms"] for r in rows]),
+                      ("result", [r["replacement_ms"] if r["chosen"] else r["original_ms"] for r in rows])],
+                     [ORIGINAL, RESULT])
     rec = _first(report, lambda r: bool(r.get("rows")) and r.get("search_budget", {}).get("resource") == "latency_ms")
     if rec is None:
         return None
