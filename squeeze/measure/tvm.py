@@ -10,6 +10,7 @@ a handshake that never completes, a session that ends mid-run), and retries the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,7 +32,11 @@ from squeeze.measure.runtimes import Runtime, Session, register_runtime, seeded_
 from squeeze.target import RpcOptions, Target, parse_host_port
 
 __all__ = ["BoardError", "BoardTimeout", "NothingListening", "DeviceDropped", "CompileOnlyError", "HOW_TO_START",
-           "TvmRuntime", "connect", "ort_reference", "first_output", "labels_for", "runner_mode"]
+           "TvmRuntime", "Fleet", "fleet", "connect", "ort_reference", "first_output", "labels_for", "runner_mode"]
+
+# TVM's tracker client retries for 60 s, logging a warning every 5 s, in a thread `_within` has given up on after
+# its own deadline and message: those late lines only repeat (or contradict) what squeeze already said.
+logging.getLogger("RPCServer").setLevel(logging.ERROR)
 
 HOW_TO_START = (
     "On the board (with `pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1`) start "
