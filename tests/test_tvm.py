@@ -414,3 +414,52 @@ def test_targets_check_onnxruntime(cli):
     r = cli("targets", "check", "host-cpu")
     assert r.exit_code == 0 and "onnxruntime" in r.stdout and "median" in r.stdout
     assert "PASS: every applicable step works on `host-cpu`" in " ".join(r.stdout.split())
+
+
+def test_a_measurement_workers_steps_and_log_lines_reach_the_caller(untuned, tiny, tmp_path, monkeypatch, caplog):
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    from squeeze.measure import worker
+    """Compiling (and tuning) happen in the worker that opens the model: their progress and log lines come back
+    to the command's reporter and loggers, or a first TVM measurement would sit silent for minutes."""
+    from squeeze import progress
+    from squeeze.measure.bench import measure
+
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))  # nothing compiled yet
+    events = []
+
+    class Recorder:
+        def open(self, description, total, unit):
+            events.append(("open", description))
+            return self
+
+        def advance(self, n=1, **fields):
+            events.append(("advance", n))
+
+        def describe(self, description):
+            events.append(("describe", description))
+
+        def close(self, task):
+            events.append(("close",))
+
+    with progress.reporting(Recorder()):
+        measure([tiny], untuned, Protocol.for_target(untuned, repeat=3, warmup=1, min_repeat_ms=1), use_cache=False)
+    assert events[0] == ("open", f"compiling {tiny.path.name} for cpu-untuned (untuned)") and events[-1] == ("close",)
+    assert events.count(("close",)) == sum(e[0] == "open" for e in events)  # every step the worker opened, closed
+    # The frames a worker sends while the caller awaits a reply: a log record is logged here, under its name.
+    frames = io.BytesIO()
+    for frame in [("log", ("squeeze.tuning", logging.INFO, "tuning 3 layers x 8 trials")),
+                  ("progress", ("open", 0, "tuning 3 of 3 layers", 24, "trials")), ("progress", ("advance", 0, 8, {})),
+                  ("progress", ("close", 0)), ("samples", {0: 1.5})]:
+        worker._send(frames, frame)
+    frames.seek(0)
+    client = object.__new__(worker.WorkerClient)
+    client._proc, client._tasks = SimpleNamespace(stdout=frames), {}
+    events.clear()
+    caplog.set_level("INFO", logger="squeeze.tuning")
+    with progress.reporting(Recorder()):
+        assert client._recv("samples") == {0: 1.5}
+    assert events == [("open", "tuning 3 of 3 layers"), ("advance", 8), ("close",)]
+    assert "tuning 3 layers x 8 trials" in caplog.text

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from squeeze import progress
 from squeeze.util.cache import atomic_write_bytes, cache_dir
 from squeeze.errors import ExportError, RuntimeUnavailableError, TargetError, first_line
 from squeeze.export.artifact import OnnxArtifact
@@ -203,16 +204,18 @@ def build_library(artifact: OnnxArtifact, target: Target, batch_size: int = 1, *
     if use_cache and lib.path.exists():
         return lib
     fcompile = _fcompile(target)
-    try:
-        if tuned:
-            from tvm import relax
+    with progress.task(f"compiling {artifact.path.name} for {target.name}" + ("" if tuned else " (untuned)")):
+        try:
+            if tuned:
+                from tvm import relax
 
-            with tvm_target, report.database, tvm.transform.PassContext(opt_level=3):
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        executable = tvm.compile(mod, tvm_target)
-    except Exception as exc:  # TVM's lowering and codegen raise their own error types
-        raise ExportError(f"TVM could not compile {artifact.path.name} for `{target.name}` ({first_line(exc)}).",
-                          "Re-run with --debug for the trace; check the target's `tvm.target`.") from None
+                with tvm_target, report.database, tvm.transform.PassContext(opt_level=3):
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            executable = tvm.compile(mod, tvm_target)
+        except Exception as exc:  # TVM's lowering and codegen raise their own error types
+            raise ExportError(f"TVM could not compile {artifact.path.name} for `{target.name}` "
+                              f"({first_line(exc)}).", "Re-run with --debug for the trace; check the target's "
+                              "`tvm.target`.") from None
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         tmp_path = Path(tmp) / lib.path.name
         try:
