@@ -72,8 +72,8 @@ class _Line:
         self.started = self.printed = time.monotonic()
 
     def count(self) -> str:
-        done = f"{self.done:g}"
-        return f"{done}/{self.total:g}" if self.total is not None else done
+        done = f"{self.done:.4g}"
+        return f"{done}/{self.total:.4g}" if self.total is not None else done
 
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
