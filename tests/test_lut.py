@@ -57,7 +57,7 @@ def test_table_orders_layer_costs():
 
 def test_table_oracle_is_anchored_on_reference_and_recalibrates():
     ref = load_model("zoo:digits-cnn")
-    oracle = TableOracle(LatencyTable(HOST, FAST), ref)
+    oracle = TableOracle(LatencyTable(HOST, FAST), ref, in_context=False)  # standalone entries and the constant
     p = oracle.predict(ref)
     assert p.total_ms == pytest.approx(oracle.reference_ms) and p.constant_ms == 0.0
     assert set(p.per_layer_ms) == {"conv1.0", "conv2.0", "conv3.0", "conv4.0", "conv5.0", "fc"}
@@ -116,3 +116,103 @@ def test_a_search_times_its_table_at_the_batch_its_whole_model_readings_use():
     (conv,) = [c for n, c in layer_configs(ref.module, ref.example_input()).items() if n == "conv3.0"]
     one, four = (LatencyTable(HOST, batch_size=b).entries([conv])[conv.key].median_ms for b in (1, 4))
     assert four > 1.5 * one  # the layers really ran at the batch (4x the work; margin for a loaded machine)
+
+
+# --- in-context entries (squeeze.measure.incontext) ------------------------------------------------------
+
+
+def _tiny_mobilenet():
+    import testnets
+    from squeeze.model.loading import LoadedModel
+
+    return LoadedModel("tiny_mobilenet", "factory", (1, 3, 32, 32), testnets.tiny_mobilenet())
+
+
+DEPTHWISE = ("1.1.0", "2.1.0")  # tiny_mobilenet's depthwise convs
+
+
+def test_profile_maps_every_layer_of_a_depthwise_net_and_of_a_preactivation_net():
+    """ORT profile events reach every table layer: NCHWc convs whose weights ORT re-laid out (found by biases of
+    their own: the export shares the equal zero biases of BNs folded at init), and unfolded BNs."""
+    import onnx
+
+    from squeeze.export.onnx import export_onnx
+    from squeeze.measure.incontext import _profile
+    from squeeze.measure.profile import distinct_initializers
+    from squeeze.model.loading import LoadedModel
+    from squeeze.quant.ptq import LAYER_OPS
+
+    table = LatencyTable(HOST, FAST)
+    preact = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 4, 1)).eval()
+    for model in (_tiny_mobilenet(), LoadedModel("preact", "factory", (1, 3, 10, 10), preact)):
+        graph = distinct_initializers(onnx.load(str(export_onnx(model, exporter="torchscript").path))).graph
+        inits = {i.name for i in graph.initializer}
+        read = [i for n in graph.node if n.op_type in LAYER_OPS for i in n.input if i in inits]
+        assert len(read) == len(set(read))  # no initializer shared between layers
+        profile = _profile(model, table, runs=3)
+        assert set(profile.layer_runs_us) == set(layer_configs(model.module, model.example_input()))
+        assert all(len(v) == 3 for v in profile.layer_runs_us.values())
+
+
+def test_in_context_entries_are_stored_apart_and_labelled():
+    from squeeze.measure.incontext import WHOLE_KEY, InContext, context_key
+
+    model, table = _tiny_mobilenet(), LatencyTable(HOST, FAST)
+    configs = layer_configs(model.module, model.example_input())
+    ctx = InContext(table, model, configs)
+    assert ctx.uncovered == []
+    keys = [context_key(n, c) for n, c in configs.items()]
+    assert table.stored(keys) == {}  # not among the standalone entries
+    stored = table.stored(keys, ctx.scope)
+    assert set(stored) == set(keys) and {e.source for e in stored.values()} == {"in-context"}
+    assert {e["source"] for e in ctx.to_json()} == {"in-context"}
+    assert {e["source"] for e in table.to_json([c.key for c in configs.values()])} == {"standalone"}
+    # the layers' shares of the profile add up to the whole model (every node here is charged to a layer)
+    assert sum(e.median_ms for e in stored.values()) == pytest.approx(ctx.reference_ms, rel=0.05)
+    assert table.stored([WHOLE_KEY], ctx.scope)[WHOLE_KEY].median_ms == ctx.reference_ms
+    again = InContext(table, model, configs)  # a second oracle on the same reference reuses them
+    assert again.reference_ms == ctx.reference_ms and again.price(configs, table.entries(list(configs.values()))) \
+        == ctx.price(configs, table.entries(list(configs.values())))
+
+
+def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_widths():
+    from squeeze.measure.incontext import context_key
+    from squeeze.measure.oracle import FixedOracle
+    from squeeze.prune.tables import _pruned
+
+    model = _tiny_mobilenet()
+    oracle = TableOracle(LatencyTable(HOST, FAST), model, FixedOracle(1.0))
+    ctx = oracle.context
+    p = oracle.predict(model)
+    assert set(p.sources.values()) == {"in-context"} and p.total_ms == pytest.approx(1.0)
+    configs = layer_configs(model.module, model.example_input())
+    alone = oracle.table.entries(list(configs.values()))
+    for name in DEPTHWISE:
+        figure = ctx._entries[context_key(name, configs[name])].median_ms
+        assert p.per_layer_ms[name] == figure != alone[configs[name].key].median_ms
+
+    pruned = _pruned(model, {"1.0.0": 16})  # block 1's expansion (and its depthwise conv) at half width
+    q = oracle.predict(pruned)
+    assert q.sources["1.1.0"] == "scaled" and q.sources["2.1.0"] == "in-context"
+    cfg = layer_configs(pruned.module, pruned.example_input())["1.1.0"]
+    new = oracle.table.entries([cfg])[cfg.key].median_ms
+    ref_alone = alone[configs["1.1.0"].key].median_ms
+    assert q.per_layer_ms["1.1.0"] == pytest.approx(p.per_layer_ms["1.1.0"] * ctx._net(new) / ctx._net(ref_alone))
+
+    oracle.measured = FixedOracle(0.8)  # recalibrating measures the pruned model, and profiles it
+    oracle.recalibrate(pruned)
+    r = oracle.predict(pruned)
+    assert set(r.sources.values()) == {"in-context"}
+    assert r.layers_ms == pytest.approx(0.8 * oracle.reference_layers_ms, rel=0.05)
+    assert r.total_ms == pytest.approx(0.8, rel=1e-6)  # the fit reproduces the measurement
+
+
+def test_check_table_says_where_each_layer_figure_came_from():
+    from squeeze.prune.tables import check_table
+
+    result = check_table(_tiny_mobilenet(), LatencyTable(HOST, FAST), n_plans=2, seed=3)
+    for row in result.rows:
+        assert set(row.sources) == set(layer_configs(_tiny_mobilenet().module, torch.zeros(1, 3, 32, 32)))
+        assert set(row.sources.values()) <= {"in-context", "scaled"}
+    assert result.to_json()["rows"][1]["source_counts"] == result.rows[1].source_counts

@@ -402,3 +402,92 @@ def tiny_inception_v3() -> nn.Module:
 
 def tiny_r3d() -> nn.Module:
     return r3d_18(width=0.25, blocks=(1, 1, 1, 1), num_classes=10)
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's SE: global pool, reduce (1x1 conv), SiLU, expand, sigmoid gate on the channels."""
+
+    def __init__(self, c: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, reduced, 1), nn.Conv2d(reduced, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(nn.functional.silu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand, k x k depthwise, SE, 1x1 project (linear); residual at stride 1."""
+
+    def __init__(self, c_in: int, c_out: int, expansion: int, k: int, stride: int) -> None:
+        super().__init__()
+        hidden = c_in * expansion
+        expand = [] if expansion == 1 else [_bn_relu_conv(c_in, hidden, 1, relu=False), nn.SiLU()]
+        self.block = nn.Sequential(*expand, _bn_relu_conv(hidden, hidden, k, stride, k // 2, groups=hidden, relu=False),
+                                   nn.SiLU(), SqueezeExcite(hidden, max(1, c_in // 4)),
+                                   _bn_relu_conv(hidden, c_out, 1, relu=False))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+# (expansion, channels, repeats, stride, kernel): EfficientNet-B0's stages
+_EFFICIENTNET_B0 = ((1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5),
+                    (6, 192, 4, 2, 5), (6, 320, 1, 1, 3))
+
+
+def efficientnet_b0(width: float = 1.0, depth: float = 1.0, num_classes: int = 1000) -> nn.Module:
+    """EfficientNet-B0's structure (SiLU, SE in every block); `depth` scales each stage's repeats."""
+    torch.manual_seed(0)
+    c_in = _ch(32, width)
+    layers = [_bn_relu_conv(3, c_in, 3, 2, 1, relu=False), nn.SiLU()]
+    for t, c, n, s, k in _EFFICIENTNET_B0:
+        c_out = _ch(c, width)
+        for i in range(max(1, round(n * depth))):
+            layers.append(MBConv(c_in, c_out, t, k, s if i == 0 else 1))
+            c_in = c_out
+    c_head = _ch(1280, width)
+    return nn.Sequential(*layers, _bn_relu_conv(c_in, c_head, 1, relu=False), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(c_head, num_classes)).eval()
+
+
+class XBlock(nn.Module):
+    """RegNetX's block: 1x1, 3x3 grouped (fixed group width), 1x1; a projection shortcut where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, group_width: int) -> None:
+        super().__init__()
+        groups = max(1, c_out // group_width)
+        self.block = nn.Sequential(_bn_relu_conv(c_in, c_out, 1), _bn_relu_conv(c_out, c_out, 3, stride, 1, groups=groups),
+                                   _bn_relu_conv(c_out, c_out, 1, relu=False))
+        self.shortcut = (_bn_relu_conv(c_in, c_out, 1, stride, relu=False) if stride > 1 or c_in != c_out
+                         else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.shortcut(x) + self.block(x))
+
+
+def regnet_x_400mf(width: float = 1.0, depths=(1, 2, 7, 12), num_classes: int = 1000) -> nn.Module:
+    """RegNetX-400MF's structure: widths (32, 64, 160, 384), group width 16."""
+    torch.manual_seed(0)
+    group_width = max(1, _ch(16, width))
+    stem = _ch(32, width)
+    layers, c_in = [_bn_relu_conv(3, stem, 3, 2, 1)], stem
+    for c, n in zip((32, 64, 160, 384), depths):
+        c_out = _ch(c, width) // group_width * group_width
+        for i in range(n):
+            layers.append(XBlock(c_in, c_out, 2 if i == 0 else 1, group_width))
+            c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)).eval()
+
+
+def tiny_mobilenet() -> nn.Module:
+    """MobileNetV2-like: a stem, two inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 project), a head."""
+    torch.manual_seed(0)
+
+    def inverted(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+        hidden = 4 * c_in
+        return nn.Sequential(_bn_relu_conv(c_in, hidden, 1), _bn_relu_conv(hidden, hidden, 3, stride, 1, groups=hidden),
+                             _bn_relu_conv(hidden, c_out, 1, relu=False))
+
+    return nn.Sequential(_bn_relu_conv(3, 8, 3, 2, 1), inverted(8, 16, 2), inverted(16, 16, 1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 10)).eval()

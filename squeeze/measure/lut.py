@@ -3,7 +3,9 @@
 A network's latency is predicted from the sum of its layers' latencies, each measured once per target as
 a small standalone model, plus a constant for everything else (pooling, adds, concatenations), anchored on
 a measurement of the whole original model (see TableOracle). Runtimes fuse conv+bn+relu(+add), so
-additivity is an assumption: `squeeze lut check` measures how wrong it is.
+additivity is an assumption: `squeeze lut check` measures how wrong it is. A one-layer model also pays what the
+layer does not pay inside a model (layout reorders, mostly: see squeeze.measure.incontext), so on ONNX Runtime a
+TableOracle prices its reference's layers, and pruned widths of them, from in-context entries where it has them.
 
 Layers in the table: Conv2d/Conv3d, Linear, and BatchNorm2d/3d that cannot be folded into a preceding conv
 (pre-activation nets such as DenseNet run those as separate kernels); and the average pooling and resize
@@ -18,7 +20,7 @@ import json
 import sqlite3
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -140,6 +142,11 @@ def priced(m: nn.Module) -> nn.Module:
 ANCHOR = LayerConfig("conv2d", 32, 32, 28, 28, (3, 3), (1, 1), (1, 1), 1)
 
 
+STANDALONE = "standalone"  # an entry timed as a one-layer model
+IN_CONTEXT = "in-context"  # timed inside a whole model (squeeze.measure.incontext)
+SCALED = "scaled"  # from the in-context entry at the nearest profiled width, by the standalone entries' ratio
+
+
 @dataclass(frozen=True)
 class LutEntry:
     key: str
@@ -147,6 +154,7 @@ class LutEntry:
     mean_ms: float
     var_ms: float
     median_ms: float
+    source: str = STANDALONE  # or IN_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,7 @@ class Prediction:
     layers_ms: float
     constant_ms: float
     per_layer_ms: dict[str, float]
+    sources: dict[str, str] = field(default_factory=dict)  # layer -> STANDALONE | IN_CONTEXT | SCALED
 
 
 def _tuple(v, dims: int) -> tuple[int, ...]:
@@ -227,6 +236,7 @@ class LatencyTable:
         scope = json.dumps([target.model_dump(mode="json"), runtime.version(), self.protocol.model_dump()])
         self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
         self.path = MeasurementCache().path
+        self.profiles = target.runtime == "onnxruntime"  # in-context entries come from ORT's profiler
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS lut (scope TEXT, key TEXT, count INTEGER, mean_ms REAL, "
                        "var_ms REAL, median_ms REAL, created REAL, PRIMARY KEY (scope, key))")
@@ -234,11 +244,13 @@ class LatencyTable:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
-    def stored(self, keys: list[str]) -> dict[str, LutEntry]:
+    def stored(self, keys: list[str], scope: str | None = None) -> dict[str, LutEntry]:
+        """Stored standalone entries; with `scope`, the in-context entries stored under it (never mixed)."""
+        source = STANDALONE if scope is None else IN_CONTEXT
         with self._connect() as db:
             rows = db.execute(f"SELECT key, count, mean_ms, var_ms, median_ms FROM lut WHERE scope = ? AND key IN "
-                              f"({','.join('?' * len(keys))})", (self.scope, *keys)).fetchall()
-        return {r[0]: LutEntry(*r) for r in rows}
+                              f"({','.join('?' * len(keys))})", (scope or self.scope, *keys)).fetchall()
+        return {r[0]: LutEntry(*r, source) for r in rows}
 
     def _anchor_ms(self) -> float:
         """The anchor layer's latency in this table's time base: its first measurement, stored."""
@@ -246,8 +258,8 @@ class LatencyTable:
         if stored is not None:
             return stored.median_ms
         (m,) = self._run([ANCHOR])
-        self._store([LutEntry(ANCHOR.key, m.stats.n, m.stats.mean_ms, (m.stats.cv * m.stats.mean_ms) ** 2,
-                              m.stats.median_ms)])
+        self.store([LutEntry(ANCHOR.key, m.stats.n, m.stats.mean_ms, (m.stats.cv * m.stats.mean_ms) ** 2,
+                             m.stats.median_ms)])
         return m.stats.median_ms
 
     def _artifact(self, cfg: LayerConfig):
@@ -257,10 +269,23 @@ class LatencyTable:
     def _run(self, configs: list[LayerConfig]):
         return interleaved([self._artifact(c) for c in configs], self.target, self.protocol)
 
-    def _store(self, entries: list[LutEntry]) -> None:
+    def store(self, entries: list[LutEntry], scope: str | None = None) -> None:
+        """Write entries: standalone ones, or with `scope` in-context ones (squeeze.measure.incontext)."""
         with self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO lut VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [(self.scope, e.key, e.count, e.mean_ms, e.var_ms, e.median_ms, time.time()) for e in entries])
+                           [(scope or self.scope, e.key, e.count, e.mean_ms, e.var_ms, e.median_ms, time.time())
+                            for e in entries])
+
+    def drop(self, scope: str) -> None:
+        """Delete the in-context entries stored under `scope`."""
+        with self._connect() as db:
+            db.execute("DELETE FROM lut WHERE scope = ?", (scope,))
+
+    def whole_ms(self, artifact) -> float:
+        """A whole model's latency in this table's time base: its median ratio to the anchor, interleaved."""
+        anchor_ms = self._anchor_ms()
+        anchor, whole = interleaved([self._artifact(ANCHOR), artifact], self.target, self.protocol)
+        return anchor_ms * paired_ratio(anchor.samples_ms, whole.samples_ms).ratio
 
     def measure(self, configs: list[LayerConfig]) -> list[LutEntry]:
         """Measure layers in batches, each interleaved with the anchor layer, and store them.
@@ -287,7 +312,7 @@ class LatencyTable:
                     s = m.stats
                     entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
                                             s.median_ms * scale))
-        self._store(entries)
+        self.store(entries)
         return entries
 
     def entries(self, configs: list[LayerConfig]) -> dict[str, LutEntry]:
@@ -304,8 +329,9 @@ class LatencyTable:
         table = self.entries(list(configs.values()))
         return {name: table[c.key].median_ms for name, c in configs.items()}
 
-    def to_json(self, keys: list[str]) -> list[dict]:
-        return [asdict(e) for e in self.stored(keys).values()]
+    def to_json(self, keys: list[str], scope: str | None = None) -> list[dict]:
+        """The stored entries of `keys`, each with its source (standalone, or in-context under `scope`)."""
+        return [asdict(e) for e in self.stored(keys, scope).values()]
 
 
 def fit_table_constant(layers_ms: float, reference_layers_ms: float, measured_ratio: float,
@@ -328,38 +354,58 @@ class TableOracle(LatencyOracle):
     the table only for ratios keeps load drift between the two out of the prediction. C stands for what
     the layers miss (pooling, adds, per-call overhead): 0 at first (the rest scales with the layers), then
     fitted by `recalibrate(model)` to a measured ratio, so a search can correct the table every few steps.
+
+    On a table that `profiles` (ONNX Runtime), unless `in_context` is off, every layer is priced in context
+    (squeeze.measure.incontext): the reference is profiled here, and each model `recalibrate` measures too.
     """
 
-    def __init__(self, table: LatencyTable, reference: LoadedModel, measured: LatencyOracle | None = None) -> None:
+    def __init__(self, table: LatencyTable, reference: LoadedModel, measured: LatencyOracle | None = None,
+                 in_context: bool = True) -> None:
         from squeeze.measure.oracle import RelativeOracle
 
         self.target = table.target
         self.table = table
         self.measured = measured or RelativeOracle(reference, table.target)
         self.reference_ms = self.measured.latency_ms(reference)
-        self.reference_layers_ms = sum(table.layers_ms(reference.module, reference.example_input()).values())
+        configs = layer_configs(reference.module, reference.example_input())
+        self.context = None
+        if in_context and getattr(table, "profiles", False):  # a table without a profiler (a stand-in): standalone
+            from squeeze.measure.incontext import InContext
+
+            self.context = InContext(table, reference, configs)
         self.constant_ms = 0.0
+        self.reference_layers_ms = sum(self._price([configs])[0][0].values())
 
     def recalibrate(self, model: LoadedModel) -> float:
-        """Measure `model`; fit C so that its predicted ratio equals the measured one. Returns the measurement."""
+        """Measure `model` (and profile it: in-context entries at its widths); fit C so that its predicted ratio
+        equals the measured one. Returns the measurement."""
         measured_ms = self.measured.latency_ms(model)
         rho = measured_ms / self.reference_ms
-        layers = sum(self.table.layers_ms(model.module, model.example_input()).values())
+        configs = layer_configs(model.module, model.example_input())
+        if self.context is not None and not self.context.uncovered:
+            self.context.record(model, configs, rho * self.context.reference_ms)
+        layers = sum(self._price([configs])[0][0].values())
         self.constant_ms = fit_table_constant(layers, self.reference_layers_ms, rho, self.constant_ms)
         return measured_ms
+
+    def _price(self, models: list[dict[str, LayerConfig]]) -> list[tuple[dict[str, float], dict[str, str]]]:
+        """Per model, per layer: its latency and its source; missing standalone entries are measured in one go."""
+        table = self.table.entries([c for configs in models for c in configs.values()])
+        if self.context is not None:
+            return [self.context.price(configs, table) for configs in models]
+        return [({name: table[c.key].median_ms for name, c in configs.items()}, dict.fromkeys(configs, STANDALONE))
+                for configs in models]
 
     def predict(self, model: LoadedModel) -> Prediction:
         return self.predict_configs([layer_configs(model.module, model.example_input())])[0]
 
     def predict_configs(self, models: list[dict[str, LayerConfig]]) -> list[Prediction]:
-        """Predictions for models given as layer configurations; missing entries are measured in one go."""
-        table = self.table.entries([c for configs in models for c in configs.values()])
+        """Predictions for models given as layer configurations."""
         out = []
-        for configs in models:
-            per_layer = {name: table[c.key].median_ms for name, c in configs.items()}
+        for per_layer, sources in self._price(models):
             layers = sum(per_layer.values())
             ratio = (layers + self.constant_ms) / (self.reference_layers_ms + self.constant_ms)
-            out.append(Prediction(self.reference_ms * ratio, layers, self.constant_ms, per_layer))
+            out.append(Prediction(self.reference_ms * ratio, layers, self.constant_ms, per_layer, sources))
         return out
 
     def latency_ms(self, model: LoadedModel) -> float:

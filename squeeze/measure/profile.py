@@ -4,8 +4,11 @@ ORT fuses Conv+BN+Relu(+Add), converts QDQ groups into QLinearConv / QGemm, and 
 `..._token_3`), so profile events cannot be matched to layers by node name. They are matched through the
 weights: a node that reads a layer's weight or bias initializer (`conv1.0.weight`, or its quantized
 `conv1.0.weight_quantized`, directly or through a DequantizeLinear when ORT could not fuse the QDQ group
-and runs a float Conv on dequantized weights) is that layer. Where ORT re-laid a weight out (NCHWc `reorder` initializers)
-and the layer has no bias to recognize it by, the remaining layer nodes are matched in graph order.
+and runs a float Conv on dequantized weights) is that layer; so is a BatchNormalization node reading the initializers of
+an unfolded BN layer (pre-activation nets, which lookup tables price per BN). Where ORT re-laid a weight out (NCHWc
+`reorder` initializers) and the layer has no bias to recognize it by, the remaining layer nodes are matched in graph
+order. TorchScript's export shares equal initializers between layers (the zero biases of BNs folded at init, through
+Identity nodes): `distinct_initializers` gives each layer its own copy first, so that each stays recognizable.
 Nodes that are not layers (QuantizeLinear, Transpose, pooling, Add, ...) are charged to the layer whose
 output they consume, or, before the first layer, to the layer they feed: a quantized layer pays for the
 conversions it causes.
@@ -29,12 +32,13 @@ from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.ort import open_session
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
-from squeeze.quant.ptq import _layer_nodes
+from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
 
-__all__ = ["LayerProfile", "layer_identities", "profile_layers", "slower_layers"]
+__all__ = ["LayerProfile", "distinct_initializers", "layer_identities", "profile_layers", "slower_layers"]
 
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
+_NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order
 _QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 
 
@@ -56,12 +60,46 @@ class LayerProfile:
         return sum(self.layer_us.values()) + self.other_us
 
 
-def layer_identities(model: onnx.ModelProto) -> dict[str, set[str]]:
-    """{layer: names of its weight and bias initializers} in a float model."""
+def layer_identities(model: onnx.ModelProto, norms: bool = False) -> dict[str, set[str]]:
+    """{layer: names of its weight and bias initializers} in a float model; with `norms`, also the unfolded
+    BatchNormalization layers."""
     inits = {i.name for i in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
-    return {layer: {i for i in by_name[node].input[1:] if i in inits}
-            for layer, node in _layer_nodes(model).items()}
+    found = {layer: {i for i in by_name[node].input[1:] if i in inits} for layer, node in _layer_nodes(model).items()}
+    if norms:
+        for node in model.graph.node:
+            if node.op_type in _NORM_KERNELS and node.input[1] in inits:
+                found.setdefault(_layer_name(node, node.input[1]), {i for i in node.input[1:] if i in inits})
+    return found
+
+
+def distinct_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where every layer node (Conv, Gemm, MatMul, BatchNormalization) reads initializers of
+    its own: a shared one (directly or through an Identity node) is copied per extra reader."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    taken: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in (*LAYER_OPS, *_NORM_KERNELS):
+            continue
+        for j, name in enumerate(node.input):
+            source = aliases.get(name, name)
+            if source not in inits:
+                continue
+            if source in taken:
+                copy = onnx.TensorProto.FromString(inits[source].SerializeToString())
+                copy.name = f"{source}/{node.name}"
+                graph.initializer.append(copy)
+                source = copy.name
+            node.input[j] = source
+            taken.add(source)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unread = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in read]
+    for n in unread:
+        graph.node.remove(n)
+    return model
 
 
 def _strip(name: str) -> str:
@@ -93,13 +131,13 @@ def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dic
     result: dict[str, str] = {}
     unmatched_nodes = []
     for node in graph.node:
-        if node.op_type not in _LAYER_KERNELS:
+        if node.op_type not in _LAYER_KERNELS | _NORM_KERNELS:
             continue
         names = constants(node)
         hits = {owner[_strip(i)] for i in names if _strip(i) in owner}
         if len(hits) == 1:
             result[node.name] = hits.pop()
-        elif names:
+        elif names and node.op_type in _LAYER_KERNELS:
             unmatched_nodes.append(node.name)
     unmatched_layers = [layer for layer in identities if layer not in set(result.values())]
     result.update(zip(unmatched_nodes, unmatched_layers))

@@ -3,15 +3,18 @@
 `build` measures the layer configurations a search will meet: every layer of the model at a sweep of
 uniform widths (and, with `single_layer`, every width of each group alone, which is NetAdapt's first
 iteration). `check` prunes the model to random plans, predicts each with the table and measures it end to
-end, interleaved with the original, and reports the prediction error of the table alone and after
-fitting its constant on the first plan's measurement (what `table+recalibrate` searches do).
+end, interleaved with the original, and reports the prediction error of the table alone (in-context entries
+of the original only) and after recalibrating on the first plan's measurement (what `table+recalibrate` searches
+do: fit the constant, and profile the plan for in-context entries at its widths). Each row says where its
+layers' figures came from (standalone, in-context, or scaled: squeeze.measure.lut).
 """
 
 from __future__ import annotations
 
 import random
 import statistics
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
@@ -40,7 +43,12 @@ class CheckRow:
     macs: int
     predicted_ms: float  # the table alone
     measured_ms: float
-    recalibrated_ms: float | None = None  # after fitting the constant on plan 0 (None for plan 0 itself)
+    recalibrated_ms: float | None = None  # after recalibrating on plan 0 (None for plan 0 itself)
+    sources: dict[str, str] = field(default_factory=dict)  # layer -> source of its figure in the last prediction
+
+    @property
+    def source_counts(self) -> dict[str, int]:
+        return dict(Counter(self.sources.values()))
 
     @property
     def error_pct(self) -> float:
@@ -72,8 +80,8 @@ class CheckResult:
         return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms,
                 "median_abs_error_pct": med, "p90_abs_error_pct": p90,
                 "recalibrated_median_abs_error_pct": rmed, "recalibrated_p90_abs_error_pct": rp90,
-                "rows": [{**asdict(r), "error_pct": r.error_pct, "recalibrated_error_pct": r.recalibrated_error_pct}
-                         for r in self.rows]}
+                "rows": [{**asdict(r), "error_pct": r.error_pct, "recalibrated_error_pct": r.recalibrated_error_pct,
+                          "source_counts": r.source_counts} for r in self.rows]}
 
 
 def _pruned(model: LoadedModel, keep) -> LoadedModel:
@@ -119,22 +127,19 @@ def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed
     measured = RelativeOracle(model, table.target)
     oracle = TableOracle(table, model, measured)
     layers = [g for g in prunable_layers(model.module, model.example_input()) if g.prunable]
-    rows, calibration = [], None
-    for i in range(n_plans):
-        keep = {g.name: round_width(max(1, int(g.out_channels * rng.uniform(min_ratio, 1.0))), g.out_channels,
-                                    round_to, g.channel_step) for g in layers}
-        candidate = _pruned(model, keep)
-        if calibration is None:  # plan 0: the table alone, then fit the constant to its measurement
-            table_ms = oracle.predict(candidate).total_ms
-            measured_ms = oracle.recalibrate(candidate)
-            calibration = oracle.constant_ms
-            row = CheckRow(i, summarize(candidate).macs or 0, table_ms, measured_ms)
+    candidates = [_pruned(model, {g.name: round_width(max(1, int(g.out_channels * rng.uniform(min_ratio, 1.0))),
+                                                      g.out_channels, round_to, g.channel_step) for g in layers})
+                  for _ in range(n_plans)]
+    configs = [layer_configs(c.module, c.example_input()) for c in candidates]
+    alone = oracle.predict_configs(configs)  # before any pruned model is measured (missing entries in one go)
+    rows = []
+    for i, (candidate, table_only) in enumerate(zip(candidates, alone)):
+        macs = summarize(candidate).macs or 0
+        if i == 0:  # the table alone, then recalibrate on its measurement
+            row = CheckRow(0, macs, table_only.total_ms, oracle.recalibrate(candidate), sources=table_only.sources)
         else:
-            refit = oracle.predict(candidate).total_ms
-            oracle.constant_ms = 0.0
-            alone = oracle.predict(candidate).total_ms
-            oracle.constant_ms = calibration
-            row = CheckRow(i, summarize(candidate).macs or 0, alone, measured.latency_ms(candidate), refit)
+            refit = oracle.predict_configs([configs[i]])[0]
+            row = CheckRow(i, macs, table_only.total_ms, measured.latency_ms(candidate), refit.total_ms, refit.sources)
         log(f"plan {i}: predicted {row.predicted_ms:.3f} ms, measured {row.measured_ms:.3f} ms ({row.error_pct:+.1f}%)")
         rows.append(row)
     return CheckResult(rows, measured.reference_ms, oracle.constant_ms)

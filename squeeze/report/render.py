@@ -255,16 +255,19 @@ def catalog_view(kind: str, rows: list[tuple[str, str]]) -> Table:
 def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
     """Predicted against measured latency per random plan, then the error's median and p90."""
     t = Table(title=f"lookup table vs measurement: {model} on {target}")
-    for col in ("plan", "MACs", "measured ms", "table ms", "error", "recalibrated ms", "error "):
+    for col in ("plan", "MACs", "measured ms", "table ms", "error", "recalibrated ms", "error ", "layers priced"):
         t.add_column(col, justify="right")
     for r in result.rows:
         recal = ("(fit)", "") if r.recalibrated_ms is None else (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%")
+        priced = ", ".join(f"{n} {source}" for source, n in sorted(r.source_counts.items()))
         t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}",
-                  f"{r.error_pct:+.1f}%", *recal)
+                  f"{r.error_pct:+.1f}%", *recal, priced)
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-    return Group(t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after fitting the constant on plan 0: "
+    return Group(t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after recalibrating on plan 0: "
                     f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
-                    "with the original, scaled by its latency)")
+                    "with the original, scaled by its latency; layers priced: standalone = timed alone, in-context = "
+                    "profiled inside the model, scaled = in-context at the nearest profiled width x the ratio of the "
+                    "standalone entries)")
 
 
 _STEP_STYLES = {"pass": "green", "fail": "bold red", "skip": "dim"}

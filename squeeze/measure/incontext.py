@@ -1,0 +1,148 @@
+"""In-context lookup-table entries: layers timed inside the whole model, from ONNX Runtime's profile.
+
+A standalone entry times a layer as a one-layer model, which pays what the layer does not pay inside a model:
+ORT runs convolutions in its blocked NCHWc layout, and a one-layer model reorders its input into it and its
+output back, which for a depthwise conv, cheap in itself, is a large part of its time (MobileNetV2's table was
+13.6% off after recalibration). Inside the model tensors stay blocked from one conv to the next.
+
+An in-context entry is a layer's share of the model's kernel time in a profiled run, times the model's
+latency in the table's time base. Profiling slows a run about 2x, mostly in per-node bookkeeping between
+kernels, so profiled times are good for shares only; the latency they are scaled to is measured with
+profiling off, interleaved with the table's anchor layer as standalone entries are, so that both kinds share
+one time base and add up in one sum. A layer's share includes the nodes charged to it (the Add, pooling or
+reorder consuming its output: squeeze.measure.profile), so a model's in-context entries add up to the model.
+
+Entries belong to one reference model (its fingerprint scopes them in the table's SQLite file, apart from
+the standalone entries) and are keyed by layer and configuration. A layer at a width never profiled is priced
+from the nearest profiled configuration of that layer: its in-context entry times the ratio of the two
+standalone entries, each less a one-layer model's per-call overhead (which does not shrink with the width; on
+a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum). The profiled configurations are the reference's
+and those of the pruned models measured whole by `TableOracle.recalibrate` (table+recalibrate searches do that
+every few steps, so the widths a search visits get profiled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from squeeze.export.onnx import export_onnx
+from squeeze.measure.lut import IN_CONTEXT, SCALED, STANDALONE, LatencyTable, LayerConfig, LutEntry
+from squeeze.model.loading import LoadedModel
+
+__all__ = ["InContext", "context_key", "WHOLE_KEY"]
+
+WHOLE_KEY = "model"  # the reference's whole latency in the table's time base (layer keys all hold an "@")
+# The cheapest layer: its standalone entry is what any one-layer model pays per call.
+OVERHEAD = LayerConfig("conv2d", 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), 1)
+
+
+def context_key(layer: str, cfg: LayerConfig) -> str:
+    """`features.2.conv.1.0@conv2d_in96x112x112_out96_k3x3_s2x2_p1x1_g96`."""
+    return f"{layer}@{cfg.key}"
+
+
+def _distance(a: LayerConfig, b: LayerConfig) -> float:
+    """How far apart two widths (and resolutions) of one layer are, in log ratios."""
+    return sum(abs(math.log(x / y)) for x, y in ((a.c_in, b.c_in), (a.c_out, b.c_out), (a.h, b.h), (a.w, b.w)))
+
+
+class InContext:
+    """In-context entries of one reference model and of pruned versions of it (the same layer names)."""
+
+    def __init__(self, table: LatencyTable, reference: LoadedModel, configs: dict[str, LayerConfig],
+                 runs: int = 20) -> None:
+        self.table, self.runs = table, runs
+        self.scope = f"{table.scope}/in-context/{reference.fingerprint}"
+        self._entries: dict[str, LutEntry | None] = {}  # looked up already (None: not stored)
+        # layer -> (config, its in-context ms, its standalone ms less the overhead), per profiled configuration
+        self._profiled: dict[str, list[tuple[LayerConfig, float, float]]] = defaultdict(list)
+        self.overhead_ms = table.entries([OVERHEAD])[OVERHEAD.key].median_ms
+        self.uncovered: list[str] = []  # the reference's layers its profile did not find (then none is in context)
+        keys = [WHOLE_KEY, *(context_key(n, c) for n, c in configs.items())]
+        stored = table.stored(keys, self.scope)
+        if len(stored) == len(keys):
+            self.reference_ms = stored[WHOLE_KEY].median_ms
+            self._entries.update(stored)
+            self._add_profiled(configs)
+            return
+        table.drop(self.scope)  # entries of pruned models stored before are in the old figure's time base
+        self.reference_ms = table.whole_ms(export_onnx(reference, exporter="torchscript"))
+        table.store([LutEntry(WHOLE_KEY, table.protocol.repeat, self.reference_ms, 0.0, self.reference_ms,
+                               IN_CONTEXT)], self.scope)
+        self.uncovered = self.record(reference, configs, self.reference_ms)
+
+    def record(self, model: LoadedModel, configs: dict[str, LayerConfig], total_ms: float) -> list[str]:
+        """Profile `model` (latency `total_ms` in the table's time base) and store its layers' in-context
+        entries. Returns the layers its profile could not find: then nothing is stored, as their time would
+        be charged to their neighbours and counted twice."""
+        profile = _profile(model, self.table, self.runs)
+        missing = [n for n in configs if n not in profile.layer_runs_us]
+        if missing:
+            return missing
+        # ms per profiled microsecond: the shares of the profile, in the measured latency
+        scale = total_ms / profile.total_us
+        entries = []
+        for name, cfg in configs.items():
+            runs = np.asarray(profile.layer_runs_us[name]) * scale
+            entries.append(LutEntry(context_key(name, cfg), profile.runs, float(runs.mean()), float(runs.var()),
+                                    float(np.median(runs)), IN_CONTEXT))
+        self.table.store(entries, self.scope)
+        self._entries.update({e.key: e for e in entries})
+        self._add_profiled(configs)
+        return []
+
+    def _add_profiled(self, configs: dict[str, LayerConfig]) -> None:
+        alone = self.table.entries(list(configs.values()))
+        for name, cfg in configs.items():
+            entry = self._entries[context_key(name, cfg)]
+            self._profiled[name].append((cfg, entry.median_ms, self._net(alone[cfg.key].median_ms)))
+
+    def _net(self, alone_ms: float) -> float:
+        """A standalone entry less the per-call overhead (at least a fifth of it: entries are noisy)."""
+        return max(alone_ms - self.overhead_ms, 0.2 * alone_ms)
+
+    def price(self, configs: dict[str, LayerConfig], alone: dict[str, LutEntry]) -> tuple[dict[str, float], dict[str, str]]:
+        """Per layer, its latency and where it came from (IN_CONTEXT, SCALED, or STANDALONE where this layer
+        was never profiled); `alone` holds the standalone entries of `configs`."""
+        keys = {name: context_key(name, c) for name, c in configs.items()}
+        unseen = [k for k in keys.values() if k not in self._entries]
+        if unseen:
+            stored = self.table.stored(unseen, self.scope)
+            self._entries.update({k: stored.get(k) for k in unseen})
+        per_layer, sources = {}, {}
+        for name, cfg in configs.items():
+            entry, profiled = self._entries[keys[name]], self._profiled.get(name)
+            if entry is not None:
+                per_layer[name], sources[name] = entry.median_ms, IN_CONTEXT
+            elif profiled:
+                _, ctx_ms, net_ms = min(profiled, key=lambda p: _distance(p[0], cfg))
+                per_layer[name], sources[name] = ctx_ms * self._net(alone[cfg.key].median_ms) / net_ms, SCALED
+            else:
+                per_layer[name], sources[name] = alone[cfg.key].median_ms, STANDALONE
+        return per_layer, sources
+
+    def to_json(self) -> list[dict]:
+        """The entries stored for this reference so far, each labelled in-context."""
+        return self.table.to_json([k for k, e in self._entries.items() if e is not None], self.scope)
+
+
+def _profile(model: LoadedModel, table: LatencyTable, runs: int):
+    """ORT's profile of the model per layer, on its ONNX graph with initializers of its own per layer."""
+    import onnx
+
+    from squeeze.measure.profile import distinct_initializers, layer_identities, profile_layers
+
+    source = export_onnx(model, exporter="torchscript")
+    graph = distinct_initializers(onnx.load(str(source.path)))
+    with tempfile.TemporaryDirectory(prefix="squeeze-incontext-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(graph, str(path))
+        (profile,) = profile_layers([dataclasses.replace(source, path=path)], layer_identities(graph, norms=True),
+                                    table.target.providers, table.protocol, runs)
+    return profile
