@@ -213,7 +213,7 @@ def _cost_ms(config) -> float:
 class FakeTable:
     """A LatencyTable without measurement: every entry is `_cost_ms` of its layer."""
 
-    def __init__(self, target):
+    def __init__(self, target, batch_size: int = 1):
         self.target = target
 
     def entries(self, configs):
