@@ -582,29 +582,30 @@ def validate_recipe(recipe_ref: str) -> Recipe:
 
 # Lookup tables and target checks.
 
-def _lut_setup(model_spec: str, target: Target, opts: ModelOptions) -> tuple[LoadedModel, LatencyTable]:
+def _lut_setup(model_spec: str, target: Target, opts: ModelOptions,
+               batch_size: int | None) -> tuple[LoadedModel, LatencyTable]:
     from squeeze.measure.lut import LatencyTable
 
     get_runtime_check(target)
-    return opts.load(model_spec), LatencyTable(target)
+    return opts.load(model_spec), LatencyTable(target, batch_size=batch_size or target.protocol.batch_size)
 
 
-def lut_build(model_spec: str, target: Target, opts: ModelOptions, round_to: int = 8,
-              single_layer: bool = False) -> tuple[LoadedModel, LatencyTable, BuildResult]:
+def lut_build(model_spec: str, target: Target, opts: ModelOptions, round_to: int = 8, single_layer: bool = False,
+              batch_size: int | None = None) -> tuple[LoadedModel, LatencyTable, BuildResult]:
     """Measure the layer configurations a pruning search on the model meets; stored entries are reused."""
     from squeeze.prune.tables import build_table
 
-    loaded, table = _lut_setup(model_spec, target, opts)
+    loaded, table = _lut_setup(model_spec, target, opts, batch_size)
     return loaded, table, build_table(loaded, table, round_to, single_layer)
 
 
-def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 10, seed: int = 0,
-              round_to: int = 8) -> tuple[LoadedModel, LatencyTable, CheckResult]:
+def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 10, seed: int = 0, round_to: int = 8,
+              batch_size: int | None = None, in_context: bool = True) -> tuple[LoadedModel, LatencyTable, CheckResult]:
     """Random pruning plans, latency predicted by the table and measured: how wrong the table is here."""
     from squeeze.prune.tables import check_table
 
-    loaded, table = _lut_setup(model_spec, target, opts)
-    return loaded, table, check_table(loaded, table, plans, seed, round_to)
+    loaded, table = _lut_setup(model_spec, target, opts, batch_size)
+    return loaded, table, check_table(loaded, table, plans, seed, round_to, in_context=in_context)
 
 
 def check_target(target: Target) -> CheckReport:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights, handles_errors,
+from squeeze.cli.common import (BatchSizeOpt, InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights, handles_errors,
                                 model_options, out, rpc_flags)
 
 app = typer.Typer(help="Latency lookup tables: build them for a model's search space, check their error.",
@@ -28,6 +28,7 @@ def build(
     target: str = TargetOpt,
     round_to: int = typer.Option(8, "--round-to", min=1, help="Width grid step."),
     single_layer: bool = typer.Option(False, "--single-layer", help="Also every width of each group alone (NetAdapt's first iteration; many more entries)."),
+    batch_size: Optional[int] = BatchSizeOpt,
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -37,7 +38,8 @@ def build(
 ) -> None:
     """Measure the layer configurations a pruning search on MODEL meets; stored entries are reused."""
     loaded, table, result = api.lut_build(model, _target(target, (rpc, tracker, key)),
-                                          model_options(input_shape, weights, trust_model), round_to, single_layer)
+                                          model_options(input_shape, weights, trust_model), round_to, single_layer,
+                                          batch_size)
     out.print(f"{result.configs} layer configurations for {loaded.name} on {table.target.name}: "
               f"{result.measured} measured now, {result.reused} reused from {table.path}")
 
@@ -51,6 +53,9 @@ def check(
     seed: int = typer.Option(0, "--seed"),
     round_to: int = typer.Option(8, "--round-to", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    standalone: bool = typer.Option(False, "--standalone", help="Price every layer timed alone, not in context from "
+                                    "the runtime's profile of the whole model (to see what in-context entries fix)."),
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
@@ -62,7 +67,8 @@ def check(
     from squeeze.report.render import lut_check_view
 
     loaded, table, result = api.lut_check(model, _target(target, (rpc, tracker, key)),
-                                          model_options(input_shape, weights, trust_model), plans, seed, round_to)
+                                          model_options(input_shape, weights, trust_model), plans, seed, round_to,
+                                          batch_size, in_context=not standalone)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return

@@ -19,6 +19,7 @@ from typing import Callable
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
 from squeeze.measure.oracle import RelativeOracle
+from squeeze.measure.protocol import Protocol
 from squeeze.model.loading import LoadedModel
 from squeeze.prune.engine import apply_plan, make_plan
 from squeeze.prune.graph import prunable_layers
@@ -121,11 +122,15 @@ def build_table(model: LoadedModel, table: LatencyTable, round_to: int = 8, sing
 
 
 def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed: int = 0, round_to: int = 8,
-                min_ratio: float = 0.3, log: Callable[[str], None] = lambda _m: None) -> CheckResult:
-    """Random plans (each prunable group keeps a random fraction in [min_ratio, 1]), predicted vs measured."""
+                min_ratio: float = 0.3, log: Callable[[str], None] = lambda _m: None,
+                in_context: bool = True) -> CheckResult:
+    """Random plans (each prunable group keeps a random fraction in [min_ratio, 1]), predicted vs measured.
+
+    Whole models are timed at the table's batch; `in_context=False` prices every layer standalone."""
     rng = random.Random(seed)
-    measured = RelativeOracle(model, table.target)
-    oracle = TableOracle(table, model, measured)
+    measured = RelativeOracle(model, table.target, Protocol.for_target(table.target,
+                                                                       batch_size=table.protocol.batch_size))
+    oracle = TableOracle(table, model, measured, in_context=in_context)
     layers = [g for g in prunable_layers(model.module, model.example_input()) if g.prunable]
     candidates = [_pruned(model, {g.name: round_width(max(1, int(g.out_channels * rng.uniform(min_ratio, 1.0))),
                                                       g.out_channels, round_to, g.channel_step) for g in layers})

@@ -1,0 +1,58 @@
+"""How wrong is the lookup table, with layers priced standalone and in context, on six nets at 224?
+
+For each model, `squeeze lut check` twice on the same random plans: every layer timed alone (`--standalone`),
+then priced in context from ONNX Runtime's profile of the whole model (the default). Each prints the median
+and p90 absolute error of the table alone and after recalibrating on the first plan's measurement. The nets:
+the zoo's MobileNetV2, ResNet-18 and DenseNet-121 (random weights: latency does not depend on them), and
+three of the tests' nets not used to develop the in-context entries (EfficientNet-B0-like with SE,
+ShuffleNetV2-like with channel shuffle, RegNetX-400MF-like with groups). Run it on a quiet machine: whole-model
+readings of a busy one move by more than the error being measured.
+
+    python benchmarks/lut_incontext.py [--models zoo:mobilenet_v2 ...] [--plans 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # testnets: the held-out-style nets
+
+from squeeze.measure.lut import LatencyTable  # noqa: E402
+from squeeze.model.loading import load_model  # noqa: E402
+from squeeze.prune.tables import check_table  # noqa: E402
+from squeeze.target import load_target  # noqa: E402
+
+MODELS = ("zoo:mobilenet_v2", "zoo:resnet18", "zoo:densenet121",
+          "testnets:efficientnet_b0", "testnets:shufflenet_v2", "testnets:regnet_x_400mf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--plans", type=int, default=10)
+    ap.add_argument("--target", default="host-cpu")
+    args = ap.parse_args()
+
+    target = load_target(args.target)
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print("| model | standalone: median / p90 alone | recalibrated | in context: median / p90 alone | recalibrated "
+          "| s |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.models:
+        model = load_model(spec, input_shape=None if spec.startswith("zoo:") else (1, 3, 224, 224))
+        t0 = time.perf_counter()
+        cells = []
+        for in_context in (False, True):
+            result = check_table(model, LatencyTable(target), args.plans, in_context=in_context)
+            (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
+            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% / {rp90:.1f}%"]
+        print(f"| {spec} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
