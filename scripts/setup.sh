@@ -9,7 +9,7 @@ fi
 . .venv/bin/activate
 # torch first, pinned: an unpinned torch (or a dependency asking for a newer one) pulls the CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,tvm]"
+python -m pip install -q -e ".[dev,tvm,ray]"
 # System packages some features need. As root on Debian/Ubuntu they are installed with apt here; elsewhere
 # setup says what is skipped, and the tests that need them skip, naming the package.
 # apt_install PACKAGE WHAT-IT-IS-FOR WHAT-SKIPS-WITHOUT-IT

@@ -630,22 +630,27 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, candidates: int = 12,
-                seed: int = 0, base_ratio: float = 1.0) -> dict[str, Any]:
+                seed: int = 0, base_ratio: float = 1.0, workers: int | None = None,
+                ray_address: str | None = None) -> dict[str, Any]:
     """`squeeze proxy check`: how well each cheap evaluation setting ranks `method`'s candidates against the full
-    one on this model and data; the rho of each is kept for the searches' reports."""
+    one on this model and data; the rho of each is kept for the searches' reports. `workers` / `ray_address`:
+    the candidates are fine-tuned as Ray tasks (squeeze.util.workers)."""
     from squeeze.data import load_data
     from squeeze.prune.proxy import proxy_check as check
     from squeeze.prune.proxy import record_rho, rho_key
+    from squeeze.util.workers import Workers
 
     if method not in ("netadapt", "amc"):
         raise SqueezeError(f"`squeeze proxy check` knows the candidates of netadapt and amc, not `{method}`.",
                            "Pass --method netadapt or --method amc.")
+    pool = Workers(workers, ray_address)  # a missing Ray or cluster fails before any work
     model = opts.load(model_spec)
     bundle = load_data(data, input_shape=model.input_shape, preprocessing=Preprocessing().over(model.preprocessing))
     _check_classes(model, bundle)
     short_term = get_pass("prune.netadapt").Options().short_term if method == "netadapt" else None
-    result = check(model, bundle, method, candidates, short_term, seed=seed, base_ratio=base_ratio)
+    with pool:
+        result = check(model, bundle, method, candidates, short_term, seed=seed, base_ratio=base_ratio, workers=pool)
     if base_ratio == 1:  # the rho a search's report quotes is the one measured on the original's candidates
         for row in result.rows:
             record_rho(rho_key(model.name, bundle.spec, method), row.proxy, row.agreement)
-    return {"model": model_spec, "data": bundle.spec, **result.to_json()}
+    return {"model": model_spec, "data": bundle.spec, **result.to_json(), "evaluation": pool.describe()}

@@ -70,7 +70,7 @@ def test_proxy_check_measures_rank_and_cost(digits_model, digits_data, tmp_path,
     # A quarter of the steps and of the samples costs less than the full evaluation of the same candidates.
     assert check.rows[0].cost_ratio < 1
     best = check.recommended
-    assert best is None or best.agreement.spearman >= 0.8
+    assert best is None or best.agreement.spearman_low >= 0.8
     record_rho("k", proxies[0], check.rows[0].agreement)
     assert last_rho("k", proxies[0]) == check.rows[0].agreement.spearman and last_rho("k", proxies[1]) is None
 

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from squeeze import api
-from squeeze.cli.common import (BatchSizeOpt, InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights, handles_errors,
-                                model_options, out, rpc_flags)
+from squeeze.cli.common import (BatchSizeOpt, InputShape, KeyOpt, RpcOpt, TargetOpt, TrackerOpt, TrustModel, Weights,
+                                handles_errors, model_options, out, rpc_flags)
 
 app = typer.Typer(help="Latency lookup tables: build them for a model's search space, check their error.",
                   no_args_is_help=True)

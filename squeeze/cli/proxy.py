@@ -27,17 +27,22 @@ def check(
                                      help="NetAdapt: cut the candidates from the model with every layer at this "
                                           "share of its channels (a late iteration's starting point)."),
     seed: int = typer.Option(0, "--seed"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fine-tune the candidates as Ray tasks "
+                                          "on a local Ray of N CPUs (pip install 'squeeze[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster to "
+                                              "fine-tune the candidates on."),
     input_shape: Optional[str] = InputShape,
     weights: Optional[str] = Weights,
     trust_model: bool = TrustModel,
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON here (- for stdout)."),
 ) -> None:
     """Score candidates under the full evaluation and under each proxy; print Spearman's rho (95% interval),
-    Kendall's tau, top-k overlap and cost, and recommend the cheapest proxy with rho >= 0.8."""
+    Kendall's tau, top-k overlap and cost, and recommend the cheapest proxy whose rho interval lies above 0.8."""
     from squeeze.report.render import proxy_view
 
     result = api.proxy_check(model, method, data, model_options(input_shape, weights, trust_model),
-                             candidates=candidates, seed=seed, base_ratio=from_ratio)
+                             candidates=candidates, seed=seed, base_ratio=from_ratio, workers=workers,
+                             ray_address=ray_address)
     if json_path == "-":
         print(json.dumps(result, indent=2))
         return

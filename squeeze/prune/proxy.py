@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from squeeze.util.cache import atomic_write_bytes, cache_dir
+from squeeze.util.workers import Workers
 from squeeze.errors import SqueezeError
 from squeeze.train.config import FineTuneConfig, ProxyConfig
 
 __all__ = ["CandidateEvaluator", "RankAgreement", "ProxyCheck", "ProxyRow", "rank_agreement", "rank_scores",
-           "proxy_grid", "proxy_check", "record_rho", "last_rho", "rho_key", "scaled_steps", "MIN_RHO"]
+           "fine_tuned", "task_threads", "proxy_grid", "proxy_check", "record_rho", "last_rho", "rho_key", "scaled_steps",
+           "MIN_RHO"]
 
-# EcoNAS keeps a proxy whose Spearman rho with the full setting is at least this.
+# EcoNAS keeps a proxy whose Spearman rho with the full setting is at least this (here: all of its interval).
 MIN_RHO = 0.8
 
 
@@ -110,6 +112,26 @@ class CandidateEvaluator:
         return self.train.base if isinstance(self.train, _Resized) else self.train
 
 
+def task_threads(workers: Workers, requested: int | None) -> int:
+    """Torch threads of each candidate's fine-tune: as requested; else this process's when serial, one on Ray
+    (a task holds one CPU). Results depend on the count (summation order), not on where the task runs."""
+    return requested or (1 if workers.on_ray else torch.get_num_threads())
+
+
+def fine_tuned(evaluator: CandidateEvaluator, module: torch.nn.Module, promoted: bool,
+               threads: int) -> tuple[dict[str, torch.Tensor], float]:
+    """`evaluator.score(module)` (`finish` if `promoted`) as one task, here or on a Ray worker: its weights after
+    the fine-tune and its accuracy. `threads` torch threads wherever it runs, so that the result does not depend
+    on where (fine_tune seeds itself from its config)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        accuracy = evaluator.finish(module) if promoted else evaluator.score(module)
+    finally:
+        torch.set_num_threads(before)
+    return module.state_dict(), accuracy
+
+
 def resolution_error(module: torch.nn.Module, input_shape: Sequence[int], scale: float) -> str | None:
     """Why `module` cannot run inputs scaled by `scale` per side; None when it can."""
     if scale == 1:
@@ -123,15 +145,27 @@ def resolution_error(module: torch.nn.Module, input_shape: Sequence[int], scale:
     return None
 
 
-def rank_scores(evaluator: CandidateEvaluator, modules: list[torch.nn.Module]) -> list[float]:
+def rank_scores(evaluator: CandidateEvaluator, modules: list[torch.nn.Module], workers: Workers | None = None,
+                threads: int | None = None) -> list[float]:
     """Each candidate's score under the evaluator's proxy; with `promote`, the proxy's best k finish the full
-    evaluation and rank above the rest (EcoNAS's hierarchical schedule)."""
-    scores = [evaluator.score(m) for m in modules]
+    evaluation and rank above the rest (EcoNAS's hierarchical schedule). The candidates are fine-tuned (in
+    place) as tasks of `workers` (default: serially here), `threads` torch threads each (`task_threads`)."""
+    workers = workers or Workers()
+    shared = workers.share(evaluator)
+    threads = task_threads(workers, threads)
+
+    def scored(chosen: list[torch.nn.Module], promoted: bool) -> list[float]:
+        results = workers.map(fine_tuned, shared, [(m, promoted, threads) for m in chosen], cpus=threads)
+        for module, (weights, _) in zip(chosen, results):
+            module.load_state_dict(weights)
+        return [accuracy for _, accuracy in results]
+
+    scores = scored(modules, False)
     k = evaluator.proxy.promote
     if k and not evaluator.proxy.is_full:
         top = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
-        for i in top:
-            scores[i] = 1 + evaluator.finish(modules[i])  # promoted ones outrank every unpromoted one
+        for i, accuracy in zip(top, scored([modules[i] for i in top], True)):
+            scores[i] = 1 + accuracy  # promoted ones outrank every unpromoted one
     return scores
 
 
@@ -246,8 +280,9 @@ class ProxyCheck:
 
     @property
     def recommended(self) -> ProxyRow | None:
-        """The cheapest proxy that keeps the ranking (rho >= 0.8), if any."""
-        kept = [r for r in self.rows if r.agreement.spearman >= MIN_RHO]
+        """The cheapest proxy that keeps the ranking: the lower end of rho's 95% interval >= 0.8 (a point estimate
+        of a dozen candidates can read 0.9 for a proxy whose interval reaches down to 0.5), if any."""
+        kept = [r for r in self.rows if r.agreement.spearman_low >= MIN_RHO]
         return min(kept, key=lambda r: r.cost_ratio) if kept else None
 
     def to_json(self) -> dict:
@@ -292,11 +327,13 @@ def _candidates(original, method: str, n: int, round_to: int, seed: int, min_rat
 
 def proxy_check(original, data, method: str, candidates: int, short_term: FineTuneConfig | None,
                 round_to: int = 8, proxies: list[ProxyConfig] | None = None, seed: int = 0,
-                on_row: Callable[[ProxyRow], None] = lambda _row: None, base_ratio: float = 1.0) -> ProxyCheck:
+                on_row: Callable[[ProxyRow], None] = lambda _row: None, base_ratio: float = 1.0,
+                workers: Workers | None = None) -> ProxyCheck:
     """Score `candidates` candidates of `method` under the full setting and under each proxy, with the same
     starting weights; `short_term` is the method's per-candidate fine-tune (None: scored without one).
     `base_ratio` < 1: NetAdapt's candidates are cut from the model at that share of every layer's channels,
-    where a late iteration compares them (a proxy that ranks first cuts well may rank late ones badly)."""
+    where a late iteration compares them (a proxy that ranks first cuts well may rank late ones badly). On
+    `workers`, each setting's candidates are fine-tuned at once."""
     from squeeze import progress
 
     modules = _candidates(original, method, candidates, round_to, seed, base_ratio=base_ratio)
@@ -304,12 +341,12 @@ def proxy_check(original, data, method: str, candidates: int, short_term: FineTu
                                  resolution_error(original.module, original.input_shape, 0.5) is None)
     with progress.task(f"proxy check ({method})", total=1 + len(grid), unit="settings") as step:
         full_ev = CandidateEvaluator(data.train, data.val, short_term, ProxyConfig(), seed)
-        full, full_seconds = timed(lambda: rank_scores(full_ev, fresh(modules)))
+        full, full_seconds = timed(lambda: rank_scores(full_ev, fresh(modules), workers))
         step.advance(1)
         rows = []
         for proxy in grid:
             ev = CandidateEvaluator(data.train, data.val, short_term, proxy, seed)
-            scores, seconds = timed(lambda: rank_scores(ev, fresh(modules)))
+            scores, seconds = timed(lambda: rank_scores(ev, fresh(modules), workers))
             rows.append(ProxyRow(proxy, seconds, seconds / full_seconds, rank_agreement(scores, full, seed=seed)))
             on_row(rows[-1])
             step.advance(1, rho=f"{rows[-1].agreement.spearman:.2f}")

@@ -297,7 +297,13 @@ def proxy_view(result: dict) -> Group:
         table.add_row(r["label"], f"{r['spearman']:.2f} [{r['spearman_low']:.2f}, {r['spearman_high']:.2f}]",
                       f"{r['kendall']:.2f}", f"{r['top_k_overlap']:.0%} of {r['top_k']}", f"{r['cost_ratio']:.2f}x")
     best = result["recommended"]
-    line = (Text(f"recommended: {best['label']} (rho {best['spearman']:.2f}, {best['cost_ratio']:.2f}x the cost): "
-                 f"pass it as the search's proxy option", style="green") if best else
-            Text(f"no proxy keeps the ranking (rho >= {result['min_rho']}): evaluate candidates in full", style="yellow"))
-    return Group(table, line)
+    line = (Text(f"recommended: {best['label']} (rho {best['spearman']:.2f} [{best['spearman_low']:.2f}, "
+                 f"{best['spearman_high']:.2f}], {best['cost_ratio']:.2f}x the cost): pass it as the search's proxy "
+                 "option", style="green") if best else
+            Text(f"no proxy keeps the ranking with confidence (rho's interval above {result['min_rho']}): evaluate "
+                 "candidates in full, or check more candidates (--candidates) for narrower intervals", style="yellow"))
+    lines = [table, line]
+    if result["method"] == "netadapt" and base == 1:
+        lines.append(Text("Late iterations compare cuts of a thinner model, which recover differently: check the "
+                          "proxy there too (--from-ratio 0.4) before a deep search.", style="dim"))
+    return Group(*lines)

@@ -7,7 +7,8 @@ data, each proposal is fine-tuned briefly and evaluated on the held-out split, a
 (by accuracy, or by the smallest accuracy drop per unit of resource saved). Without data, the proposal
 that keeps the largest fraction of its group's original channels wins: the layer that gives up the
 fewest channels for the same saving. After the budget is met (measured, for latency), a long-term
-fine-tune follows.
+fine-tune follows. With `workers` or `ray_address` the proposals' fine-tunes and evaluations run as Ray tasks
+(squeeze.util.workers), once every proposal of the iteration is built and measured; the result is the same.
 
 Measured latency is noisy and, under load, not monotone in the width. So: readings are ratios to the
 original timed interleaved, sampled until their interval is narrower than the iteration's step; before
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
     from squeeze.data import DataBundle
     from squeeze.model.loading import LoadedModel
     from squeeze.prune.budget import Resource, ResolvedBudget
-    from squeeze.prune.proxy import CandidateEvaluator
     from squeeze.prune.resume import SearchProgress
     from squeeze.prune.search import Candidate, IterationRecord, SearchResult
+    from squeeze.util.workers import Workers
 
 __all__ = ["NetAdaptOptions", "NetAdaptPass", "netadapt"]
 
@@ -53,6 +54,13 @@ class NetAdaptOptions(PruneOptions):
     short_term: FineTuneConfig = FineTuneConfig(optimizer="sgd", lr=0.001, iterations=100)
     proxy: ProxyConfig = Field(ProxyConfig(), description="cheaper proposal evaluation (EcoNAS); check that it "
                                "keeps the ranking with `squeeze proxy check`")
+    workers: int | None = Field(None, ge=1, description="fine-tune and evaluate the proposals as Ray tasks on a "
+                                "local Ray of this many CPUs (pip install 'squeeze[ray]')")
+    ray_address: str | None = Field(None, pattern=r"^[^:\s]+:\d+$", description="HOST:PORT of a running Ray "
+                                    "cluster to evaluate the proposals on, instead of workers")
+    proposal_threads: int | None = Field(None, ge=1, description="torch threads of each proposal's fine-tune "
+                                         "(default: all of this process's when serial, 1 per Ray task); the same "
+                                         "count gives the same result wherever it runs")
 
 
 @register_pass
@@ -74,10 +82,12 @@ class _Proposals:
     """One NetAdapt iteration's proposals from the current model."""
 
     def __init__(self, current: Candidate, original_widths: dict[str, int], resource: Resource,
-                 opts: NetAdaptOptions, data: DataBundle | None, evaluator: CandidateEvaluator | None) -> None:
+                 opts: NetAdaptOptions, data: DataBundle | None, evaluator: Any, workers: Workers,
+                 threads: int) -> None:
+        """`evaluator`: the search's CandidateEvaluator as `workers` shared it; `threads` per fine-tune."""
         self.current, self.original_widths, self.resource, self.opts, self.data = (
             current, original_widths, resource, opts, data)
-        self.evaluator = evaluator
+        self.evaluator, self.workers, self.threads = evaluator, workers, threads
         from squeeze.prune.search import taylor_batch
 
         self.batch = taylor_batch(data, opts.importance)
@@ -128,16 +138,24 @@ class _Proposals:
         steps = [(layer.name, width_grid(layer, self.opts.round_to)[-1]) for layer in layers]
         return {name: (width, value) for (name, width), value in zip(steps, self.price(steps))}
 
-    def evaluate(self, cand: Candidate, promoted: bool = False) -> Candidate:
-        """Short fine-tune and held-out top-1 (cut by the proxy; a promoted proposal finishes both in full)."""
-        module = cand.model.module
-        cand.accuracy = self.evaluator.finish(module) if promoted else self.evaluator.score(module)
-        if self.opts.select == "accuracy":
-            cand.score = cand.accuracy
-        else:  # smallest accuracy drop per unit of resource saved
-            saved = max(self.current.resource - cand.resource, 1e-12)
-            cand.score = -(self.current.accuracy - cand.accuracy) / saved
-        return cand
+    def evaluate(self, cands: list[Candidate], promoted: bool = False) -> None:
+        """Short fine-tune and held-out top-1 of each (cut by the proxy; a promoted proposal finishes both in
+        full), all at once on the workers; each candidate goes on from its fine-tuned weights."""
+        from squeeze.prune.proxy import fine_tuned
+
+        tasks = [(c.model.module, promoted, self.threads) for c in cands]
+        with progress_task(f"{'promoted' if promoted else 'proposals'} of this iteration", total=len(cands),
+                           unit="fine-tuned") as bar:
+            results = self.workers.map(fine_tuned, self.evaluator, tasks, cpus=self.threads,
+                                       on_done=lambda: bar.advance(1))
+        for cand, (weights, accuracy) in zip(cands, results):
+            cand.model.module.load_state_dict(weights)
+            cand.accuracy = accuracy
+            if self.opts.select == "accuracy":
+                cand.score = accuracy
+            else:  # smallest accuracy drop per unit of resource saved
+                saved = max(self.current.resource - cand.resource, 1e-12)
+                cand.score = -(self.current.accuracy - accuracy) / saved
 
     def choose(self, widths: dict[str, tuple[int, float]]) -> tuple[Candidate, list[dict[str, Any]]]:
         """The winning proposal (built) and a record of every proposal.
@@ -153,11 +171,15 @@ class _Proposals:
             records = [{"layer": n, "width": w, "resource": v, "accuracy": None, "score": scored[n][0]}
                        for n, (w, v) in widths.items()]
             return best, records
-        props = [self.evaluate(self.candidate(name, w)) for name, (w, _) in widths.items()]
+        # Every proposal is built, and so measured, before any is fine-tuned: a latency reading on the host must
+        # not share it with fine-tunes running in parallel.
+        props = [self.candidate(name, w) for name, (w, _) in widths.items()]
+        self.evaluate(props)
         promoted = set()
         if self.opts.proxy.promote and not self.opts.proxy.is_full:  # EcoNAS: the proxy's best few in full
-            for c in sorted(props, key=lambda c: (c.score, -c.resource), reverse=True)[:self.opts.proxy.promote]:
-                promoted.add(id(self.evaluate(c, promoted=True)))
+            top = sorted(props, key=lambda c: (c.score, -c.resource), reverse=True)[:self.opts.proxy.promote]
+            self.evaluate(top, promoted=True)
+            promoted = {id(c) for c in top}
         best = max(props, key=lambda c: (id(c) in promoted, c.score, -c.resource))
         return best, [{"layer": p.layer, "width": p.width, "resource": p.resource, "accuracy": p.accuracy,
                        "score": p.score} for p in props]
@@ -195,7 +217,11 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
     from squeeze.prune.budget import BudgetError, check_reachable, confirm_floor
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.search import SMALLEST, Candidate, SearchResult, shrinkable, smallest_model
+    from squeeze.prune.proxy import task_threads
+    from squeeze.util.workers import Workers
 
+    workers = Workers(opts.workers, opts.ray_address) if data is not None else Workers()
+    threads = task_threads(workers, opts.proposal_threads)
     t_start = time.perf_counter()
     x = original.example_input()
     original_widths = prunable_layers(original.module, x).widths()
@@ -222,7 +248,11 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
     def _reduced(c) -> float:
         return min(100.0, 100.0 * (budget.original - c.resource) / span)
 
-    with progress_task(f"NetAdapt to {budget.target:.4g} {budget.resource}", total=100, unit="% of the way") as bar:
+    with workers, progress_task(f"NetAdapt to {budget.target:.4g} {budget.resource}", total=100,
+                                unit="% of the way") as bar:
+        shared = workers.share(evaluator)  # the data sets go to the workers once, not with every task
+        if data is not None:
+            result.extra["evaluation"] = {**workers.describe(), "proposal_threads": threads}
         bar_at = _reduced(current)
         bar.advance(bar_at)
         while current.resource > budget.target:
@@ -237,7 +267,7 @@ def netadapt(original: LoadedModel, budget: ResolvedBudget, resource: Resource, 
                 current.resource = confirm_floor("NetAdapt", current.model, budget, resource, SMALLEST)
                 break
             step = opts.initial_reduction * budget.original * opts.decay ** i
-            proposals = _Proposals(current, original_widths, resource, opts, data, evaluator)
+            proposals = _Proposals(current, original_widths, resource, opts, data, shared, workers, threads)
             target, widths_found = _widths_for_step(proposals, layers, current.resource, step, budget, opts)
             best, records = proposals.choose(widths_found)
             measured = None
