@@ -215,3 +215,31 @@ def test_check_table_says_where_each_layer_figure_came_from():
         assert set(row.sources) == set(layer_configs(_tiny_mobilenet().module, torch.zeros(1, 3, 32, 32)))
         assert set(row.sources.values()) <= {"in-context", "scaled"}
     assert result.to_json()["rows"][1]["source_counts"] == result.rows[1].source_counts
+
+
+def test_the_constant_fits_what_the_layers_miss_but_not_a_cliff():
+    from squeeze.measure.lut import fit_table_constant
+
+    # Layers say 0.5, the model measures 0.6: 2 ms of the reference's 10 do not scale with the layers.
+    c = fit_table_constant(4.0, 8.0, 0.6)
+    assert (4.0 + c) / (8.0 + c) == pytest.approx(0.6) and c == pytest.approx(2.0)
+    # Layers say faster, the model measures slower than the reference (a grouped net at awkward widths): no
+    # constant explains that, and one fitted to it would halve every other prediction. The current one stays.
+    assert fit_table_constant(6.5, 8.0, 1.04, current_ms=0.3) == 0.3
+    assert fit_table_constant(9.0, 8.0, 0.9, current_ms=0.0) == 0.0
+
+
+def test_lut_check_names_plans_slower_than_the_original():
+    from rich.console import Console
+
+    from squeeze.prune.tables import CheckResult, CheckRow
+    from squeeze.report.render import lut_check_view
+
+    rows = [CheckRow(0, 200, 5.3, 6.7), CheckRow(1, 300, 5.9, 5.8, 5.9), CheckRow(2, 130, 4.0, 6.6, 4.1)]
+    result = CheckResult(rows, reference_ms=6.5, constant_ms=0.0)
+    assert result.slower_plans == [0, 2] and result.to_json()["slower_plans"] == [0, 2]
+    console = Console(width=200, record=True)
+    console.print(lut_check_view(result, "regnet", "host-cpu"))
+    text = " ".join(console.export_text().split())
+    assert "2 of 3 plans (plan 0, 2) measured slower than the original" in text
+    assert "--latency-source measured" in text

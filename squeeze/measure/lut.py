@@ -338,8 +338,12 @@ def fit_table_constant(layers_ms: float, reference_layers_ms: float, measured_ra
                        current_ms: float = 0.0) -> float:
     """C with (layers_ms + C) / (reference_layers_ms + C) = measured_ratio: what a table's layers miss
     (pooling, adds, per-call overhead), fitted to a model's measured ratio to its reference. Within 2% of 1
-    the fit divides noise by noise, so `current_ms` is kept; C is held within [-0.5, 10] x reference_layers_ms."""
-    if abs(measured_ratio - 1) <= 0.02:
+    the fit divides noise by noise, so `current_ms` is kept; C is held within [-0.5, 10] x reference_layers_ms.
+    A model the layers call faster that measures slower (or the reverse) is a cliff the runtime takes at those
+    widths (a layout or kernel change), not a missing constant: fitted, C would skew every other prediction, so
+    `current_ms` is kept then too."""
+    table_ratio = layers_ms / reference_layers_ms
+    if abs(measured_ratio - 1) <= 0.02 or (measured_ratio - 1) * (table_ratio - 1) < 0:
         return current_ms
     c = (layers_ms - measured_ratio * reference_layers_ms) / (measured_ratio - 1)
     return min(max(c, -0.5 * reference_layers_ms), 10 * reference_layers_ms)

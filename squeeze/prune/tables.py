@@ -76,9 +76,15 @@ class CheckResult:
             return float("nan"), float("nan")
         return statistics.median(errs), errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
 
+    @property
+    def slower_plans(self) -> list[int]:
+        """Plans that measured slower than the original although every layer kept at most its channels: a cliff
+        the runtime takes at those widths (layout, kernel choice), which no sum of layers prices."""
+        return [r.plan for r in self.rows if r.measured_ms > self.reference_ms]
+
     def to_json(self) -> dict:
         (med, p90), (rmed, rp90) = self.summary(), self.summary(recalibrated=True)
-        return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms,
+        return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms, "slower_plans": self.slower_plans,
                 "median_abs_error_pct": med, "p90_abs_error_pct": p90,
                 "recalibrated_median_abs_error_pct": rmed, "recalibrated_p90_abs_error_pct": rp90,
                 "rows": [{**asdict(r), "error_pct": r.error_pct, "recalibrated_error_pct": r.recalibrated_error_pct,

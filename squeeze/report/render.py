@@ -263,11 +263,18 @@ def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
         t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}",
                   f"{r.error_pct:+.1f}%", *recal, priced)
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-    return Group(t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after recalibrating on plan 0: "
-                    f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
-                    "with the original, scaled by its latency; layers priced: standalone = timed alone, in-context = "
-                    "profiled inside the model, scaled = in-context at the nearest profiled width x the ratio of the "
-                    "standalone entries)")
+    lines = [t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after recalibrating on plan 0: "
+                f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
+                "with the original, scaled by its latency; layers priced: standalone = timed alone, in-context = "
+                "profiled inside the model, scaled = in-context at the nearest profiled width x the ratio of the "
+                "standalone entries)"]
+    if slower := result.slower_plans:
+        lines.append(Text(f"{len(slower)} of {len(result.rows)} plans (plan {', '.join(map(str, slower))}) measured "
+                          "slower than the original with fewer channels in every layer: the runtime changes layout or "
+                          "kernel at those widths, which no sum of layers prices. Searches on this model should "
+                          "measure candidates (--latency-source measured) rather than trust the table.",
+                          style="yellow"))
+    return Group(*lines)
 
 
 _STEP_STYLES = {"pass": "green", "fail": "bold red", "skip": "dim"}
