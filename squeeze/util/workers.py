@@ -53,8 +53,9 @@ class Workers:
             if self.address is not None:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                # ERROR: a Ray of our own has nothing to warn the user of (its token set-up is Ray's business).
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+                         object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR)
         except Exception as exc:  # Ray raises several kinds (ConnectionError, RuntimeError, ValueError)
             where = f"the Ray cluster at {self.address}" if self.address else f"a local Ray with {self.workers} CPUs"
             fix = ("Check the address (`ray status --address HOST:PORT`) or run without --workers/--ray-address."
