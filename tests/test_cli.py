@@ -410,7 +410,7 @@ def test_progress_off_a_terminal_is_plain_lines_throttled_and_quiet_hides_it(cli
         bar.advance(10, best="conv2 -> 16")  # 20 s: a line
         bar.advance(80, best="conv3 -> 8")  # 21 s: too soon again
     assert buf.getvalue().splitlines() == [
-        "NetAdapt to 0.05 latency_ms: 100 %",
+        "NetAdapt to 0.05 latency_ms: 0/100 %",
         "NetAdapt to 0.05 latency_ms: 20/100 % best conv2 -> 16 (20 s)",
         "NetAdapt to 0.05 latency_ms: done, 100/100 % in 30.0 s (best conv3 -> 8)",
     ]

@@ -243,3 +243,13 @@ def test_lut_check_names_plans_slower_than_the_original():
     text = " ".join(console.export_text().split())
     assert "2 of 3 plans (plan 0, 2) measured slower than the original" in text
     assert "--latency-source measured" in text
+
+
+def test_lut_check_standalone_at_a_batch_times_table_and_plans_there():
+    from squeeze import api
+
+    loaded, table, result = api.lut_check("zoo:digits-cnn", HOST, api.ModelOptions(), plans=2, batch_size=2,
+                                          in_context=False)
+    assert table.protocol.batch_size == 2 and table.scope != LatencyTable(HOST).scope
+    assert all(set(r.sources.values()) == {"standalone"} for r in result.rows)
+    assert len(result.rows) == 2 and all(r.measured_ms > 0 for r in result.rows)

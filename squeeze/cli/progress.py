@@ -99,7 +99,7 @@ class PlainReporter:
 
     def open(self, description: str, total: float | None, unit: str) -> _Line:
         line = _Line(self.console, self.every, description, total, unit)
-        line.say(f"{description} ..." if total is None else f"{description}: {total:g} {unit or 'steps'}")
+        line.say(f"{description} ..." if total is None else f"{description}: 0/{total:g} {unit or 'steps'}")
         return line
 
     def close(self, task: _Line) -> None:
