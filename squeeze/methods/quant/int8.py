@@ -284,8 +284,10 @@ def plan_int8(state: ModelState, ctx: PassContext, opts, parity: ParitySource | 
             f"The int8 model ({chosen.label()}) is not faster than fp32 on `{ctx.target.name}`: measured speedup "
             f"{speedup.ratio:.3f}x [{speedup.low:.3f}, {speedup.high:.3f}] (95% interval, interleaved). Nothing was "
             "written.",
-            "Re-run with --auto-exclude to keep the layers that quantize well and leave the others in float "
-            "(measured per layer), or let squeeze choose the types (--activation-type auto).")
+            "Re-run with --auto-exclude (in a recipe: `options: {auto_exclude: true}` on the quant.int8 stage) to "
+            "keep the layers that quantize well and leave the others in float (measured per layer)"
+            + (", or let squeeze choose the types (--activation-type auto)." if opts.activation_type != "auto" else
+               "; every activation/weight type was measured already."))
     return _auto_exclude(Int8Plan(fp32, calibration, chosen, quantize(chosen), speedup, parity, record),
                          ctx, opts, goal, layers, confirm)
 
