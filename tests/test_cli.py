@@ -295,8 +295,8 @@ def test_a_model_that_fails_in_the_runtime_gets_one_paragraph(tmp_path, kind):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "squeeze/measure/worker.py" in debug.stderr
 
 
-# Flags of other programs that squeeze's messages quote (TVM's rpc_server, nvcc); everything else must exist.
-FOREIGN_FLAGS = {"--host", "--port", "--custom-addr", "--cubin", "--help"}
+# Flags of other programs that squeeze's messages quote (TVM's rpc_server, nvcc, ray start|status).
+FOREIGN_FLAGS = {"--host", "--port", "--custom-addr", "--cubin", "--help", "--head", "--address"}
 
 
 def _cli_options() -> set[str]:
