@@ -45,6 +45,7 @@ def fake_target(tmp_path_factory):
     patch.undo()
 
 
+@pytest.mark.slow
 def test_the_fake_runtime_is_deterministic_and_sees_size(fake_target, tmp_path):
     """What the matrix relies on: the same file reads the same, and a model with fewer weights reads faster."""
     report = api.compress("zoo:digits-cnn", tmp_path / "p", "prune.uniform", target=str(fake_target),
@@ -120,6 +121,7 @@ class ToyPass(Pass):
 '''
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_module_and_nothing_else(tmp_path):
     """Adding a method is one file under squeeze/methods/: the CLI, `squeeze list`, recipe validation and this
     contract matrix see it with no other edit (checked on a copy of the package with the one file added)."""

@@ -200,6 +200,7 @@ def test_macs_prices_fall_with_the_scale(digits):
     assert isinstance(prices, BranchPrices) and prices.full == full
 
 
+@pytest.mark.slow
 def test_lut_check_covers_an_mdp_pruned_model(digits):
     """`squeeze lut check` on an MDP result: its random channel plans keep the scales, and the table prices the
     pools and resizes as entries of their own."""
@@ -351,6 +352,7 @@ def test_width_effects_price_a_pruned_3d_net():
         assert effects.configs_at(layer.name, width) == layer_configs(pruned, x), layer.name
 
 
+@pytest.mark.slow
 def test_mdp_on_a_3d_net_searches_time_and_space(tmp_path):
     """prune.mdp on a Conv3d net and fashion-motion clips, with temporal scales allowed: the budget is met, the
     record names (t, h, w) scales, and the checkpoint replays to the exported model."""

@@ -59,6 +59,7 @@ def test_a_resolution_proxy_needs_global_pooling():
         ev.check_model(flat, (1, 1, 16, 16))
 
 
+@pytest.mark.slow
 def test_proxy_check_measures_rank_and_cost(digits_model, digits_data, tmp_path, monkeypatch):
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
     proxies = [ProxyConfig(eval_fraction=0.25, iterations_fraction=0.25), ProxyConfig(eval_fraction=0.5)]

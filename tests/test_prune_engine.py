@@ -393,7 +393,9 @@ def test_conv3d_macs_are_counted_by_hand():
     assert summarize(loaded).macs == 8 * 3 * 27 * voxels + 8 * 8 * 9 * voxels + 8 * 4
 
 
-@pytest.mark.parametrize("name", sorted(HELD_OUT_SHAPES))
+# The slowest two are opt-in (-m slow): the width-effects test below covers their graphs by default.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("tiny_inception_v3", "tiny_convnext")
+                                  else n for n in sorted(HELD_OUT_SHAPES)])
 def test_cli_prunes_held_out_architecture_to_half_the_macs(tmp_path, name):
     from squeeze.cli.app import app
 
@@ -681,7 +683,7 @@ def test_grouped_conv_plan_must_keep_the_same_positions_per_group():
 
 
 # R3D is left out: lookup tables price Conv2d, Linear and BatchNorm2d layers only.
-@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", "densenet121", "grouped",
+@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", pytest.param("densenet121", marks=pytest.mark.slow), "grouped",
                                   "tiny_shufflenet_v2", "tiny_convnext", "tiny_inception_v3"])
 def test_width_effects_equal_the_layer_configs_of_the_pruned_model(name):
     """The configurations a lookup table prices for "group at width w" are those of the model really

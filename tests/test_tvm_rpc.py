@@ -248,6 +248,7 @@ def two_boards():
     trk.terminate()
 
 
+@pytest.mark.slow
 def test_a_lookup_table_build_uses_both_boards_and_survives_one_dying(two_boards, tmp_path, monkeypatch):
     import threading
 

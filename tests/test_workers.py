@@ -90,6 +90,7 @@ def test_proposals_on_two_ray_workers_give_the_serial_result(digits):
     assert parallel.extra["evaluation"] == {"runner": "ray", "workers": 2, "address": "local", "proposal_threads": 1}
 
 
+@pytest.mark.slow
 def test_cli_workers_reports_ray_and_a_ctrl_c_shuts_it_down(tmp_path, monkeypatch):
     pytest.importorskip("ray", reason=NEEDS_RAY)
     import ray
@@ -153,6 +154,7 @@ def test_a_task_error_comes_back_as_the_error_itself():
     assert ray_processes() == []
 
 
+@pytest.mark.slow
 def test_proxy_ranking_with_promotion_on_ray_equals_serial(digits):
     pytest.importorskip("ray", reason=NEEDS_RAY)
     from squeeze.prune.proxy import CandidateEvaluator, _candidates, fresh, rank_scores
