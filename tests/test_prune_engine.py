@@ -683,7 +683,8 @@ def test_grouped_conv_plan_must_keep_the_same_positions_per_group():
 
 
 # R3D is left out: lookup tables price Conv2d, Linear and BatchNorm2d layers only.
-@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", pytest.param("densenet121", marks=pytest.mark.slow), "grouped",
+@pytest.mark.parametrize("name", ["digits-cnn", "resnet18", "mobilenet_v2", "grouped",
+                                  pytest.param("densenet121", marks=pytest.mark.slow),
                                   "tiny_shufflenet_v2", "tiny_convnext", "tiny_inception_v3"])
 def test_width_effects_equal_the_layer_configs_of_the_pruned_model(name):
     """The configurations a lookup table prices for "group at width w" are those of the model really
