@@ -274,7 +274,7 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     from squeeze.measure.oracle import MeasuredOracle
     from squeeze.model.loading import checkpoint_bytes
     from squeeze.model.summary import summarize
-    from squeeze.prune.resume import open_run, run_fingerprint
+    from squeeze.prune.resume import keep_finished, open_run, reuse_finished, run_fingerprint
     from squeeze.report.html import report_files
 
     recipe = load_recipe(recipe_ref) if isinstance(recipe_ref, str) else recipe_ref
@@ -304,14 +304,25 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
         ctx.checkpoint = checkpoints.stage(index)
+        if (entry := reuse_finished(ctx.checkpoint, state)) is not None:
+            stages.append(entry)
+            continue
         ctx.budget = stage.budget if stage.own_budget else recipe.budget
         if not stage.own_budget and recipe.budget and index:  # what the earlier stages left of the recipe's
             reached = _reached(recipe.budget, original, original_artifact, state, ctx)
             ctx.budget = remaining_budget(recipe.budget, reached)
-        state, record = get_pass(stage.method)(stage.typed_options()).run(state, ctx)
+        received = state.model
+        try:
+            state, record = get_pass(stage.method)(stage.typed_options()).run(state, ctx)
+        except SqueezeError as exc:
+            if any(i < index for i in checkpoints.kept()):  # a later stage's fix need not cost the searches before
+                exc.fix = (f"{exc.fix} The stages before it are kept in {checkpoints.folder}: the same command "
+                           f"with --resume (once fixed) reuses them and starts at stage {index + 1} ({stage.method}).")
+            raise
         stages.append({"method": stage.method, "seconds": round(time.perf_counter() - t0, 3), "record": record,
                        "budget": ctx.budget.model_dump(exclude_none=True) if ctx.budget else None,
                        "budget_from": "stage" if stage.own_budget else "recipe" if recipe.budget else None})
+        keep_finished(ctx.checkpoint, received, state, stages[-1])
     state = ensure_artifact(state, ctx)
     final = summarize(state.model)
     latency = _compare(original_artifact, state.artifact, target, protocol, use_cache)

@@ -233,3 +233,40 @@ def test_damaged_progress_is_a_clear_error(stopped, tmp_path):
     assert_clean_error(r, f"The progress kept in {partial_dir(out)} cannot be read (JSONDecodeError",
                        "Start over without --resume, with --force")
     assert not out.exists()
+
+
+TWO_STAGES = RECIPE + """\
+  - method: prune.uniform
+    budget: {macs_ratio: %s}
+    options:
+      long_term: {epochs: 1}
+"""
+
+
+def test_a_later_stage_that_fails_keeps_the_search_before_it_for_a_resume(uninterrupted, tmp_path, monkeypatch):
+    """The user fixes the failing stage's options; --resume reuses the finished NetAdapt instead of repeating it."""
+    recipe, out = tmp_path / "two.yaml", tmp_path / "out"
+    recipe.write_text(TWO_STAGES % 0.01)
+    saved = saves_until(monkeypatch, None)
+    r = invoke("run", recipe, "zoo:digits-cnn", "--out", out)
+    assert_clean_error(r, "budget", f"The stages before it are kept in {partial_dir(out)}: the same command with "
+                       "--resume (once fixed) reuses them and starts at stage 2 (prune.uniform).")
+    assert saved == [1, 2, 3] and not out.exists()
+    assert sorted(p.name for p in (partial_dir(out) / "stage-0").iterdir()) == ["finished.json", "finished.pt"]
+
+    recipe.write_text(TWO_STAGES % 0.5)
+    saved.clear()
+    r = invoke("run", recipe, "zoo:digits-cnn", "--out", out, "--resume")
+    assert r.exit_code == 0, r.stderr
+    assert saved == []  # NetAdapt did not run again
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["stages"][0]["record"]["plan"] == uninterrupted[1]["plan"]
+    assert rep["stages"][1]["method"] == "prune.uniform" and rep["final"]["macs"] <= 0.5 * rep["original"]["macs"]
+    assert not partial_dir(out).exists()
+
+    # What the kept stage depends on may not change: the first stage's options are still compared.
+    recipe.write_text((TWO_STAGES % 0.01).replace("initial_reduction: 0.1", "initial_reduction: 0.2"))
+    assert invoke("run", recipe, "zoo:digits-cnn", "--out", tmp_path / "b").exit_code == 2
+    recipe.write_text(TWO_STAGES % 0.5)
+    r = invoke("run", recipe, "zoo:digits-cnn", "--out", tmp_path / "b", "--resume")
+    assert_clean_error(r, "method options[0].initial_reduction (0.2 then, 0.1 now)")

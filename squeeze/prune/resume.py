@@ -7,9 +7,15 @@ all-or-nothing staging: Ctrl-C or a crash leaves it, a run that writes its outpu
     run.json                 {"version": 1, "fingerprint": {what the run depends on, as the user gave it}}
     stage-<i>/state.json     stage i's search after its last finished iteration (plain JSON: plan, history...)
     stage-<i>/weights-<n>.pt that iteration's fine-tuned state_dict and the RNG states (loads weights_only)
+    stage-<i>/finished.json  once stage i has finished: its report entry and the plan of the model it passed on
+    stage-<i>/finished.pt    that model's state_dict (after its long-term fine-tune)
 
 state.json names its weights file and is replaced after that file is written, so a stop at any moment leaves
-a matching pair.
+a matching pair; finished.json is written after finished.pt.
+
+A resumed run must match the stopped one in the model, data, budget and target, and in every stage up to the
+last one that saved something; later stages may differ. So when a later stage fails (int8 measured not faster,
+say), the user fixes its options and `--resume` reuses the finished search instead of repeating it.
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ from squeeze.util.cache import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     from squeeze.measure.lut import TableOracle
-    from squeeze.methods.base import Pass
+    from squeeze.methods.base import ModelState, Pass
+    from squeeze.model.loading import LoadedModel
     from squeeze.recipe import Recipe
 
-__all__ = ["RunCheckpoint", "StageCheckpoint", "SearchProgress", "open_run", "run_fingerprint"]
+__all__ = ["RunCheckpoint", "StageCheckpoint", "SearchProgress", "keep_finished", "open_run", "reuse_finished",
+           "run_fingerprint"]
 
 log = logging.getLogger("squeeze.prune")
 
 VERSION = 1
 RUN_FILE, STATE_FILE = "run.json", "state.json"
+FINISHED_FILE, FINISHED_WEIGHTS = "finished.json", "finished.pt"
+STAGE_KEYS = ("methods", "method options", "stage budgets")  # the fingerprint's per-stage lists
 
 
 def run_fingerprint(recipe: Recipe, model_spec: str, weights: str | None, input_shape: tuple[int, ...] | None,
@@ -82,14 +92,19 @@ class RunCheckpoint:
     def stage(self, index: int) -> StageCheckpoint | None:
         return StageCheckpoint(self, self.folder / f"stage-{index}") if index in self.resumable_stages else None
 
+    def kept(self) -> list[int]:
+        """The stages a stopped run saved something of (progress or a finished result), ascending."""
+        saved = {p.parent.name for name in (FINISHED_FILE, STATE_FILE) for p in self.folder.glob(f"stage-*/{name}")}
+        return sorted(int(name.removeprefix("stage-")) for name in saved if name.removeprefix("stage-").isdigit())
+
     def discard(self) -> None:
         """The run wrote its outputs: its progress is of no more use."""
         if self.resumable_stages:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _write_run_file(self) -> None:
+    def _write_run_file(self, replace: bool = False) -> None:
         path = self.folder / RUN_FILE
-        if not path.exists():
+        if replace or not path.exists():
             run = {"version": VERSION, "fingerprint": self.fingerprint}
             atomic_write_bytes(path, json.dumps(run, indent=2).encode())
             log.info(f"progress is saved after every iteration in {self.folder}: if the run stops, the same command "
@@ -110,7 +125,11 @@ def open_run(out_dir: Path, fingerprint: dict[str, Any], passes: list[type[Pass]
                            f"as they go: {resumable}).", "Run it again without --resume; it starts over.")
     run = RunCheckpoint(folder, json.loads(json.dumps(fingerprint)), resume, stages)
     if resume:
-        _check_same_run(folder, run.fingerprint)
+        later = _check_same_run(folder, run.fingerprint, (run.kept() or [-1])[-1] + 1)
+        if later:
+            log.info("stages after the ones the stopped run kept differ from its (they run as given now): "
+                     + "; ".join(later))
+            run._write_run_file(replace=True)
     elif stages and folder.exists():
         if not force:
             raise SqueezeError(f"{folder} holds the progress of a stopped run writing to {out_dir}.",
@@ -119,7 +138,9 @@ def open_run(out_dir: Path, fingerprint: dict[str, Any], passes: list[type[Pass]
     return run
 
 
-def _check_same_run(folder: Path, fingerprint: dict[str, Any]) -> None:
+def _check_same_run(folder: Path, fingerprint: dict[str, Any], kept: int) -> list[str]:
+    """Refuse a resume whose arguments differ from the stopped run's in anything its first `kept` stages
+    depend on; return the differences in the later stages."""
     path = folder / RUN_FILE
     if not path.exists():
         raise SqueezeError(f"--resume: nothing to resume, no stopped run left its progress in {folder}.",
@@ -128,12 +149,20 @@ def _check_same_run(folder: Path, fingerprint: dict[str, Any]) -> None:
         saved = json.loads(path.read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _damaged(folder, exc) from None
-    differences = _differences(saved, fingerprint, "")
+    differences = _differences(_first_stages(saved, kept), _first_stages(fingerprint, kept), "")
     if differences:
         raise SqueezeError("--resume continues a stopped run with the same arguments, and these differ from the "
                            f"stopped run's: {'; '.join(differences)}.",
                            "Pass the stopped run's arguments again, or start over without --resume (with --force, "
                            "which replaces its progress).")
+    return _differences(saved, fingerprint, "")
+
+
+def _first_stages(fingerprint: dict[str, Any], n: int) -> dict[str, Any]:
+    """The fingerprint of the run's first n stages: everything but the later stages' methods, options, budgets."""
+    count = len(fingerprint.get("methods") or [])
+    lists = {key: (fingerprint.get(key) or [None] * count)[:n] for key in STAGE_KEYS}
+    return {**{k: v for k, v in fingerprint.items() if k not in STAGE_KEYS}, **lists}
 
 
 def _differences(saved: Any, now: Any, path: str) -> list[str]:
@@ -171,6 +200,28 @@ class StageCheckpoint:
             raise _damaged(self.run.folder, exc) from None
         return state, tensors
 
+    def finished(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """What a stopped run kept of this stage once it had finished it: the report entry (with the plan of the
+        model it passed on) and that model's state_dict. None: the stage runs."""
+        path = self.folder / FINISHED_FILE
+        if not self.run.resume or not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text()), torch.load(self.folder / FINISHED_WEIGHTS, weights_only=True)
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:
+            raise _damaged(self.run.folder, exc) from None
+
+    def save_finished(self, entry: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+        """The stage has finished: keep its result (a later stage may still stop the run), drop its search's
+        progress."""
+        self.run._write_run_file()
+        buffer = io.BytesIO()
+        torch.save(weights, buffer)
+        atomic_write_bytes(self.folder / FINISHED_WEIGHTS, buffer.getvalue())
+        atomic_write_bytes(self.folder / FINISHED_FILE, json.dumps(entry).encode())
+        for old in [self.folder / STATE_FILE, *self.folder.glob("weights-*.pt")]:
+            old.unlink(missing_ok=True)
+
     def save(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         self.run._write_run_file()
         name = f"weights-{state['iteration']}.pt"
@@ -181,6 +232,29 @@ class StageCheckpoint:
         for old in self.folder.glob("weights-*.pt"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+
+
+def reuse_finished(checkpoint: StageCheckpoint | None, state: ModelState) -> dict[str, Any] | None:
+    """The report entry a stopped run kept for this stage, with `state` set to the model the stage passed on;
+    None: the stage runs."""
+    done = checkpoint.finished() if checkpoint else None
+    if done is None:
+        return None
+    from squeeze.prune.plan import plan_from_json
+    from squeeze.prune.search import replayed_model
+
+    saved, weights = done
+    state.model, state.artifact = replayed_model(state.model, plan_from_json(saved["plan"]), weights), None
+    entry = saved["entry"]
+    log.info(f"{entry['method']}: the stopped run's result is reused ({entry['seconds']:.0f} s then)")
+    return entry
+
+
+def keep_finished(checkpoint: StageCheckpoint | None, received: LoadedModel, state: ModelState,
+                  entry: dict[str, Any]) -> None:
+    """Keep a finished stage's result for a resume, where it is a pruned torch model (a plan on `received`)."""
+    if checkpoint is not None and state.artifact is None and len(state.model.plans) == len(received.plans) + 1:
+        checkpoint.save_finished({"entry": entry, "plan": state.model.plans[-1]}, state.model.module.state_dict())
 
 
 class SearchProgress:
