@@ -108,11 +108,15 @@ def test_cli_workers_reports_ray_and_a_ctrl_c_shuts_it_down(tmp_path, monkeypatc
     assert len(record["history"]) == 3 and not ray.is_initialized() and ray_processes() == []
 
 
-def test_workers_without_ray_name_the_extra(tmp_path, monkeypatch):
+HAQ_ARGS = ["zoo:digits-cnn", "--method", "haq", "--size-bytes", "60000", "--data", "digits", "--samples", "32"]
+
+
+@pytest.mark.parametrize("command", [["prune", *ARGS], ["quantize", *HAQ_ARGS]], ids=["netadapt", "haq"])
+def test_workers_without_ray_name_the_extra(tmp_path, monkeypatch, command):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    r = invoke("prune", *ARGS, "--workers", "2", "--out", tmp_path / "out")
+    r = invoke(*command, "--workers", "2", "--out", tmp_path / "out")
     assert_clean_error(r, "not installed", "pip install 'squeeze[ray]'")
-    assert "\n\n" not in r.stderr.strip()
+    assert "\n\n" not in r.stderr.strip() and not (tmp_path / "out").exists()
 
 
 def test_an_unreachable_ray_address_is_a_clear_error(tmp_path):
@@ -184,3 +188,39 @@ def test_a_recipe_stage_takes_the_workers(tmp_path):
                    "    options:\n      ray_address: localhost\n")
     with pytest.raises(RecipeError, match=r"bad.yaml:6: `stages.0.options.ray_address`"):
         load_recipe(str(bad))
+
+
+@pytest.mark.slow
+def test_haq_warmup_policies_scored_on_two_ray_workers_give_the_serial_search(digits, monkeypatch):
+    """HAQ's random warm-up episodes are scored at once on Ray; the search then takes the serial run's every step
+    (a size budget: no measurement in the search, so two runs can only differ by how they score)."""
+    import torch
+
+    from squeeze.measure.protocol import Protocol
+    from squeeze.methods.quant.haq import HAQOptions, PolicyScorer, prepare, search
+    from squeeze.target import load_target
+
+    model, data = digits
+    host = load_target("host-cpu")
+    opts = HAQOptions(episodes=6, warmup=4, min_bits=2, samples=32, max_accuracy_drop=3,
+                      short_term={"optimizer": "sgd", "lr": 0.001, "iterations": 3})
+    setup = prepare(model, data, host, Protocol.for_target(host, repeat=3, warmup=1, min_repeat_ms=2, threads=1),
+                    Budget(size_bytes=60_000), opts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray task uses
+    try:
+        serial_best, serial, _ = search(setup)
+    finally:
+        torch.set_num_threads(threads)
+    scored = dict(setup._accuracy)
+    setup._accuracy.clear()
+    here, score = [], PolicyScorer.__call__
+    monkeypatch.setattr(PolicyScorer, "__call__", lambda self, names: here.append(names) or score(self, names))
+    best, episodes, _ = search(setup, Workers(workers=2))
+    warmup = {tuple(e.info["policy"]) for e in serial[:4]}
+    assert here == list(dict.fromkeys(tuple(e.info["policy"]) for e in serial[4:] if tuple(e.info["policy"]) not in warmup))
+    assert best == serial_best and setup._accuracy == scored
+    assert [(e.info["policy"], e.reward, e.actions) for e in episodes] == [
+        (e.info["policy"], e.reward, e.actions) for e in serial]
+    assert len({tuple(e.info["policy"]) for e in serial[:4]}) > 1  # the warm-up tried several policies
+    assert ray_processes() == []

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from squeeze.quant.haq import HAQLayer
     from squeeze.recipe import Budget
     from squeeze.target import Target
+    from squeeze.util.workers import Workers
 
 __all__ = ["HAQOptions", "HAQPass", "HAQResult", "HAQSetup", "prepare", "search", "finish", "haq_search"]
 
@@ -63,6 +64,11 @@ class HAQOptions(ParityFloor):
     samples: int = Field(256, ge=1, description="calibration samples from the data's train split")
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     seed: int = 0
+    workers: int | None = Field(None, ge=1, description="score the warm-up episodes' random policies at once, as Ray "
+                                "tasks on a local Ray of this many CPUs (pip install 'squeeze[ray]'); the later "
+                                "episodes each act on the last reward, so they run in turn")
+    ray_address: str | None = Field(None, pattern=r"^[^:\s]+:\d+$", description="HOST:PORT of a running Ray "
+                                    "cluster to score the warm-up policies on, instead of workers")
 
     @model_validator(mode="after")
     def _bits_ordered(self):
@@ -144,21 +150,53 @@ class HAQSetup:
         return {layer.name: precision(n) for layer, n in zip(self.layers, names)}
 
     def fine_tuned(self, names: tuple[str, ...], config) -> nn.Module:
-        from squeeze.quant.haq import fake_quant_model
-        from squeeze.train import fine_tune
+        return self.scorer().fine_tuned(names, config)
 
-        model = fake_quant_model(self.original.module, self.policy(names), self.ranges)
-        fine_tune(model, self.data.train, config, progress=False)
-        return model
+    def scorer(self) -> PolicyScorer:
+        return PolicyScorer(self.original.module, tuple(layer.name for layer in self.layers), self.ranges,
+                            self.data.train, self.data.val, self.opts.short_term)
 
     def evaluate(self, names: tuple[str, ...]) -> float:
         """Accuracy (%) on the validation split after the short fine-tune; memoized (fine-tunes are seeded)."""
+        if names not in self._accuracy:
+            self._accuracy[names] = self.scorer()(names)
+        return self._accuracy[names]
+
+
+@dataclass
+class PolicyScorer:
+    """A policy's reward accuracy: its fake-quant model after the short fine-tune, top-1 (%) on the validation
+    split. It holds only what that needs, so that Ray ships it to the workers once."""
+
+    module: nn.Module
+    layers: tuple[str, ...]
+    ranges: dict[str, tuple[float, float]]
+    train: Any
+    val: Any
+    short_term: FineTuneConfig
+
+    def fine_tuned(self, names: tuple[str, ...], config: FineTuneConfig) -> nn.Module:
+        from squeeze.quant.costs import precision
+        from squeeze.quant.haq import fake_quant_model
+        from squeeze.train import fine_tune
+
+        model = fake_quant_model(self.module, {n: precision(b) for n, b in zip(self.layers, names)}, self.ranges)
+        fine_tune(model, self.train, config, progress=False)
+        return model
+
+    def __call__(self, names: tuple[str, ...]) -> float:
         from squeeze.train import evaluate
 
-        if names not in self._accuracy:
-            model = self.fine_tuned(names, self.opts.short_term)
-            self._accuracy[names] = 100 * evaluate(model, self.data.val).top1
-        return self._accuracy[names]
+        return 100 * evaluate(self.fine_tuned(names, self.short_term), self.val).top1
+
+
+def _scored(scorer: PolicyScorer, names: tuple[str, ...]) -> float:
+    """One warm-up policy's accuracy as a Ray task, on one torch thread (a task holds one CPU): the same as a
+    serial run on one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    return scorer(names)
 
 
 def _pareto(choices: list[Precision], costs: list[float], measured: list[bool]):
@@ -299,16 +337,47 @@ def prepare(original: LoadedModel, data: DataBundle | None, target: Target, prot
     return setup
 
 
-def search(setup: HAQSetup) -> tuple[tuple[str, ...], list, float]:
+def _score_warmup(setup: HAQSetup, agent, episodes: int, workers: Workers) -> None:
+    """Score the policies of the first `episodes` (random) episodes at once on `workers`, into the search's memo.
+    Their actions come from the agent's own generator alone: a copy of it, stepped through the budget wall here,
+    draws the policies the episodes will then take."""
+    import torch
+
+    from squeeze.quant.haq import HAQEnv
+
+    policies: list[tuple[str, ...]] = []
+    env = HAQEnv(setup.layers, setup.target_cost, lambda names: policies.append(names) or 0.0, setup.base_accuracy)
+    generator = torch.Generator()
+    generator.set_state(agent.generator.get_state())
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _ = env.step(torch.rand(agent.action_dim, generator=generator))
+    todo = [p for p in dict.fromkeys(policies) if p not in setup._accuracy]
+    started = time.perf_counter()
+    with workers:
+        setup._accuracy.update(zip(todo, workers.map(_scored, workers.share(setup.scorer()), [(p,) for p in todo])))
+    log.info(f"haq: {len(todo)} warm-up policies scored on {workers.slots} Ray workers in "
+             f"{time.perf_counter() - started:.1f} s")
+
+
+def search(setup: HAQSetup, workers: Workers | None = None) -> tuple[tuple[str, ...], list, float]:
     """The DDPG episodes; returns the best policy (highest reward, then lowest cost), the episode records
-    and the search wall time in seconds."""
+    and the search wall time in seconds. With Ray `workers`, the warm-up episodes' policies are scored at once
+    beforehand (the result is that of a serial run on one torch thread)."""
     from squeeze.agents import DDPG, DDPGConfig, run_episodes
     from squeeze.quant.haq import HAQEnv
+    from squeeze.util.workers import Workers
+
+    workers = workers or Workers()
 
     started = time.perf_counter()
     opts = setup.opts
     env = HAQEnv(setup.layers, setup.target_cost, setup.evaluate, setup.base_accuracy)
     agent = DDPG(env.states.shape[1], 1, len(setup.layers), DDPGConfig(warmup_episodes=opts.warmup, seed=opts.seed))
+    if workers.on_ray:
+        _score_warmup(setup, agent, min(opts.warmup, opts.episodes), workers)
     best: dict[str, Any] = {"key": (-math.inf, 0.0)}
 
     def on_episode(rec) -> None:
@@ -375,9 +444,12 @@ def haq_search(original: LoadedModel, data: DataBundle | None, target: Target, p
     """Prepare, search, then fine-tune, export and measure the best policy (see `finish`). Should the
     measurement miss a latency budget, the table is re-fitted to it and the wall lowers the policy further
     (at most `_RETRIES` times); a budget still missed is reported as such."""
+    from squeeze.util.workers import Workers
+
     started = time.perf_counter()
+    workers = Workers(opts.workers, opts.ray_address)  # before any work: without Ray, this fails at once
     setup = prepare(original, data, target, protocol, budget, opts)
-    names, records, _ = search(setup)
+    names, records, _ = search(setup, workers)
     for attempt in range(_RETRIES + 1):
         model, artifact, result = finish(setup, names, records, time.perf_counter() - started)
         if result.search_budget["met"] or setup.resource != "latency_ms" or attempt == _RETRIES:
