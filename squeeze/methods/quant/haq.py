@@ -145,9 +145,7 @@ class HAQSetup:
     _accuracy: dict[tuple[str, ...], float] = field(default_factory=dict)
 
     def policy(self, names: tuple[str, ...]) -> dict[str, Precision]:
-        from squeeze.quant.costs import precision
-
-        return {layer.name: precision(n) for layer, n in zip(self.layers, names)}
+        return self.scorer().policy(names)
 
     def fine_tuned(self, names: tuple[str, ...], config) -> nn.Module:
         return self.scorer().fine_tuned(names, config)
@@ -175,12 +173,16 @@ class PolicyScorer:
     val: Any
     short_term: FineTuneConfig
 
-    def fine_tuned(self, names: tuple[str, ...], config: FineTuneConfig) -> nn.Module:
+    def policy(self, names: tuple[str, ...]) -> dict[str, Precision]:
         from squeeze.quant.costs import precision
+
+        return {layer: precision(n) for layer, n in zip(self.layers, names)}
+
+    def fine_tuned(self, names: tuple[str, ...], config: FineTuneConfig) -> nn.Module:
         from squeeze.quant.haq import fake_quant_model
         from squeeze.train import fine_tune
 
-        model = fake_quant_model(self.module, {n: precision(b) for n, b in zip(self.layers, names)}, self.ranges)
+        model = fake_quant_model(self.module, self.policy(names), self.ranges)
         fine_tune(model, self.train, config, progress=False)
         return model
 
