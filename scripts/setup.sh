@@ -16,8 +16,10 @@ python -m pip install -q -e ".[dev,tvm,ray]"
 apt_install() {
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing $1 with apt ($2)" >&2
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      "$1"; } >/tmp/squeeze-setup-apt.log 2>&1; then
+    # another apt (a second setup, unattended upgrades) may hold the lock: wait for it rather than skip
+    local wait="-o DPkg::Lock::Timeout=600"
+    if ! { apt-get $wait update -qq && DEBIAN_FRONTEND=noninteractive apt-get $wait install -y -qq \
+      --no-install-recommends "$1"; } >/tmp/squeeze-setup-apt.log 2>&1; then
       echo "setup: apt-get failed (see /tmp/squeeze-setup-apt.log); $3 will skip" >&2
     fi
   else
