@@ -5,6 +5,9 @@ measured on the target; every row is the exported ONNX model's test top-1, the l
 interleaved with the original (95% interval), the MACs reduction and the search wall time.
 
     python benchmarks/fashion_methods.py --latency 0.5 0.3 --methods uniform netadapt amc
+
+`--macs 0.3` takes counted budgets instead: each search is then free of latency noise, so two runs that differ
+in one option (e.g. `--netadapt-proxy`) differ by that option alone.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def method_options(method: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latency", type=float, nargs="+", default=[0.5, 0.3])
+    budgets = ap.add_mutually_exclusive_group()
+    budgets.add_argument("--latency", type=float, nargs="+", default=[0.5, 0.3],
+                         help="budgets as fractions of the original's measured latency")
+    budgets.add_argument("--macs", type=float, nargs="+", help="budgets as fractions of the original's MACs")
     ap.add_argument("--methods", nargs="+", default=["uniform", "netadapt", "amc"])
     ap.add_argument("--long-term-epochs", type=int, default=2)
     ap.add_argument("--short-term-iters", type=int, default=40)
@@ -52,19 +58,21 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("squeeze").setLevel(logging.INFO)  # search progress on stderr
+    kind = "macs" if args.macs else "latency"
     rows = []
-    print("budget, method, test top-1 original -> pruned (ONNX), delta pt, measured latency ratio (95% CI), "
+    print(f"budget ({kind}), method, "
+          "test top-1 original -> pruned (ONNX), delta pt, measured latency ratio (95% CI), "
           "MACs reduction, search s, total s")
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.latency:
+        for ratio in args.macs or args.latency:
             for method in args.methods:
                 t0 = time.perf_counter()
-                r = api.prune("zoo:fashion-cnn", Path(tmp) / f"{method}-{ratio}", method=method, latency=ratio,
+                r = api.prune("zoo:fashion-cnn", Path(tmp) / f"{method}-{ratio}", method=method, **{kind: ratio},
                               target=args.target, data="fashion-mnist", options=method_options(method, args),
                               measure={"batch_size": args.batch_size})
                 acc, sp = r["accuracy"], r["latency"]["speedup"]
                 record = r["stages"][0]["record"]
-                row = {"budget": ratio, "method": method, "original_top1": acc["original_top1"],
+                row = {"budget": ratio, "budget_kind": kind, "method": method, "original_top1": acc["original_top1"],
                        "final_top1": acc["final_top1"], "delta_pt": acc["delta_pt"], "latency_ratio": 1 / sp["ratio"],
                        "latency_ratio_ci": [1 / sp["high"], 1 / sp["low"]], "macs_reduction": r["macs_reduction"],
                        "search_seconds": record["search_seconds"], "total_seconds": time.perf_counter() - t0,
