@@ -154,6 +154,20 @@ def test_latency_left_is_the_ratio_measured_against_the_original(monkeypatch):
     assert remaining_budget(Budget(latency_ratio=0.4), reached) == Budget(latency_ratio=0.8)
 
 
+def test_a_result_that_misses_the_recipe_s_budget_exits_1_with_its_files_written(tmp_path, cli):
+    # the one stage's own looser budget is met; the recipe's, checked on the shipped result, is not
+    path = write(tmp_path, "name: loose\nbudget: {macs_ratio: 0.5}\nmeasure: {repeat: 3, warmup: 0}\nstages:\n"
+                           "  - method: prune.uniform\n    budget: {macs_ratio: 0.8}\n")
+    r = cli("run", path, "zoo:digits-cnn", "--out", tmp_path / "out")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    message = " ".join(r.stderr.split())
+    assert "budget missed: the result misses its budget: macs_ratio 0." in message and "> 0.5" in message
+    assert f"written to {tmp_path / 'out'} for a look" in message
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["budget"]["met"] is False and report["budget"]["missed"] == ["macs_ratio"]
+    assert 0.5 < report["budget"]["final"]["macs_ratio"] <= 0.8 and (tmp_path / "out" / "model.onnx").is_file()
+
+
 def test_a_missed_recipe_budget_is_reported_and_warned(caplog):
     latency = {"final": {"stats": {"median_ms": 12.0}}, "speedup": {"ratio": 2.5}}  # final 0.4x of the original
     met = api._budget_met(Budget(latency_ratio=0.3, latency_ms=10), None, None, None, latency)

@@ -193,11 +193,23 @@ def check_json_out(json_out: str | None) -> None:
 
 
 def show_report(report: dict[str, Any], json_out: str | None, *views: Any) -> None:
-    """The result as tables on stdout, or as JSON (`-`: stdout only the JSON, for a pipe), or both (a file)."""
+    """The result as tables on stdout, or as JSON (`-`: stdout only the JSON, for a pipe), or both (a file);
+    then the verdict: a result that misses its budget exits 1, its files written for a look."""
     if json_out == "-":
         print(json.dumps(report, indent=2, default=str))
-        return
-    if json_out is not None:
-        api.write_json(json_out, report)
-    for view in views:
-        out.print(view)
+    else:
+        if json_out is not None:
+            api.write_json(json_out, report)
+        for view in views:
+            out.print(view)
+    budget = report.get("budget")
+    if budget and not budget["met"]:
+        missed = ", ".join(f"{k} {budget['final'][k]:.4g} > {budget['limits'][k]:.4g}" for k in budget["missed"])
+        folder = Path(report["artifact"]["path"]).parent
+        err.print("[bold red]budget missed:[/] " + escape(
+            f"the result misses its budget: {missed} (latency measured on {report['target']} interleaved with the "
+            f"original, MACs counted, size the shipped file). Its model and report are written to {folder} for a "
+            "look (budget.met is false in report.json). To meet it, ask for a tighter budget; where a latency "
+            "reading missed by a little, measure again on a quieter machine (squeeze bench)."),
+            highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
