@@ -87,6 +87,21 @@ def test_shipped_chains_declare_shares_and_leave_int8_the_rest():
         assert [s.own_budget for s in r.stages] == [True] * (len(shares) - 1) + [False]
 
 
+def test_the_arm_recipe_leaves_ghost_the_rest_and_without_a_board_says_how_to_add_one(tmp_path, cli, monkeypatch):
+    r = load_recipe("prune-reparam-arm")
+    assert (r.target, r.budget) == ("arm-a72", Budget(latency_ratio=0.5))
+    assert [(s.method, s.own_budget) for s in r.stages] == [("prune.netadapt", True), ("reparam.ghost", False)]
+    from squeeze.target import RPC_ENV
+
+    for var in RPC_ENV:
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "out"
+    r = cli("run", "prune-reparam-arm", "zoo:digits-cnn", "--data", "digits", "--out", out)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "runs on a board over TVM RPC, but no board is configured" in " ".join(r.stderr.split())
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_remaining_budget_divides_ratios_by_what_was_reached():
     left = remaining_budget(Budget(latency_ratio=0.4, macs_ratio=0.5, size_bytes=1000),
                             {"latency_ratio": 0.8, "macs_ratio": 0.4})
