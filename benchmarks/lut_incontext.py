@@ -2,13 +2,14 @@
 
 For each model, `squeeze lut check` twice on the same random plans: every layer timed alone (`--standalone`),
 then priced in context from ONNX Runtime's profile of the whole model (the default). Each prints the median
-and p90 absolute error of the table alone and after recalibrating on the first plan's measurement. The nets:
+and p90 absolute error of the table alone and after recalibrating on the first plan's measurement (that
+median with its 95% bootstrap interval over the other plans). The nets:
 the zoo's MobileNetV2, ResNet-18 and DenseNet-121 (random weights: latency does not depend on them), and
 three of the tests' nets not used to develop the in-context entries (EfficientNet-B0-like with SE,
 ShuffleNetV2-like with channel shuffle, RegNetX-400MF-like with groups). Run it on a quiet machine: whole-model
 readings of a busy one move by more than the error being measured.
 
-    python benchmarks/lut_incontext.py [--models zoo:mobilenet_v2 ...] [--plans 10]
+    python benchmarks/lut_incontext.py [--models zoo:mobilenet_v2 ...] [--plans 10] [--pricing in-context]
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # testnets: the held-out-style nets
 
 from squeeze.measure.lut import LatencyTable  # noqa: E402
@@ -26,8 +29,16 @@ from squeeze.model.loading import load_model  # noqa: E402
 from squeeze.prune.tables import check_table  # noqa: E402
 from squeeze.target import load_target  # noqa: E402
 
+PRICING = {"standalone": False, "in-context": True}  # name -> check_table's in_context
 MODELS = ("zoo:mobilenet_v2", "zoo:resnet18", "zoo:densenet121",
           "testnets:efficientnet_b0", "testnets:shufflenet_v2", "testnets:regnet_x_400mf")
+
+
+def median_interval(errors: list[float], confidence: float = 0.95, draws: int = 2000) -> tuple[float, float]:
+    """Bootstrap interval of the median error over the plans: whether a median is below a goal, or only
+    happened to read so with this many plans."""
+    boot = np.median(np.random.default_rng(0).choice(errors, (draws, len(errors))), axis=1)
+    return tuple(np.percentile(boot, [50 * (1 - confidence), 50 * (1 + confidence)]))
 
 
 def main() -> None:
@@ -35,21 +46,23 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--plans", type=int, default=10)
     ap.add_argument("--target", default="host-cpu")
+    ap.add_argument("--pricing", nargs="+", choices=PRICING, default=list(PRICING),
+                    help="which tables to check (one alone halves the time, for more plans)")
     args = ap.parse_args()
 
     target = load_target(args.target)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
-    print("| model | standalone: median / p90 alone | recalibrated | in context: median / p90 alone | recalibrated "
-          "| s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | " + " | ".join(f"{p}: median / p90 alone | recalibrated" for p in args.pricing) + " | s |")
+    print("|---|" + "---|---|" * len(args.pricing) + "---|")
     for spec in args.models:
         model = load_model(spec, input_shape=None if spec.startswith("zoo:") else (1, 3, 224, 224))
         t0 = time.perf_counter()
         cells = []
-        for in_context in (False, True):
-            result = check_table(model, LatencyTable(target), args.plans, in_context=in_context)
+        for pricing in args.pricing:
+            result = check_table(model, LatencyTable(target), args.plans, in_context=PRICING[pricing])
             (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% / {rp90:.1f}%"]
+            low, high = median_interval([abs(r.recalibrated_error_pct) for r in result.rows[1:]])
+            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%"]
         print(f"| {spec} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
