@@ -27,7 +27,12 @@ def pytest_configure(config):
     if "SQUEEZE_TEST_KEEP_CACHE" not in os.environ:
         import tempfile
 
-        os.environ["SQUEEZE_CACHE_DIR"] = tempfile.mkdtemp(prefix="squeeze-test-cache-")
+        os.environ["SQUEEZE_CACHE_DIR"] = config._squeeze_cache = tempfile.mkdtemp(prefix="squeeze-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if cache := getattr(config, "_squeeze_cache", None):  # a run's cache is its own: nothing is left in /tmp
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture
