@@ -30,6 +30,8 @@ def method_options(method: str, args) -> dict:
                     "short_term": {"optimizer": "sgd", "lr": 0.001, "iterations": args.short_term_iters}}
         if args.netadapt_proxy:
             options["proxy"] = json.loads(args.netadapt_proxy)
+        if args.proposal_threads:
+            options["proposal_threads"] = args.proposal_threads
     elif method == "amc":
         options |= {"episodes": args.episodes}
         if args.amc_proxy:
@@ -50,6 +52,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=120, help="AMC episodes")
     ap.add_argument("--netadapt-proxy", help="NetAdapt's proposal evaluation as JSON, e.g. "
                                              '\'{"eval_fraction": 0.25}\' (see `squeeze proxy check`)')
+    ap.add_argument("--proposal-threads", type=int,
+                    help="torch threads per NetAdapt fine-tune: the same search with other rounding (its own noise)")
     ap.add_argument("--amc-proxy", help="AMC's reward evaluation as JSON (default: 20%% of the held-out split)")
     ap.add_argument("--target", default="host-cpu")
     ap.add_argument("--batch-size", type=int, default=1,
