@@ -37,6 +37,16 @@ def test_bad_method_and_options_fail_before_any_model_is_loaded(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_fine_tune_budget_given_in_steps_replaces_the_default_in_epochs():
+    netadapt = api.get_pass("prune.netadapt")  # long_term defaults to epochs
+    options = api.method_options(netadapt, {"long_term.iterations": 3})
+    assert "epochs" not in options["long_term"] and options["long_term"]["iterations"] == 3
+    assert netadapt.Options.model_validate(options).long_term.iterations == 3
+    both = api.method_options(netadapt, {"long_term.iterations": 3, "long_term.epochs": 2})  # the user's own: both
+    with pytest.raises(ValueError, match="exactly one"):
+        netadapt.Options.model_validate(both)
+
+
 def test_quantize_and_compress_are_the_api_s():
     assert squeeze.quantize is api.quantize and squeeze.compress is api.compress
     with pytest.raises(AttributeError):

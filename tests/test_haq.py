@@ -1,6 +1,7 @@
 """HAQ mixed precision: action -> precision, the budget wall, the measured/modelled cost table, fake
 quantization against ONNX Runtime's own, the policy export, budget errors, and a short search end to end."""
 
+import json
 import math
 
 import numpy as np
@@ -256,6 +257,21 @@ def test_cli_impossible_budget_exits_2_and_writes_nothing(cli, tmp_path):
     assert r.exit_code == 2, r.output
     assert "No precision policy meets the latency budget" in r.stderr and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_cli_size_budget_is_met_on_the_weights_counted_at_their_bits(cli, tmp_path):
+    # the ONNX file stores 2-7-bit weights as int8, so it is larger than what HAQ's size budget limits
+    out = tmp_path / "out"
+    r = cli("quantize", "zoo:digits-cnn", "--method", "haq", "--size-bytes", 60000, "--min-bits", 2,
+            "--max-accuracy-drop", 3, "--min-agreement", 0.97, "--data", "digits", "--samples", 64, "--episodes", 2,
+            "--warmup-episodes", 1, "--option", "short_term.iterations=3", "--option", "long_term.iterations=3",
+            "--repeat", 5, "--warmup", 2, "--min-repeat-ms", 2, "--out", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    counted = report["stages"][0]["record"]["counted_size_bytes"]["final"]
+    assert report["budget"] == {"limits": {"size_bytes": 60000}, "final": {"size_bytes": counted}, "met": True,
+                                "missed": [], "size_from": "weights counted at their bits"}
+    assert counted <= 60000 < (out / "model.onnx").stat().st_size
 
 
 def test_options_are_checked():

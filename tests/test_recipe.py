@@ -169,6 +169,14 @@ def test_latency_left_is_the_ratio_measured_against_the_original(monkeypatch):
     assert remaining_budget(Budget(latency_ratio=0.4), reached) == Budget(latency_ratio=0.8)
 
 
+def test_a_latency_budget_is_met_within_the_searches_tolerance_and_not_beyond():
+    def verdict(ratio):
+        return api._budget_met(Budget(latency_ratio=0.5), None, None, None, {"speedup": {"ratio": 1 / ratio}})
+
+    assert verdict(0.509)["met"] and verdict(0.509)["latency_tolerance"] == 0.02  # as the searches claim it
+    assert verdict(0.511)["missed"] == ["latency_ratio"]
+
+
 def test_a_result_that_misses_the_recipe_s_budget_exits_1_with_its_files_written(tmp_path, cli):
     # the one stage's own looser budget is met; the recipe's, checked on the shipped result, is not
     path = write(tmp_path, "name: loose\nbudget: {macs_ratio: 0.5}\nmeasure: {repeat: 3, warmup: 0}\nstages:\n"
@@ -188,5 +196,5 @@ def test_a_missed_recipe_budget_is_reported_and_warned(caplog):
     met = api._budget_met(Budget(latency_ratio=0.3, latency_ms=10), None, None, None, latency)
     assert met == {"limits": {"latency_ratio": 0.3, "latency_ms": 10.0},
                    "final": {"latency_ratio": 0.4, "latency_ms": 12.0}, "met": False,
-                   "missed": ["latency_ms", "latency_ratio"]}
+                   "missed": ["latency_ms", "latency_ratio"], "latency_tolerance": 0.02}
     assert "misses the recipe's budget: latency_ms 12 > 10, latency_ratio 0.4 > 0.3" in caplog.text

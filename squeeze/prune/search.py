@@ -13,6 +13,7 @@ import torch
 
 from squeeze.measure.lut import LatencyTable, TableOracle
 from squeeze.measure.oracle import RelativeOracle
+from squeeze.measure.protocol import LATENCY_TOLERANCE
 from squeeze.model.loading import LoadedModel
 from squeeze.prune.budget import BudgetError, Resource, ResolvedBudget, budget_resource, resolve_budget
 from squeeze.prune.engine import apply_plan, make_plan
@@ -74,8 +75,8 @@ class SearchResult:
 
     @property
     def budget_met(self) -> bool | None:
-        """Within 2% of the budget: latency readings of the same model vary about that much."""
-        return None if self.final_measured is None else self.final_measured <= 1.02 * self.budget.target
+        """Within LATENCY_TOLERANCE of the budget: latency readings of the same model vary about that much."""
+        return None if self.final_measured is None else self.final_measured <= LATENCY_TOLERANCE * self.budget.target
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": asdict(self.budget), "final_measured": self.final_measured, "budget_met": self.budget_met,

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from squeeze.errors import DataError, SqueezeError
+from squeeze.measure.protocol import LATENCY_TOLERANCE
 from squeeze.reparam.modules import GhostSpec, LegoConv2d, LegoSpec, build_replacement, replaceable
 
 if TYPE_CHECKING:
@@ -384,7 +385,7 @@ def _confirm(budget: tuple[str, float, float], original: LoadedModel, result: Lo
 
         s = summarize(result)
         value = float(s.macs if resource == "macs" else s.size_bytes)
-    met = value <= target * (1.02 if resource == "latency_ms" else 1.0)  # one model's readings vary about 2%
+    met = value <= target * (LATENCY_TOLERANCE if resource == "latency_ms" else 1.0)
     if not met:
         log.warning(f"the result's {resource} ({value:.4g}) is above the budget ({target:.4g}); the report says so")
     return {"resource": resource, "original": before, "target": target, "final": value, "budget_met": met}

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
+from squeeze.measure.protocol import LATENCY_TOLERANCE
 from squeeze.methods.base import register_pass
 from squeeze.methods.prune import PruneOptions, PruneSearch
 from squeeze.train.config import ProxyConfig
@@ -64,9 +65,6 @@ Price = Callable[[list[Policy]], list[float]]
 
 NEEDS_DATA = ("AMC needs data (--data): every episode's policy is rewarded by its accuracy on held-out samples.",
               "Pass --data digits, a folder of class sub-folders, or package.module:function.")
-# A built policy is taken when it measures within this of the budget: readings of one model vary about that
-# much (SearchResult.budget_met allows the same).
-LATENCY_TOLERANCE = 1.02
 # At most this many final policies are built and measured; when all read over the budget, the lowest is taken.
 SELECTION_TRIES = 3
 

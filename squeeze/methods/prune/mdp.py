@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
+from squeeze.measure.protocol import LATENCY_TOLERANCE
 from squeeze.methods.base import register_pass
 from squeeze.methods.prune import PruneOptions, PruneSearch
 from squeeze.train.config import FineTuneConfig
@@ -50,8 +51,6 @@ __all__ = ["MDPOptions", "MDPPass", "BranchPrices", "Gates", "branch_prices", "e
 
 NEEDS_DATA = ("MDP needs data (--data): its search trains the branch and gate parameters.",
               "Pass --data digits, a folder of class sub-folders, or package.module:function.")
-# A built candidate is taken when it measures within this of the budget (SearchResult.budget_met allows the same).
-LATENCY_TOLERANCE = 1.02
 # Bisections of the channel count, each after re-fitting the table to a measurement of the last choice.
 CONFIRM_TRIES = 3
 

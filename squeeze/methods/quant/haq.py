@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from squeeze.errors import DataError
+from squeeze.measure.protocol import LATENCY_TOLERANCE
 from squeeze.methods.base import ModelState, Pass, PassContext, register_pass
 from squeeze.quant.parity import ParityFloor
 from squeeze.train.config import FineTuneConfig
@@ -417,7 +418,7 @@ def finish(setup: HAQSetup, names: tuple[str, ...], records: list | None = None,
     counted = {"fp32": setup.fp32_size_bytes, "final": _size_bytes(setup, chosen)}
     if setup.resource == "latency_ms":
         # Within 2% of the budget: readings of the same model vary about that much (as the pruning searches).
-        budget_json["met"] = haq_ms / fp32_ms <= 1.02 * resolved.ratio
+        budget_json["met"] = haq_ms / fp32_ms <= LATENCY_TOLERANCE * resolved.ratio
     else:
         budget_json["met"] = counted["final"] <= resolved.target
     policy_cost = sum(layer.costs[layer.choices.index(chosen[layer.name])] for layer in setup.layers)
