@@ -16,8 +16,9 @@ from squeeze.cli.common import err, state
 # `exit_code`, by the commands that give a verdict, and by the Ctrl-C handler (squeeze/cli/__init__.py).
 EXIT_CODES = {
     0: "done (a gate that passed)",
-    1: "a verdict against the result (the gate failed, the result misses its budget, the quantized or re-parameterized model is not faster, "
-       "no quantized model is within the accuracy floor, a target check failed)",
+    1: "a verdict against the result (the gate failed, the result misses its budget, the quantized or "
+       "re-parameterized model is not faster, no quantized model is within the accuracy floor, a target check "
+       "failed)",
     2: "bad input or environment (the message says which and how to fix it)",
     3: "an internal error (a bug: --debug shows the traceback)",
     130: "interrupted",
