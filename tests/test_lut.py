@@ -154,6 +154,17 @@ def test_profile_maps_every_layer_of_a_depthwise_net_and_of_a_preactivation_net(
         assert all(len(v) == 3 for v in profile.layer_runs_us.values())
 
 
+def test_relaid_out_kernels_pair_with_their_layers_by_scope_in_any_node_order():
+    from squeeze.measure.profile import _pair_by_scope
+
+    nodes = ["/stage3/stage3.0/branch2/branch2.2/branch2.2.2/Relu_output_0_nchwc",  # a conv fused up to its ReLU
+             "/stage3/stage3.0/branch1/branch1.1/branch1.1.2/Relu_output_0_nchwc"]
+    layers = ["stage3.0.branch1.1.0", "stage3.0.branch2.2.0"]
+    expected = {nodes[0]: "stage3.0.branch2.2.0", nodes[1]: "stage3.0.branch1.1.0"}
+    assert _pair_by_scope(nodes, layers) == _pair_by_scope(nodes[::-1], layers) == expected
+    assert _pair_by_scope(["/a/Conv_0", "/b/Conv_1"], ["x", "y"]) == {"/a/Conv_0": "x", "/b/Conv_1": "y"}  # in order
+
+
 def test_in_context_entries_are_stored_apart_and_labelled():
     from squeeze.measure.incontext import WHOLE_KEY, InContext, context_key
 

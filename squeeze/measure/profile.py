@@ -112,6 +112,36 @@ def _strip(name: str) -> str:
     return name
 
 
+def _scope(layer: str) -> list[str]:
+    """The exporter's scope of a torch layer: `stage3.0.branch1.1.0` -> stage3, stage3.0, branch1, branch1.1,
+    branch1.1.0 (a Sequential's children extend their parent's name), as node names carry it."""
+    parts: list[str] = []
+    for part in layer.split("."):
+        parts.append(f"{parts[-1]}.{part}" if part.isdigit() and parts else part)
+    return parts
+
+
+def _pair_by_scope(nodes: list[str], layers: list[str]) -> dict[str, str]:
+    """Kernels whose weights ORT re-laid out, paired with the layers left: by the scope their names share
+    (`/stage3/stage3.0/branch1/branch1.1/branch1.1.2/Relu_output_0_nchwc`, a conv fused up to its ReLU), the
+    longest first. ORT's node order differs between sessions, so pairing in order swapped a ShuffleNet unit's
+    two branches from one profile to the next; what no scope tells apart is still paired in order."""
+    shared = []
+    for i, node in enumerate(nodes):
+        path = node.split("/")[1:-1]
+        for j, layer in enumerate(layers):
+            scope = _scope(layer)
+            n = next((k for k, (a, b) in enumerate(zip(path, scope)) if a != b), min(len(path), len(scope)))
+            shared.append((-n, i, j))
+    paired, used_nodes, used_layers = {}, set(), set()
+    for _, i, j in sorted(shared):
+        if i not in used_nodes and j not in used_layers:
+            paired[nodes[i]] = layers[j]
+            used_nodes.add(i)
+            used_layers.add(j)
+    return paired
+
+
 def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dict[str, str]:
     """Optimized-graph node name -> torch layer, for every node (see the module docstring)."""
     inits = {i.name for i in graph.initializer}
@@ -140,7 +170,7 @@ def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dic
         elif names and node.op_type in _LAYER_KERNELS:
             unmatched_nodes.append(node.name)
     unmatched_layers = [layer for layer in identities if layer not in set(result.values())]
-    result.update(zip(unmatched_nodes, unmatched_layers))
+    result.update(_pair_by_scope(unmatched_nodes, unmatched_layers))
 
     consumers = defaultdict(list)
     for n in graph.node:
