@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -664,11 +664,13 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, candidates: int = 12,
-                seed: int = 0, base_ratio: float = 1.0, workers: int | None = None,
+                seed: int = 0, base_ratios: Sequence[float] | None = None, workers: int | None = None,
                 ray_address: str | None = None) -> dict[str, Any]:
     """`squeeze proxy check`: how well each cheap evaluation setting ranks `method`'s candidates against the full
-    one on this model and data; the rho of each is kept for the searches' reports. `workers` / `ray_address`:
-    the candidates are fine-tuned as Ray tasks (squeeze.util.workers)."""
+    one on this model and data; the rho of each is kept for the searches' reports. `base_ratios`: the depths
+    (default: NetAdapt's candidates cut from the original and from the model at 40% of its channels, where a
+    late iteration compares them; AMC's policies start from the original). `workers` / `ray_address`: the
+    candidates are fine-tuned as Ray tasks (squeeze.util.workers)."""
     from squeeze.data import load_data
     from squeeze.prune.proxy import proxy_check as check
     from squeeze.prune.proxy import record_rho, rho_key
@@ -683,8 +685,9 @@ def proxy_check(model_spec: str, method: str, data: str, opts: ModelOptions, *, 
     _check_classes(model, bundle)
     short_term = get_pass("prune.netadapt").Options().short_term if method == "netadapt" else None
     with pool:
-        result = check(model, bundle, method, candidates, short_term, seed=seed, base_ratio=base_ratio, workers=pool)
-    if base_ratio == 1:  # the rho a search's report quotes is the one measured on the original's candidates
-        for row in result.rows:
+        result = check(model, bundle, method, candidates, short_term, seed=seed, workers=pool,
+                       base_ratios=base_ratios or ((1.0, 0.4) if method == "netadapt" else (1.0,)))
+    for row in result.rows:  # the rho a search's report quotes is the one measured on the original's candidates
+        if row.base_ratio == 1:
             record_rho(rho_key(model.name, bundle.spec, method), row.proxy, row.agreement)
     return {"model": model_spec, "data": bundle.spec, **result.to_json(), "evaluation": pool.describe()}

@@ -23,9 +23,11 @@ def check(
                                "short fine-tune) or amc (whole policies, no fine-tune)."),
     data: str = typer.Option(..., "--data", help="The data the search will use (digits, fashion-mnist, a folder, ...)."),
     candidates: int = typer.Option(12, "--candidates", min=3, help="Candidates scored under every setting."),
-    from_ratio: float = typer.Option(1.0, "--from-ratio", min=0.05, max=1.0,
-                                     help="NetAdapt: cut the candidates from the model with every layer at this "
-                                          "share of its channels (a late iteration's starting point)."),
+    from_ratio: Optional[list[float]] = typer.Option(None, "--from-ratio", min=0.05, max=1.0,
+                                                     help="NetAdapt: cut the candidates from the model with every "
+                                                          "layer at this share of its channels (a late iteration's "
+                                                          "starting point); repeat it for several depths. Default: "
+                                                          "1 and 0.4 for NetAdapt, 1 for AMC."),
     seed: int = typer.Option(0, "--seed"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fine-tune the candidates as Ray tasks "
                                           "on a local Ray of N CPUs (pip install 'squeeze[ray]')."),
@@ -37,11 +39,12 @@ def check(
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON here (- for stdout)."),
 ) -> None:
     """Score candidates under the full evaluation and under each proxy; print Spearman's rho (95% interval),
-    Kendall's tau, top-k overlap and cost, and recommend the cheapest proxy whose rho interval lies above 0.8."""
+    Kendall's tau, top-k overlap, how often the proxy keeps the best of an iteration's proposals (NetAdapt) and
+    cost, and recommend the cheapest proxy that keeps the ranking at every depth checked."""
     from squeeze.report.render import proxy_view
 
     result = api.proxy_check(model, method, data, model_options(input_shape, weights, trust_model),
-                             candidates=candidates, seed=seed, base_ratio=from_ratio, workers=workers,
+                             candidates=candidates, seed=seed, base_ratios=from_ratio, workers=workers,
                              ray_address=ray_address)
     if json_path == "-":
         print(json.dumps(result, indent=2))

@@ -10,10 +10,12 @@ data before anyone relies on it; a search records the proxy it used and the last
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -28,11 +30,14 @@ from squeeze.errors import SqueezeError
 from squeeze.train.config import FineTuneConfig, ProxyConfig
 
 __all__ = ["CandidateEvaluator", "RankAgreement", "ProxyCheck", "ProxyRow", "rank_agreement", "rank_scores",
+           "Scored", "pick_agreement", "MIN_PICK",
            "fine_tuned", "task_threads", "proxy_grid", "proxy_check", "record_rho", "last_rho", "rho_key", "scaled_steps",
            "MIN_RHO"]
 
 # EcoNAS keeps a proxy whose Spearman rho with the full setting is at least this (here: all of its interval).
 MIN_RHO = 0.8
+# NetAdapt keeps only the best proposal of each iteration: a proxy must make the full setting's pick this often.
+MIN_PICK = 0.9
 
 
 def scaled_steps(config: FineTuneConfig, fraction: float, steps_per_epoch: int) -> FineTuneConfig:
@@ -145,11 +150,25 @@ def resolution_error(module: torch.nn.Module, input_shape: Sequence[int], scale:
     return None
 
 
+@dataclass
+class Scored:
+    """Candidates' scores under a proxy, and the full-setting top-1 of those it promoted (EcoNAS's hierarchical
+    schedule: the proxy's best k finish the full evaluation)."""
+
+    proxy: list[float]
+    finished: dict[int, float]
+
+    @property
+    def ranked(self) -> list[float]:
+        """The order the search acts on: promoted candidates by their full score, above every other one."""
+        return [1 + self.finished[i] if i in self.finished else s for i, s in enumerate(self.proxy)]
+
+
 def rank_scores(evaluator: CandidateEvaluator, modules: list[torch.nn.Module], workers: Workers | None = None,
-                threads: int | None = None) -> list[float]:
+                threads: int | None = None) -> Scored:
     """Each candidate's score under the evaluator's proxy; with `promote`, the proxy's best k finish the full
-    evaluation and rank above the rest (EcoNAS's hierarchical schedule). The candidates are fine-tuned (in
-    place) as tasks of `workers` (default: serially here), `threads` torch threads each (`task_threads`)."""
+    evaluation. The candidates are fine-tuned (in place) as tasks of `workers` (default: serially here),
+    `threads` torch threads each (`task_threads`)."""
     workers = workers or Workers()
     shared = workers.share(evaluator)
     threads = task_threads(workers, threads)
@@ -162,11 +181,10 @@ def rank_scores(evaluator: CandidateEvaluator, modules: list[torch.nn.Module], w
 
     scores = scored(modules, False)
     k = evaluator.proxy.promote
-    if k and not evaluator.proxy.is_full:
-        top = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
-        for i, accuracy in zip(top, scored([modules[i] for i in top], True)):
-            scores[i] = 1 + accuracy  # promoted ones outrank every unpromoted one
-    return scores
+    if not k or evaluator.proxy.is_full:
+        return Scored(scores, {})
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+    return Scored(scores, dict(zip(top, scored([modules[i] for i in top], True))))
 
 
 @dataclass
@@ -180,6 +198,9 @@ class RankAgreement:
     kendall: float
     top_k: int
     top_k_overlap: float  # share of the full setting's best k that the proxy's best k also holds
+    pick_size: int = 0  # candidates one decision compares (NetAdapt: an iteration's proposals); 0: not simulated
+    pick_kept: float | None = None  # share of such decisions where the proxy picks the full setting's best
+    pick_loss: float | None = None  # mean full-setting top-1 (fraction) such a decision gives up
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -211,13 +232,35 @@ def rank_agreement(proxy: Sequence[float], full: Sequence[float], top_k: int = 3
                          0.0 if np.isnan(tau) else float(tau), k, len(best(p) & best(f)) / k)
 
 
+def pick_agreement(scored: Scored, full: Sequence[float], size: int, promote: int = 0, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """How often the proxy makes the full setting's choice where a search keeps one candidate of `size` (NetAdapt,
+    the best of each iteration's proposals): over random draws of `size` of the checked candidates, the share in
+    which the proxy's pick is the draw's best by the full setting, and the mean full-setting top-1 its pick gives
+    up. With `promote`, the pick is the best full score among the proxy's top k of the draw (exact for a proxy
+    that cuts only the evaluation; one that cuts steps finishes them later, close to the full run). Rank
+    correlation over all candidates does not say this: an iteration's proposals are often near ties."""
+    p, f = np.asarray(scored.proxy, float), np.asarray(full, float)
+    rng = np.random.default_rng(seed)
+    size = min(size, len(p))
+    given_up = np.empty(draws)
+    for d in range(draws):
+        draw = rng.choice(len(p), size, replace=False)
+        top = draw[np.argsort(-p[draw], kind="stable")][:max(1, promote)]
+        given_up[d] = f[draw].max() - f[top].max()
+    return float(np.mean(given_up <= 0)), float(given_up.mean())
+
+
 def proxy_grid(fine_tunes: bool, resolution_ok: bool) -> list[ProxyConfig]:
     """The proxies `squeeze proxy check` tries: EcoNAS's axes, each cut to a half and a quarter, the
-    more-samples-fewer-steps combinations it found to rank best, and a hierarchical one."""
+    more-samples-fewer-steps combinations it found to rank best, and hierarchical ones (the top 3 of each
+    decision promoted; after an evaluation-only cut, promoted candidates score exactly as in full)."""
     grid = [ProxyConfig(eval_fraction=e) for e in (0.5, 0.25)]
     if fine_tunes:
         grid += [ProxyConfig(eval_fraction=e, iterations_fraction=i) for e, i in ((1, 0.5), (1, 0.25), (0.5, 0.25))]
-        grid.append(ProxyConfig(eval_fraction=0.5, iterations_fraction=0.25, promote=3))
+        grid += [ProxyConfig(eval_fraction=0.5, iterations_fraction=0.25, promote=3),
+                 ProxyConfig(eval_fraction=0.25, iterations_fraction=0.5, promote=3),
+                 ProxyConfig(eval_fraction=0.25, promote=3)]
     if resolution_ok:
         grid.append(ProxyConfig(eval_fraction=0.5, resolution=0.5))
     return grid
@@ -264,40 +307,59 @@ class ProxyRow:
     seconds: float
     cost_ratio: float  # this proxy's evaluation time / the full evaluation's, same candidates
     agreement: RankAgreement
+    base_ratio: float = 1.0  # the depth: candidates cut from the model at this share of every layer's channels
+
+    @property
+    def keeps(self) -> bool:
+        """The ranking is kept: the lower end of rho's 95% interval >= 0.8 (a point estimate of a dozen
+        candidates can read 0.9 for a proxy whose interval reaches down to 0.5), and where a search keeps one
+        candidate per decision, that one too in MIN_PICK of the decisions."""
+        a = self.agreement
+        return a.spearman_low >= MIN_RHO and (a.pick_kept is None or a.pick_kept >= MIN_PICK)
 
     def to_json(self) -> dict:
-        return {"proxy": self.proxy.model_dump(), "label": self.proxy.label(), "seconds": round(self.seconds, 2),
-                "cost_ratio": round(self.cost_ratio, 4), **self.agreement.to_json()}
+        return {"proxy": self.proxy.model_dump(), "label": self.proxy.label(), "base_ratio": self.base_ratio,
+                "seconds": round(self.seconds, 2), "cost_ratio": round(self.cost_ratio, 4), **self.agreement.to_json()}
 
 
 @dataclass
 class ProxyCheck:
     method: str
-    candidates: int
-    full_seconds: float
+    candidates: int  # at each depth
+    depths: list[float]  # the base ratios checked (1: cuts of the original)
+    full_seconds: list[float]  # the full evaluation's time at each depth
     rows: list[ProxyRow]
-    base_ratio: float = 1.0  # NetAdapt's candidates cut from every layer at this share of its channels
 
     @property
-    def recommended(self) -> ProxyRow | None:
-        """The cheapest proxy that keeps the ranking: the lower end of rho's 95% interval >= 0.8 (a point estimate
-        of a dozen candidates can read 0.9 for a proxy whose interval reaches down to 0.5), if any."""
-        kept = [r for r in self.rows if r.agreement.spearman_low >= MIN_RHO]
-        return min(kept, key=lambda r: r.cost_ratio) if kept else None
+    def recommended(self) -> list[ProxyRow] | None:
+        """The rows of the cheapest proxy (mean cost over the depths) that keeps the ranking at every depth
+        checked (a search passes through all of them), if any."""
+        by_proxy: dict[ProxyConfig, list[ProxyRow]] = defaultdict(list)
+        for row in self.rows:
+            by_proxy[row.proxy].append(row)
+        kept = [rows for rows in by_proxy.values() if all(r.keeps for r in rows)]
+        return min(kept, key=lambda rows: float(np.mean([r.cost_ratio for r in rows]))) if kept else None
 
     def to_json(self) -> dict:
         best = self.recommended
-        return {"method": self.method, "candidates": self.candidates, "base_ratio": self.base_ratio,
-                "full_seconds": round(self.full_seconds, 2),
-                "min_rho": MIN_RHO, "rows": [r.to_json() for r in self.rows],
-                "recommended": best.to_json() if best else None}
+        summary = best and {"proxy": best[0].proxy.model_dump(), "label": best[0].proxy.label(),
+                            "cost_ratio": round(float(np.mean([r.cost_ratio for r in best])), 4),
+                            "spearman_low": min(r.agreement.spearman_low for r in best),
+                            "pick_size": best[0].agreement.pick_size,
+                            "pick_kept": None if best[0].agreement.pick_kept is None else
+                            min(r.agreement.pick_kept for r in best)}
+        return {"method": self.method, "candidates": self.candidates, "depths": self.depths,
+                "full_seconds": [round(s, 2) for s in self.full_seconds],
+                "min_rho": MIN_RHO, "min_pick": MIN_PICK, "rows": [r.to_json() for r in self.rows],
+                "recommended": summary}
 
 
 def _candidates(original, method: str, n: int, round_to: int, seed: int, min_ratio: float = 0.2,
-                base_ratio: float = 1.0) -> list:
+                base_ratio: float = 1.0) -> tuple[list, int]:
     """`n` candidates of the kind `method` compares: NetAdapt, one layer cut to a width on its grid (of the
     model with every layer at `base_ratio` of its channels: a later iteration's starting point); AMC, a whole
-    policy of per-layer preserve ratios in [min_ratio, 1]."""
+    policy of per-layer preserve ratios in [min_ratio, 1]. With them, how many candidates one of the method's
+    decisions compares: NetAdapt's iteration, one proposal per layer; AMC keeps the best of all (0: no draws)."""
     from squeeze.prune.graph import prunable_layers
     from squeeze.prune.plan import round_width
     from squeeze.prune.search import pruned_candidate, shrinkable, width_grid
@@ -322,32 +384,38 @@ def _candidates(original, method: str, n: int, round_to: int, seed: int, min_rat
             keep = {g.name: round_width(max(1, round(rng.uniform(min_ratio, 1) * g.out_channels)), g.out_channels,
                                         round_to, g.channel_step) for g in layers}
         out.append(pruned_candidate(original, None, keep, "l1", round_to)[0].module)
-    return out
+    return out, len(layers) if method == "netadapt" else 0
 
 
 def proxy_check(original, data, method: str, candidates: int, short_term: FineTuneConfig | None,
                 round_to: int = 8, proxies: list[ProxyConfig] | None = None, seed: int = 0,
-                on_row: Callable[[ProxyRow], None] = lambda _row: None, base_ratio: float = 1.0,
+                on_row: Callable[[ProxyRow], None] = lambda _row: None, base_ratios: Sequence[float] = (1.0,),
                 workers: Workers | None = None) -> ProxyCheck:
     """Score `candidates` candidates of `method` under the full setting and under each proxy, with the same
     starting weights; `short_term` is the method's per-candidate fine-tune (None: scored without one).
-    `base_ratio` < 1: NetAdapt's candidates are cut from the model at that share of every layer's channels,
-    where a late iteration compares them (a proxy that ranks first cuts well may rank late ones badly). On
-    `workers`, each setting's candidates are fine-tuned at once."""
+    At each of `base_ratios` < 1, NetAdapt's candidates are cut from the model at that share of every layer's
+    channels, where a late iteration compares them (a proxy that ranks first cuts well may rank late ones
+    badly). On `workers`, each setting's candidates are fine-tuned at once."""
     from squeeze import progress
 
-    modules = _candidates(original, method, candidates, round_to, seed, base_ratio=base_ratio)
     grid = proxies or proxy_grid(short_term is not None,
                                  resolution_error(original.module, original.input_shape, 0.5) is None)
-    with progress.task(f"proxy check ({method})", total=1 + len(grid), unit="settings") as step:
-        full_ev = CandidateEvaluator(data.train, data.val, short_term, ProxyConfig(), seed)
-        full, full_seconds = timed(lambda: rank_scores(full_ev, fresh(modules), workers))
-        step.advance(1)
-        rows = []
-        for proxy in grid:
-            ev = CandidateEvaluator(data.train, data.val, short_term, proxy, seed)
-            scores, seconds = timed(lambda: rank_scores(ev, fresh(modules), workers))
-            rows.append(ProxyRow(proxy, seconds, seconds / full_seconds, rank_agreement(scores, full, seed=seed)))
-            on_row(rows[-1])
-            step.advance(1, rho=f"{rows[-1].agreement.spearman:.2f}")
-    return ProxyCheck(method, candidates, full_seconds, rows, base_ratio)
+    rows, full_times = [], []
+    with progress.task(f"proxy check ({method})", total=(1 + len(grid)) * len(base_ratios), unit="settings") as step:
+        for base_ratio in base_ratios:
+            modules, pick_size = _candidates(original, method, candidates, round_to, seed, base_ratio=base_ratio)
+            full_ev = CandidateEvaluator(data.train, data.val, short_term, ProxyConfig(), seed)
+            full, full_seconds = timed(lambda: rank_scores(full_ev, fresh(modules), workers))
+            full_times.append(full_seconds)
+            step.advance(1)
+            for proxy in grid:
+                ev = CandidateEvaluator(data.train, data.val, short_term, proxy, seed)
+                scores, seconds = timed(lambda: rank_scores(ev, fresh(modules), workers))
+                agreement = rank_agreement(scores.ranked, full.ranked, seed=seed)
+                if pick_size:
+                    kept, loss = pick_agreement(scores, full.ranked, pick_size, proxy.promote, seed=seed)
+                    agreement = dataclasses.replace(agreement, pick_size=pick_size, pick_kept=kept, pick_loss=loss)
+                rows.append(ProxyRow(proxy, seconds, seconds / full_seconds, agreement, base_ratio))
+                on_row(rows[-1])
+                step.advance(1, rho=f"{rows[-1].agreement.spearman:.2f}")
+    return ProxyCheck(method, candidates, list(base_ratios), full_times, rows)

@@ -293,24 +293,37 @@ def target_check_view(report: CheckReport, target: str) -> Table:
 
 
 def proxy_view(result: dict) -> Group:
-    """`squeeze proxy check`: one row per proxy, the recommendation under it."""
-    base = result.get("base_ratio", 1.0)
-    start = f", cut from every layer at {base:.0%}" if base < 1 else ""
+    """`squeeze proxy check`: one row per proxy and depth, the recommendation under it."""
+    depths = result["depths"]
+    timing = ", ".join(f"{s:.0f} s" for s in result["full_seconds"])
+    where = (" at every depth" if len(depths) > 1 else
+             f", cut from every layer at {depths[0]:.0%}" if depths[0] < 1 else "")
     table = Table(title=f"proxy check: {result['method']} candidates of {result['model']} on {result['data']} "
-                        f"({result['candidates']} candidates{start}; full evaluation {result['full_seconds']:.0f} s)")
-    for col in ("proxy", "Spearman rho [95%]", "Kendall tau", "top-k overlap", "cost"):
+                        f"({result['candidates']} candidates{where}; full evaluation {timing})")
+    picks = any(r.get("pick_kept") is not None for r in result["rows"])
+    columns = ("proxy", "cut from" if len(depths) > 1 else None, "Spearman rho [95%]", "Kendall tau",
+               "top-k overlap", f"best of {result['rows'][0]['pick_size']} kept (pt lost)" if picks else None, "cost")
+    for col in filter(None, columns):
         table.add_column(col, justify="left" if col == "proxy" else "right")
-    for r in result["rows"]:
-        table.add_row(r["label"], f"{r['spearman']:.2f} [{r['spearman_low']:.2f}, {r['spearman_high']:.2f}]",
-                      f"{r['kendall']:.2f}", f"{r['top_k_overlap']:.0%} of {r['top_k']}", f"{r['cost_ratio']:.2f}x")
+    order = list(dict.fromkeys(r["label"] for r in result["rows"]))  # each proxy's depths next to each other
+    for r in sorted(result["rows"], key=lambda r: (order.index(r["label"]), -r["base_ratio"])):
+        cells = [r["label"], *([f"{r['base_ratio']:.0%}"] if len(depths) > 1 else []),
+                 f"{r['spearman']:.2f} [{r['spearman_low']:.2f}, {r['spearman_high']:.2f}]", f"{r['kendall']:.2f}",
+                 f"{r['top_k_overlap']:.0%} of {r['top_k']}",
+                 *([f"{r['pick_kept']:.0%} ({100 * r['pick_loss']:.2f})"] if picks else []), f"{r['cost_ratio']:.2f}x"]
+        table.add_row(*cells)
     best = result["recommended"]
-    line = (Text(f"recommended: {best['label']} (rho {best['spearman']:.2f} [{best['spearman_low']:.2f}, "
-                 f"{best['spearman_high']:.2f}], {best['cost_ratio']:.2f}x the cost): pass it as the search's proxy "
-                 "option", style="green") if best else
-            Text(f"no proxy keeps the ranking with confidence (rho's interval above {result['min_rho']}): evaluate "
-                 "candidates in full, or check more candidates (--candidates) for narrower intervals", style="yellow"))
+    at_all = " at every depth" if len(depths) > 1 else ""
+    kept = f", the best of {best['pick_size']} kept in {best['pick_kept']:.0%}" if best and picks else ""
+    line = (Text(f"recommended: {best['label']} (rho's interval from {best['spearman_low']:.2f}{kept}{at_all}, "
+                 f"{best['cost_ratio']:.2f}x the cost): pass it as the search's proxy option", style="green")
+            if best else
+            Text(f"no proxy keeps the ranking with confidence{at_all} (rho's interval above {result['min_rho']}"
+                 + (f", and the best of an iteration's proposals in {result['min_pick']:.0%} of draws" if picks else "")
+                 + "): evaluate candidates in full, or check more candidates (--candidates) for narrower intervals",
+                 style="yellow"))
     lines = [table, line]
-    if result["method"] == "netadapt" and base == 1:
+    if result["method"] == "netadapt" and min(depths) == 1:
         lines.append(Text("Late iterations compare cuts of a thinner model, which recover differently: check the "
-                          "proxy there too (--from-ratio 0.4) before a deep search.", style="dim"))
+                          "proxy there too (--from-ratio 1 --from-ratio 0.4) before a deep search.", style="dim"))
     return Group(*lines)
