@@ -167,11 +167,12 @@ def test_relaid_out_kernels_pair_with_their_layers_by_scope_in_any_node_order():
 
 def test_in_context_entries_are_stored_apart_and_labelled():
     from squeeze.measure.incontext import WHOLE_KEY, InContext, context_key
+    from squeeze.measure.profile import PAIRING
 
     model, table = _tiny_mobilenet(), LatencyTable(HOST, FAST)
     configs = layer_configs(model.module, model.example_input())
     ctx = InContext(table, model, configs)
-    assert ctx.uncovered == []
+    assert ctx.uncovered == [] and f"/in-context/v{PAIRING}/" in ctx.scope  # another pairing's times are not read
     keys = [context_key(n, c) for n, c in configs.items()]
     assert table.stored(keys) == {}  # not among the standalone entries
     stored = table.stored(keys, ctx.scope)

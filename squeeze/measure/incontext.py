@@ -16,9 +16,9 @@ Entries belong to one reference model (its fingerprint scopes them in the table'
 the standalone entries) and are keyed by layer and configuration. A layer at a width never profiled is priced
 from the nearest profiled configuration of that layer: its in-context entry times the ratio of the two
 standalone entries, each less a one-layer model's per-call overhead (which does not shrink with the width; on
-a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum). The profiled configurations are the reference's
-and those of the pruned models measured whole by `TableOracle.recalibrate` (table+recalibrate searches do that
-every few steps, so the widths a search visits get profiled).
+a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum). The profiled configurations are the
+reference's and those of the pruned models measured whole by `TableOracle.recalibrate` (table+recalibrate
+searches do that every few steps, so the widths a search visits get profiled).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.lut import IN_CONTEXT, SCALED, STANDALONE, LatencyTable, LayerConfig, LutEntry
+from squeeze.measure.profile import PAIRING
 from squeeze.model.loading import LoadedModel
 
 __all__ = ["InContext", "context_key", "WHOLE_KEY"]
@@ -58,7 +59,7 @@ class InContext:
     def __init__(self, table: LatencyTable, reference: LoadedModel, configs: dict[str, LayerConfig],
                  runs: int = 20) -> None:
         self.table, self.runs = table, runs
-        self.scope = f"{table.scope}/in-context/{reference.fingerprint}"
+        self.scope = f"{table.scope}/in-context/v{PAIRING}/{reference.fingerprint}"
         self._entries: dict[str, LutEntry | None] = {}  # looked up already (None: not stored)
         # layer -> (config, its in-context ms, its standalone ms less the overhead), per profiled configuration
         self._profiled: dict[str, list[tuple[LayerConfig, float, float]]] = defaultdict(list)

@@ -34,8 +34,11 @@ from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
 from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
 
-__all__ = ["LayerProfile", "distinct_initializers", "layer_identities", "profile_layers", "slower_layers"]
+__all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_identities", "profile_layers", "slower_layers"]
 
+# Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
+# other layers (2: re-laid-out kernels paired by scope, not by node order).
+PAIRING = 2
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
 _NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order

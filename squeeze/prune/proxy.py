@@ -29,10 +29,9 @@ from squeeze.util.workers import Workers
 from squeeze.errors import SqueezeError
 from squeeze.train.config import FineTuneConfig, ProxyConfig
 
-__all__ = ["CandidateEvaluator", "RankAgreement", "ProxyCheck", "ProxyRow", "rank_agreement", "rank_scores",
-           "Scored", "pick_agreement", "MIN_PICK",
-           "fine_tuned", "task_threads", "proxy_grid", "proxy_check", "record_rho", "last_rho", "rho_key", "scaled_steps",
-           "MIN_RHO"]
+__all__ = ["CandidateEvaluator", "RankAgreement", "ProxyCheck", "ProxyRow", "Scored", "rank_agreement",
+           "rank_scores", "pick_agreement", "fine_tuned", "task_threads", "proxy_grid", "proxy_check", "record_rho",
+           "last_rho", "rho_key", "scaled_steps", "MIN_RHO", "MIN_PICK"]
 
 # EcoNAS keeps a proxy whose Spearman rho with the full setting is at least this (here: all of its interval).
 MIN_RHO = 0.8
