@@ -7,7 +7,8 @@ median with its 95% bootstrap interval over the other plans). The nets:
 the zoo's MobileNetV2, ResNet-18 and DenseNet-121 (random weights: latency does not depend on them), and
 three of the tests' nets not used to develop the in-context entries (EfficientNet-B0-like with SE,
 ShuffleNetV2-like with channel shuffle, RegNetX-400MF-like with groups). Run it on a quiet machine: whole-model
-readings of a busy one move by more than the error being measured.
+readings of a busy one move by more than the error being measured; each net's row counts the plans measured
+while the machine ran over 1.2x slower than at its quietest in the check, in every try.
 
     python benchmarks/lut_incontext.py [--models zoo:mobilenet_v2 ...] [--plans 10] [--pricing in-context]
 """
@@ -52,8 +53,9 @@ def main() -> None:
 
     target = load_target(args.target)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
-    print("| model | " + " | ".join(f"{p}: median / p90 alone | recalibrated" for p in args.pricing) + " | s |")
-    print("|---|" + "---|---|" * len(args.pricing) + "---|")
+    print("| model | " + " | ".join(f"{p}: median / p90 alone | recalibrated | contended plans" for p in args.pricing)
+          + " | s |")
+    print("|---|" + "---|---|---|" * len(args.pricing) + "---|")
     for spec in args.models:
         model = load_model(spec, input_shape=None if spec.startswith("zoo:") else (1, 3, 224, 224))
         t0 = time.perf_counter()
@@ -62,7 +64,11 @@ def main() -> None:
             result = check_table(model, LatencyTable(target), args.plans, in_context=PRICING[pricing])
             (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
             low, high = median_interval([abs(r.recalibrated_error_pct) for r in result.rows[1:]])
-            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%"]
+            worst = max(result.contention(r) for r in result.rows)
+            quiet = [abs(r.recalibrated_error_pct) for r in result.rows[1:] if r.plan not in result.contended_plans]
+            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%",
+                      f"{len(result.contended_plans)} of {len(result.rows)} (worst {worst:.2f}x); the others' "
+                      f"recalibrated median {np.median(quiet) if quiet else float('nan'):.1f}%"]
         print(f"| {spec} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 

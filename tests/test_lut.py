@@ -47,6 +47,28 @@ def test_table_measures_once_and_reuses(monkeypatch):
     assert LatencyTable(HOST, FAST).entries(cfgs) == first
 
 
+def test_a_batch_of_layers_measured_on_a_contended_machine_is_measured_again(monkeypatch):
+    from squeeze.measure import lut
+    from squeeze.measure.bench import Measurement
+
+    # Per run: the anchor's ms and each layer's time over it. The anchor alone (the time base), batch 1, then
+    # batch 2 twice: its first run contended (the anchor 1.5x slow, and slowed more than the layer).
+    runs, sizes = iter([(0.1, None), (0.1, 3.0), (0.15, 2.0), (0.1, 3.0)]), []
+
+    def fake(artifacts, target, protocol):
+        anchor_ms, ratio = next(runs)
+        sizes.append(len(artifacts))
+        times = [anchor_ms] + [anchor_ms * ratio for _ in artifacts[1:]]
+        return [Measurement(a.sha256, target.name, {}, [ms] * 5, 1, {}, "run") for a, ms in zip(artifacts, times)]
+
+    monkeypatch.setattr(lut, "interleaved", fake)
+    monkeypatch.setattr(lut, "_BATCH", 1)
+    table = LatencyTable(HOST, FAST.model_copy(update={"seed": 7}))  # a scope of its own: no stored anchor
+    entries = table.measure([LayerConfig("conv2d", 8, c, 8, 8, (3, 3), (1, 1), (1, 1), 1) for c in (8, 16)])
+    assert sizes == [1, 2, 2, 2]  # batch 2 ran again
+    assert [e.median_ms for e in entries] == pytest.approx([0.3, 0.3])  # the quiet run's 3x the anchor, not 2x
+
+
 def test_table_orders_layer_costs():
     table = LatencyTable(HOST, FAST)
     small, big = (LayerConfig("conv2d", 16, c, 32, 32, (3, 3), (1, 1), (1, 1), 1) for c in (16, 256))
@@ -241,20 +263,23 @@ def test_the_constant_fits_what_the_layers_miss_but_not_a_cliff():
     assert fit_table_constant(9.0, 8.0, 0.9, current_ms=0.0) == 0.0
 
 
-def test_lut_check_names_plans_slower_than_the_original():
+def test_lut_check_names_plans_slower_than_the_original_and_plans_measured_on_a_contended_machine():
     from rich.console import Console
 
     from squeeze.prune.tables import CheckResult, CheckRow
     from squeeze.report.render import lut_check_view
 
-    rows = [CheckRow(0, 200, 5.3, 6.7), CheckRow(1, 300, 5.9, 5.8, 5.9), CheckRow(2, 130, 4.0, 6.6, 4.1)]
-    result = CheckResult(rows, reference_ms=6.5, constant_ms=0.0)
+    # Plan 1's run found the original at 8.0 ms against its fastest 6.5: the machine ran 1.23x slow.
+    rows = [CheckRow(0, 200, 5.3, 6.7, 6.6), CheckRow(1, 300, 5.9, 5.8, 8.0, 5.9), CheckRow(2, 130, 4.0, 6.6, 6.5, 4.1)]
+    result = CheckResult(rows, reference_ms=6.5, constant_ms=0.0, fastest_reference_ms=6.5)
     assert result.slower_plans == [0, 2] and result.to_json()["slower_plans"] == [0, 2]
+    assert result.contended_plans == [1] and result.to_json()["rows"][1]["contention"] == pytest.approx(8.0 / 6.5)
     console = Console(width=200, record=True)
     console.print(lut_check_view(result, "regnet", "host-cpu"))
     text = " ".join(console.export_text().split())
     assert "2 of 3 plans (plan 0, 2) measured slower than the original" in text
     assert "--latency-source measured" in text
+    assert "1 of 3 plans (plan 1) were measured while the machine ran over 1.2x slower" in text and "1.23x" in text
 
 
 def test_lut_check_standalone_at_a_batch_times_table_and_plans_there():

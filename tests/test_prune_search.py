@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from squeeze.data import load_data
-from squeeze.measure.oracle import LatencyOracle, MeasuredOracle, RelativeOracle
+from squeeze.measure.oracle import CONTENDED, LatencyOracle, MeasuredOracle, RelativeOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.model.loading import LoadedModel, load_model, save_checkpoint
 from squeeze.methods.base import ModelState, PassContext
@@ -487,10 +487,13 @@ class NoisyRuns:
     slows both models alike (what interleaving cancels), and each sample is also off by up to 25% on its
     own (what only more samples narrow). True times are proportional to MACs; a sample loops 20 ms' worth
     of calls. With `short_first`, the first run's calibration went wrong: the reference loops one call per
-    sample, and such short samples read 4x fast (as on a loaded machine)."""
+    sample, and such short samples read 4x fast (as on a loaded machine). `contended` maps a run's number
+    (1: the first opened) to a slowdown of the whole run that, as a co-tenant's does, slows the smaller model
+    more: the reference by the factor, the other model by 1.2 times it."""
 
-    def __init__(self, seed=0, short_first=False):
+    def __init__(self, seed=0, short_first=False, contended=None):
         self.rng, self.short_first, self.opened = np.random.default_rng(seed), short_first, 0
+        self.contended = contended or {}
 
     def __call__(self, models):
         self.opened += 1
@@ -498,6 +501,8 @@ class NoisyRuns:
         calls = [math.ceil(20 / ms) for ms in true_ms]
         if self.short_first and self.opened == 1:
             true_ms[0], calls[0] = true_ms[0] / 4, 1
+        if slow := self.contended.get(self.opened):
+            true_ms = [ms * slow * (1 if i == 0 else 1.2) for i, ms in enumerate(true_ms)]
         return _NoisyRun(self.rng, true_ms, calls)
 
 
@@ -540,6 +545,22 @@ def test_a_run_with_too_short_samples_is_opened_again(digits_model):
     oracle = RelativeOracle(digits_model, HOST, FAST.model_copy(update={"min_repeat_ms": 20}), runs=runs)
     assert runs.opened == 2  # the reference's first run looped one call per sample: calibrated again
     assert oracle.reference_ms == pytest.approx(summarize(digits_model).macs / 1e6 * 2, rel=0.2)  # load mean 2x
+
+
+def test_a_ratio_from_a_contended_run_is_taken_again(digits_model, caplog):
+    half = smallest_model(digits_model, 16)
+    true_ratio = summarize(half).macs / summarize(digits_model).macs
+    # Run 1 times the reference alone; run 2, the ratio's first, is contended (1.5x, the small model 1.8x).
+    runs = NoisyRuns(seed=3, contended={2: 1.5})
+    oracle = RelativeOracle(digits_model, HOST, FAST.model_copy(update={"repeat": 40}), runs=runs)
+    est = oracle.ratio(half)
+    assert runs.opened == 3 and oracle.contention < 1.2
+    assert est.low <= true_ratio <= est.high  # the quiet run's ratio, not the contended one's (1.2x it)
+    # Every try contended: the least contended run's ratio is kept (a busier machine's), and says so.
+    runs.contended = {4: 1.6, 5: 1.4, 6: 1.5}
+    est = oracle.ratio(half)
+    assert runs.opened == 6 and oracle.contention > CONTENDED and est.ratio > 1.05 * true_ratio
+    assert "in each of 3 runs" in caplog.text and f"this ratio, {est.ratio:.3f}, is a busier machine's" in caplog.text
 
 
 def test_netadapt_on_relative_readings_of_a_busy_machine_meets_the_true_budget(digits_model):

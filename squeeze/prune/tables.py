@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
-from squeeze.measure.oracle import RelativeOracle
+from squeeze.measure.oracle import CONTENDED, RelativeOracle
 from squeeze.measure.protocol import Protocol
 from squeeze.model.loading import LoadedModel
 from squeeze.prune.engine import apply_plan, make_plan
@@ -44,6 +44,7 @@ class CheckRow:
     macs: int
     predicted_ms: float  # the table alone
     measured_ms: float
+    run_reference_ms: float  # the original's time in the run the measurement came from (RelativeOracle)
     recalibrated_ms: float | None = None  # after recalibrating on plan 0 (None for plan 0 itself)
     sources: dict[str, str] = field(default_factory=dict)  # layer -> source of its figure in the last prediction
 
@@ -67,6 +68,17 @@ class CheckResult:
     rows: list[CheckRow]
     reference_ms: float
     constant_ms: float
+    fastest_reference_ms: float  # the original's fastest run of the check: the machine at its quietest
+
+    def contention(self, row: CheckRow) -> float:
+        """How much slower the machine ran during the row's measurement than at its quietest in the check."""
+        return row.run_reference_ms / self.fastest_reference_ms
+
+    @property
+    def contended_plans(self) -> list[int]:
+        """Plans whose every try ran on a contended machine (CONTENDED): their measured ratio is that of a
+        busier machine, and their error includes it."""
+        return [r.plan for r in self.rows if self.contention(r) > CONTENDED]
 
     def summary(self, recalibrated: bool = False) -> tuple[float, float]:
         """(median, p90) of the absolute % error, of the table alone or after recalibration on plan 0."""
@@ -85,10 +97,11 @@ class CheckResult:
     def to_json(self) -> dict:
         (med, p90), (rmed, rp90) = self.summary(), self.summary(recalibrated=True)
         return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms, "slower_plans": self.slower_plans,
+                "fastest_reference_ms": self.fastest_reference_ms, "contended_plans": self.contended_plans,
                 "median_abs_error_pct": med, "p90_abs_error_pct": p90,
                 "recalibrated_median_abs_error_pct": rmed, "recalibrated_p90_abs_error_pct": rp90,
                 "rows": [{**asdict(r), "error_pct": r.error_pct, "recalibrated_error_pct": r.recalibrated_error_pct,
-                          "source_counts": r.source_counts} for r in self.rows]}
+                          "source_counts": r.source_counts, "contention": self.contention(r)} for r in self.rows]}
 
 
 def _pruned(model: LoadedModel, keep) -> LoadedModel:
@@ -147,10 +160,14 @@ def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed
     for i, (candidate, table_only) in enumerate(zip(candidates, alone)):
         macs = summarize(candidate).macs or 0
         if i == 0:  # the table alone, then recalibrate on its measurement
-            row = CheckRow(0, macs, table_only.total_ms, oracle.recalibrate(candidate), sources=table_only.sources)
+            measured_ms = oracle.recalibrate(candidate)
+            row = CheckRow(0, macs, table_only.total_ms, measured_ms, measured.run_reference_ms,
+                           sources=table_only.sources)
         else:
             refit = oracle.predict_configs([configs[i]])[0]
-            row = CheckRow(i, macs, table_only.total_ms, measured.latency_ms(candidate), refit.total_ms, refit.sources)
+            measured_ms = measured.latency_ms(candidate)
+            row = CheckRow(i, macs, table_only.total_ms, measured_ms, measured.run_reference_ms, refit.total_ms,
+                           refit.sources)
         log(f"plan {i}: predicted {row.predicted_ms:.3f} ms, measured {row.measured_ms:.3f} ms ({row.error_pct:+.1f}%)")
         rows.append(row)
-    return CheckResult(rows, measured.reference_ms, oracle.constant_ms)
+    return CheckResult(rows, measured.reference_ms, oracle.constant_ms, measured.fastest_ms)

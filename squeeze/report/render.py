@@ -12,6 +12,7 @@ from rich.text import Text
 
 from squeeze.measure.bench import Measurement
 from squeeze.measure.gate import GateResult
+from squeeze.measure.oracle import CONTENDED, CONTENTION_TRIES
 from squeeze.preprocessing import Preprocessing
 from squeeze.target import Target
 
@@ -255,17 +256,19 @@ def catalog_view(kind: str, rows: list[tuple[str, str]]) -> Table:
 def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
     """Predicted against measured latency per random plan, then the error's median and p90."""
     t = Table(title=f"lookup table vs measurement: {model} on {target}")
-    for col in ("plan", "MACs", "measured ms", "table ms", "error", "recalibrated ms", "error ", "layers priced"):
+    for col in ("plan", "MACs", "measured ms", "machine", "table ms", "error", "recalibrated ms", "error ",
+                "layers priced"):
         t.add_column(col, justify="right")
     for r in result.rows:
         recal = ("(fit)", "") if r.recalibrated_ms is None else (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%")
         priced = ", ".join(f"{n} {source}" for source, n in sorted(r.source_counts.items()))
-        t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{r.predicted_ms:.3f}",
-                  f"{r.error_pct:+.1f}%", *recal, priced)
+        t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{result.contention(r):.2f}x",
+                  f"{r.predicted_ms:.3f}", f"{r.error_pct:+.1f}%", *recal, priced)
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
     lines = [t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after recalibrating on plan 0: "
                 f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
-                "with the original, scaled by its latency; layers priced: standalone = timed alone, in-context = "
+                "with the original, scaled by its latency; machine = the original's time in that run over its fastest "
+                "run; layers priced: standalone = timed alone, in-context = "
                 "profiled inside the model, scaled = in-context at the nearest profiled width x the ratio of the "
                 "standalone entries)"]
     if slower := result.slower_plans:
@@ -274,6 +277,12 @@ def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
                           "kernel at those widths, which no sum of layers prices. Searches on this model should "
                           "measure candidates (--latency-source measured) rather than trust the table.",
                           style="yellow"))
+    if contended := result.contended_plans:
+        lines.append(Text(f"{len(contended)} of {len(result.rows)} plans (plan {', '.join(map(str, contended))}) were "
+                          f"measured while the machine ran over {CONTENDED:.1f}x slower than at its quietest in this "
+                          f"check, in each of {CONTENTION_TRIES} tries: a busy machine slows small models more than "
+                          "large ones, so their measured ratios (and errors) are a busier machine's. Check again on a "
+                          "quieter machine.", style="yellow"))
     return Group(*lines)
 
 
