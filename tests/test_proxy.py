@@ -65,6 +65,17 @@ def test_a_proxy_that_swaps_an_iteration_s_pick_is_not_recommended_however_high_
                        row(hierarchical, 0.9, 1.0, 0.4)])
     summary = deep.to_json()["recommended"]
     assert summary["label"] == hierarchical.label() and summary["cost_ratio"] == pytest.approx(0.85)
+    # A promoting proxy is judged on the pick alone: the search acts on its top 3's full scores, so the order of
+    # the rest (rho 0.3 here) decides nothing. Without promotion the same rho rules it out.
+    def ranked(proxy, cost, rho_low, pick_kept):
+        r = row(proxy, cost, pick_kept)
+        return dataclasses.replace(r, agreement=dataclasses.replace(r.agreement, spearman_low=rho_low))
+
+    shallow = ProxyConfig(eval_fraction=0.25, iterations_fraction=0.5, promote=3)
+    loose = ProxyCheck("netadapt", 8, [1.0], [10.0], [ranked(shallow, 0.6, 0.3, 0.99), ranked(cheap, 0.5, 0.3, 0.99),
+                                                       ranked(hierarchical, 0.9, 0.9, 1.0)])
+    assert [r.proxy for r in loose.recommended] == [shallow]
+    assert not ranked(shallow, 0.6, 0.9, 0.8).keeps
     from rich.console import Console
 
     from squeeze.report.render import proxy_view
@@ -73,8 +84,8 @@ def test_a_proxy_that_swaps_an_iteration_s_pick_is_not_recommended_however_high_
     console.print(proxy_view({"model": "m", "data": "d", **deep.to_json()}))
     text = console.export_text()
     assert "cut from" in text and "best of 5 kept (pt lost)" in text
-    assert f"recommended: {hierarchical.label()} (rho's interval from 1.00, the best of 5 kept in 100% at every" \
-           " depth, 0.85x the cost)" in text.replace("\n", " ")
+    assert f"recommended: {hierarchical.label()} (the best of 5 kept in 100% at every depth; below its top 3 the " \
+           "order decides nothing: rho's interval from 1.00, 0.85x the cost)" in text.replace("\n", " ")
 
 
 def test_a_proxy_cuts_steps_and_samples_and_the_full_setting_cuts_nothing():

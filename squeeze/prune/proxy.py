@@ -312,8 +312,12 @@ class ProxyRow:
     def keeps(self) -> bool:
         """The ranking is kept: the lower end of rho's 95% interval >= 0.8 (a point estimate of a dozen
         candidates can read 0.9 for a proxy whose interval reaches down to 0.5), and where a search keeps one
-        candidate per decision, that one too in MIN_PICK of the decisions."""
+        candidate per decision, that one too in MIN_PICK of the decisions. A proxy that promotes its top k to
+        the full setting for such a search needs the pick only: the search acts on the promoted candidates'
+        full scores, and the order of the rest (what rho mostly measures) decides nothing."""
         a = self.agreement
+        if a.pick_kept is not None and self.proxy.promote:
+            return a.pick_kept >= MIN_PICK
         return a.spearman_low >= MIN_RHO and (a.pick_kept is None or a.pick_kept >= MIN_PICK)
 
     def to_json(self) -> dict:

@@ -324,8 +324,13 @@ def proxy_view(result: dict) -> Group:
     best = result["recommended"]
     at_all = " at every depth" if len(depths) > 1 else ""
     kept = f", the best of {best['pick_size']} kept in {best['pick_kept']:.0%}" if best and picks else ""
-    line = (Text(f"recommended: {best['label']} (rho's interval from {best['spearman_low']:.2f}{kept}{at_all}, "
-                 f"{best['cost_ratio']:.2f}x the cost): pass it as the search's proxy option", style="green")
+    if best and picks and best["proxy"]["promote"]:  # judged on the pick alone (ProxyRow.keeps)
+        why = (f"the best of {best['pick_size']} kept in {best['pick_kept']:.0%}{at_all}; below its top "
+               f"{best['proxy']['promote']} the order decides nothing: rho's interval from {best['spearman_low']:.2f}")
+    elif best:
+        why = f"rho's interval from {best['spearman_low']:.2f}{kept}{at_all}"
+    line = (Text(f"recommended: {best['label']} ({why}, {best['cost_ratio']:.2f}x the cost): pass it as the "
+                 "search's proxy option", style="green")
             if best else
             Text(f"no proxy keeps the ranking with confidence{at_all} (rho's interval above {result['min_rho']}"
                  + (f", and the best of an iteration's proposals in {result['min_pick']:.0%} of draws" if picks else "")
