@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from squeeze.data import load_data
-from squeeze.measure.oracle import CONTENDED, LatencyOracle, MeasuredOracle, RelativeOracle
-from squeeze.measure.protocol import Protocol
+from squeeze.measure.oracle import LatencyOracle, MeasuredOracle, RelativeOracle
+from squeeze.measure.protocol import CONTENDED, Protocol
 from squeeze.model.loading import LoadedModel, load_model, save_checkpoint
 from squeeze.methods.base import ModelState, PassContext
 from squeeze.methods.prune.netadapt import NetAdaptOptions, NetAdaptPass, netadapt

@@ -27,7 +27,7 @@ from torch import nn
 
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.cache import MeasurementCache
-from squeeze.measure.oracle import CONTENDED, CONTENTION_TRIES, LatencyOracle, interleaved
+from squeeze.measure.oracle import LatencyOracle, Quietest, interleaved
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.stats import paired_ratio
 from squeeze.measure.runtimes import get_runtime
@@ -237,7 +237,7 @@ class LatencyTable:
         self.scope = hashlib.sha256(scope.encode()).hexdigest()[:16]
         self.path = MeasurementCache().path
         self.profiles = target.runtime == "onnxruntime"  # in-context entries come from ORT's profiler
-        self._fastest_anchor_ms = float("inf")  # the anchor's fastest run here: the machine at its quietest
+        self._quietest = Quietest()  # the anchor's fastest run here
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS lut (scope TEXT, key TEXT, count INTEGER, mean_ms REAL, "
                        "var_ms REAL, median_ms REAL, created REAL, PRIMARY KEY (scope, key))")
@@ -271,18 +271,12 @@ class LatencyTable:
         return interleaved([self._artifact(c) for c in configs], self.target, self.protocol)
 
     def _quiet(self, anchor, artifacts: list) -> list:
-        """An interleaved run of the `anchor` layer's artifact and `artifacts`, run again while the anchor ran over CONTENDED x its
-        fastest run here (CONTENTION_TRIES runs at most; the least contended kept). Entries are ratios to the
-        anchor, and on a contended machine the small anchor slows more than most layers (oracle.CONTENDED)."""
-        tries = []
-        for _ in range(CONTENTION_TRIES):
-            run = interleaved([anchor, *artifacts], self.target, self.protocol)
-            anchor_ms = run[0].stats.median_ms
-            self._fastest_anchor_ms = min(self._fastest_anchor_ms, anchor_ms)
-            tries.append((anchor_ms, run))
-            if anchor_ms <= CONTENDED * self._fastest_anchor_ms:
-                break
-        return min(tries, key=lambda t: t[0])[1]
+        """An interleaved run of the `anchor` layer's artifact and `artifacts`, taken again while the anchor ran
+        contended (oracle.CONTENDED). Entries are ratios to the anchor, and on a contended machine the small
+        anchor slows more than most layers."""
+        run, _ = self._quietest.least_contended(lambda: interleaved([anchor, *artifacts], self.target, self.protocol),
+                                                lambda r: r[0].stats.median_ms)
+        return run
 
     def store(self, entries: list[LutEntry], scope: str | None = None) -> None:
         """Write entries: standalone ones, or with `scope` in-context ones (squeeze.measure.incontext)."""

@@ -12,20 +12,20 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import numpy as np
 
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.bench import InterleavedRun, Measurement, measure
-from squeeze.measure.protocol import Protocol
+from squeeze.measure.protocol import CONTENDED, CONTENTION_TRIES, Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.measure.worker import WorkerClient
 from squeeze.model.loading import LoadedModel
 from squeeze.target import Target
 
-__all__ = ["LatencyOracle", "FixedOracle", "MeasuredOracle", "Reading", "RelativeOracle", "WorkerRuns",
+__all__ = ["LatencyOracle", "FixedOracle", "MeasuredOracle", "Quietest", "Reading", "RelativeOracle", "WorkerRuns",
            "interleaved"]
 
 Timed = LoadedModel | OnnxArtifact
@@ -132,14 +132,28 @@ RunFactory = Callable[[list[Timed]], ContextManager[Any]]
 # is opened again, this many times at most.
 CALIBRATION_TRIES = 3
 
-# A ratio is not the same on a contended machine: when a co-tenant (another VM on the host, invisible to the load
-# average) slows the 2 cores, a small model slows more than a large one (per-kernel thread hand-offs wait on a
-# stolen core). Seen here: one ShuffleNet plan read 0.73-0.75x of the original in runs where the original took
-# 3.9-4.2 ms, and 0.78-0.81x in runs where it took 6-7 ms, each interval +-2%. A run whose reference is over
-# CONTENDED x the fastest reference run seen by the oracle was contended: the ratio is taken again, at most
-# CONTENTION_TRIES runs, and the least contended run's is kept (with its contention, for the report).
-CONTENDED = 1.2
-CONTENTION_TRIES = 3
+R = TypeVar("R")
+
+
+class Quietest:
+    """A probe's fastest run so far (the machine at its quietest), and runs taken again while contended."""
+
+    def __init__(self, ms: float = float("inf")) -> None:
+        self.ms = ms
+
+    def least_contended(self, take: Callable[[], R], probe_ms: Callable[[R], float]) -> tuple[R, float]:
+        """`take()`, again while its probe ran over CONTENDED x the fastest (CONTENTION_TRIES runs at most): the
+        least contended run, and its probe's time."""
+        tries = []
+        for _ in range(CONTENTION_TRIES):
+            result = take()
+            ms = probe_ms(result)
+            self.ms = min(self.ms, ms)
+            tries.append((ms, result))
+            if ms <= CONTENDED * self.ms:
+                break
+        ms, result = min(tries, key=lambda t: t[0])
+        return result, ms
 
 
 def _identity(model: Timed) -> str:
@@ -166,7 +180,7 @@ class RelativeOracle(LatencyOracle):
         self.reference, self._reference_id = reference, _identity(reference)
         with self._run([reference]) as run:
             self.reference_ms = float(np.median(run.samples[0]))
-        self.fastest_ms = self.reference_ms  # the reference's fastest run so far: the machine at its quietest
+        self.quietest = Quietest(self.reference_ms)  # the reference's fastest run so far
         self.run_reference_ms = self.reference_ms  # the reference's time in the run the last ratio came from
 
     @property
@@ -200,26 +214,28 @@ class RelativeOracle(LatencyOracle):
             return True
         return high_ms - low_ms < self.resolution_ms
 
+    def _settled_ratio(self, model: Timed) -> tuple[RatioEstimate, float]:
+        """One run's ratio, sampled until settled, and the reference's median time in that run."""
+        with self._run([self.reference, model]) as run:
+            while not self._settled(est := paired_ratio(run.samples[0], run.samples[1])):
+                self._sample(run)
+            return est, float(np.median(run.samples[0]))
+
     def ratio(self, model: Timed) -> RatioEstimate:
         """Model / reference, from interleaved samples: enough of them for `resolution_ms`, from an uncontended
         run where one of CONTENTION_TRIES was (else the least contended)."""
-        tries = []
-        for _ in range(CONTENTION_TRIES):
-            with self._run([self.reference, model]) as run:
-                while not self._settled(est := paired_ratio(run.samples[0], run.samples[1])):
-                    self._sample(run)
-                reference_ms = float(np.median(run.samples[0]))
-            self.fastest_ms = min(self.fastest_ms, reference_ms)
-            tries.append((reference_ms, est))
-            if reference_ms <= CONTENDED * self.fastest_ms:
-                break
-        self.run_reference_ms, est = min(tries, key=lambda t: t[0])
+        (est, _), self.run_reference_ms = self.quietest.least_contended(lambda: self._settled_ratio(model),
+                                                                        lambda r: r[1])
         if self.contention > CONTENDED:
             _log.warning(f"the machine ran {self.contention:.2f}x slower than at its quietest in this session in each "
                          f"of {CONTENTION_TRIES} runs (the original took {self.run_reference_ms:.3f} ms, at best "
                          f"{self.fastest_ms:.3f}): this ratio, {est.ratio:.3f}, is a busier machine's; a busy machine "
                          "slows small models more than large ones.")
         return est
+
+    @property
+    def fastest_ms(self) -> float:
+        return self.quietest.ms
 
     @property
     def contention(self) -> float:

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
-from squeeze.measure.oracle import CONTENDED, RelativeOracle
-from squeeze.measure.protocol import Protocol
+from squeeze.measure.oracle import RelativeOracle
+from squeeze.measure.protocol import CONTENDED, Protocol
 from squeeze.model.loading import LoadedModel
 from squeeze.prune.engine import apply_plan, make_plan
 from squeeze.prune.graph import prunable_layers

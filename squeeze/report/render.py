@@ -12,7 +12,7 @@ from rich.text import Text
 
 from squeeze.measure.bench import Measurement
 from squeeze.measure.gate import GateResult
-from squeeze.measure.oracle import CONTENDED, CONTENTION_TRIES
+from squeeze.measure.protocol import CONTENDED, CONTENTION_TRIES
 from squeeze.preprocessing import Preprocessing
 from squeeze.target import Target
 
