@@ -272,7 +272,7 @@ class LatencyTable:
 
     def _quiet(self, anchor, artifacts: list) -> list:
         """An interleaved run of the `anchor` layer's artifact and `artifacts`, taken again while the anchor ran
-        contended (oracle.CONTENDED). Entries are ratios to the anchor, and on a contended machine the small
+        contended (protocol.CONTENDED). Entries are ratios to the anchor, and on a contended machine the small
         anchor slows more than most layers."""
         run, _ = self._quietest.least_contended(lambda: interleaved([anchor, *artifacts], self.target, self.protocol),
                                                 lambda r: r[0].stats.median_ms)
@@ -310,11 +310,11 @@ class LatencyTable:
         batches = [configs[start:start + _BATCH] for start in range(0, len(configs), _BATCH)]
         devices = get_runtime(self.target).devices(self.target)
         # Exported here, in turn: the exporter's tracing is not thread-safe, and only the runs spread over boards.
-        anchor, artifacts = self._artifact(ANCHOR), {id(b): [self._artifact(c) for c in b] for b in batches}
+        probe, artifacts = self._artifact(ANCHOR), {id(b): [self._artifact(c) for c in b] for b in batches}
         # On one device a contended batch is run again; a fleet's boards differ in speed, so their anchors do not
         # tell contention apart from a slower board (and a board is not shared).
-        run = ((lambda b: self._quiet(anchor, artifacts[id(b)])) if devices <= 1 else
-               (lambda b: interleaved([anchor, *artifacts[id(b)]], self.target, self.protocol)))
+        run = ((lambda b: self._quiet(probe, artifacts[id(b)])) if devices <= 1 else
+               (lambda b: interleaved([probe, *artifacts[id(b)]], self.target, self.protocol)))
         with progress.task(f"lookup table: measuring {len(configs)} layers on {self.target.name}"
                            + (f" ({devices} boards)" if devices > 1 else ""), total=len(configs), unit="layers") as step:
             runs = run_batches(batches, run, devices, lambda b: step.advance(len(b)))
