@@ -561,6 +561,16 @@ def test_a_ratio_from_a_contended_run_is_taken_again(digits_model, caplog):
     est = oracle.ratio(half)
     assert runs.opened == 6 and oracle.contention > CONTENDED and est.ratio > 1.05 * true_ratio
     assert "in each of 3 runs" in caplog.text and f"this ratio, {est.ratio:.3f}, is a busier machine's" in caplog.text
+    # A spell of contention: the next ratio takes one run, and is not warned of again.
+    runs.contended = {7: 1.5}
+    oracle.ratio(half)
+    assert runs.opened == 7 and caplog.text.count("is a busier machine's") == 1
+    # A quiet run ends the spell: a contended run after it is taken again.
+    runs.contended = {9: 1.5}
+    oracle.ratio(half)
+    assert runs.opened == 8 and oracle.contention < CONTENDED
+    oracle.ratio(half)
+    assert runs.opened == 10 and oracle.contention < CONTENDED
 
 
 def test_netadapt_on_relative_readings_of_a_busy_machine_meets_the_true_budget(digits_model):

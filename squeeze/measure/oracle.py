@@ -136,16 +136,21 @@ R = TypeVar("R")
 
 
 class Quietest:
-    """A probe's fastest run so far (the machine at its quietest), and runs taken again while contended."""
+    """A probe's fastest run so far (the machine at its quietest), and runs taken again while contended.
+
+    Contention comes in bursts and in spells: a burst passes between two runs, a spell lasts minutes (a
+    co-tenant's job). Once every try of a call was contended, the machine is in a spell: later calls take one
+    run each, which retrying would only triple, until a run reads uncontended again."""
 
     def __init__(self, ms: float = float("inf")) -> None:
         self.ms = ms
+        self.in_spell = False  # the last call found every try contended
 
     def least_contended(self, take: Callable[[], R], probe_ms: Callable[[R], float]) -> tuple[R, float]:
-        """`take()`, again while its probe ran over CONTENDED x the fastest (CONTENTION_TRIES runs at most): the
-        least contended run, and its probe's time."""
+        """`take()`, again while its probe ran over CONTENDED x the fastest (CONTENTION_TRIES runs at most, one
+        in a spell): the least contended run, and its probe's time."""
         tries = []
-        for _ in range(CONTENTION_TRIES):
+        for _ in range(1 if self.in_spell else CONTENTION_TRIES):
             result = take()
             ms = probe_ms(result)
             self.ms = min(self.ms, ms)
@@ -153,6 +158,7 @@ class Quietest:
             if ms <= CONTENDED * self.ms:
                 break
         ms, result = min(tries, key=lambda t: t[0])
+        self.in_spell = ms > CONTENDED * self.ms
         return result, ms
 
 
@@ -224,13 +230,15 @@ class RelativeOracle(LatencyOracle):
     def ratio(self, model: Timed) -> RatioEstimate:
         """Model / reference, from interleaved samples: enough of them for `resolution_ms`, from an uncontended
         run where one of CONTENTION_TRIES was (else the least contended)."""
+        spell = self.quietest.in_spell
         (est, _), self.run_reference_ms = self.quietest.least_contended(lambda: self._settled_ratio(model),
                                                                         lambda r: r[1])
-        if self.contention > CONTENDED:
+        if self.quietest.in_spell and not spell:
             _log.warning(f"the machine ran {self.contention:.2f}x slower than at its quietest in this session in each "
                          f"of {CONTENTION_TRIES} runs (the original took {self.run_reference_ms:.3f} ms, at best "
-                         f"{self.fastest_ms:.3f}): this ratio, {est.ratio:.3f}, is a busier machine's; a busy machine "
-                         "slows small models more than large ones.")
+                         f"{self.fastest_ms:.3f}): this ratio, {est.ratio:.3f}, is a busier machine's (a busy machine "
+                         "slows small models more than large ones), and so are the next ones, one run each, until "
+                         "a run is quiet again.")
         return est
 
     @property

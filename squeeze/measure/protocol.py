@@ -19,7 +19,8 @@ LATENCY_TOLERANCE = 1.02
 # stolen core). Seen here: one ShuffleNet plan read 0.73-0.75x of the original in runs where the original took
 # 3.9-4.2 ms, and 0.78-0.81x in runs where it took 6-7 ms, each interval +-2%. A run whose probe (a ratio's
 # reference, a table batch's anchor layer) took over CONTENDED x its fastest run so far was contended: it is
-# taken again, at most CONTENTION_TRIES runs, and the least contended is kept (oracle.Quietest).
+# taken again, at most CONTENTION_TRIES runs, and the least contended is kept; in a spell (every try
+# contended), one run each until one is quiet (oracle.Quietest).
 CONTENDED = 1.2
 CONTENTION_TRIES = 3
 
