@@ -119,6 +119,12 @@ def test_workers_without_ray_name_the_extra(tmp_path, monkeypatch, command):
     assert "\n\n" not in r.stderr.strip() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["prune", "quantize", "proxy check"])
+def test_the_help_of_workers_names_the_extra(command):
+    r = invoke(*command.split(), "--help")  # help is Rich markup, where an unescaped [ray] would vanish
+    assert r.exit_code == 0 and "'squeeze[ray]'" in " ".join(r.stdout.replace("│", " ").split())
+
+
 def test_an_unreachable_ray_address_is_a_clear_error(tmp_path):
     pytest.importorskip("ray", reason=NEEDS_RAY)
     import socket

@@ -30,7 +30,7 @@ def check(
                                                           "1 and 0.4 for NetAdapt, 1 for AMC."),
     seed: int = typer.Option(0, "--seed"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Fine-tune the candidates as Ray tasks "
-                                          "on a local Ray of N CPUs (pip install 'squeeze[ray]')."),
+                                          "on a local Ray of N CPUs (pip install 'squeeze\\[ray]')."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster to "
                                               "fine-tune the candidates on."),
     input_shape: Optional[str] = InputShape,

@@ -43,7 +43,7 @@ def prune(
     episodes: Optional[int] = METHODS.flag("episodes", "--episodes", "search episodes", min=1),
     long_term_epochs: Optional[int] = METHODS.flag("long_term.epochs", "--long-term-epochs", "Fine-tune epochs after the search", min=1),
     distill: Optional[bool] = METHODS.flag("distill", "--distill", "Distil the long-term fine-tune from the unpruned model"),
-    workers: Optional[int] = METHODS.flag("workers", "--workers", "Fine-tune and evaluate candidates as Ray tasks on a local Ray of N CPUs (pip install 'squeeze[ray]')", min=1),
+    workers: Optional[int] = METHODS.flag("workers", "--workers", "Fine-tune and evaluate candidates as Ray tasks on a local Ray of N CPUs (pip install 'squeeze\\[ray]')", min=1),
     ray_address: Optional[str] = METHODS.flag("ray_address", "--ray-address", "HOST:PORT of a running Ray cluster to evaluate candidates on"),
     option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     batch_size: Optional[int] = BatchSizeOpt,

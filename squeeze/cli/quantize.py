@@ -49,7 +49,7 @@ def quantize(
     warmup_episodes: Optional[int] = METHODS.flag("warmup", "--warmup-episodes", "first episodes with random actions", min=0),
     min_bits: Optional[int] = METHODS.flag("min_bits", "--min-bits", "fewest weight bits a layer may take (below 8 only under a size budget)", min=2, max=32),
     max_bits: Optional[int] = METHODS.flag("max_bits", "--max-bits", "most weight bits (32: a layer may stay fp32)", min=2, max=32),
-    workers: Optional[int] = METHODS.flag("workers", "--workers", "Score the warm-up episodes' policies as Ray tasks on a local Ray of N CPUs (pip install 'squeeze[ray]')", min=1),
+    workers: Optional[int] = METHODS.flag("workers", "--workers", "Score the warm-up episodes' policies as Ray tasks on a local Ray of N CPUs (pip install 'squeeze\\[ray]')", min=1),
     ray_address: Optional[str] = METHODS.flag("ray_address", "--ray-address", "HOST:PORT of a running Ray cluster to score the warm-up policies on"),
     option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     latency: Optional[str] = LatencyOpt,
