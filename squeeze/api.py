@@ -25,7 +25,7 @@ from squeeze.errors import DataError, SqueezeError
 from squeeze.export.artifact import OnnxArtifact
 from squeeze.measure.bench import Measurement, measure
 from squeeze.measure.gate import GateConfig, GateResult, gate_against_baseline, run_gate
-from squeeze.measure.protocol import LATENCY_TOLERANCE, Protocol
+from squeeze.measure.protocol import CONTENDED, LATENCY_TOLERANCE, Protocol
 from squeeze.measure.stats import RatioEstimate, paired_ratio
 from squeeze.methods import ModelState, Pass, PassContext, get_pass, list_passes
 from squeeze.methods.builtin import ensure_artifact
@@ -173,6 +173,53 @@ def _compare(original: OnnxArtifact, final: OnnxArtifact, target: Target, protoc
         return {"original": m.to_json(), "final": m.to_json(), "speedup": None}
     m_orig, m_final = measure([original, final], target, protocol, use_cache=use_cache)
     return {"original": m_orig.to_json(), "final": m_final.to_json(), "speedup": _speedup(m_orig, m_final).to_json()}
+
+
+def _note_contention(latency: dict[str, Any], stages: list[dict[str, Any]], model_spec: str) -> None:
+    """The original's time in the final comparison over its fastest in the first search's runs (the same target
+    and protocol) as `latency["contention"]`, with a warning over CONTENDED: a contended machine slows small
+    models more than large ones, so the verdict's ratio reads high."""
+    record = (stages[0].get("record") or {}) if stages else {}
+    fastest = record.get("original_fastest_ms") if isinstance(record, dict) else None
+    if fastest is None or latency["speedup"] is None:
+        return
+    ms = latency["original"]["stats"]["median_ms"]
+    latency["contention"] = contention = max(ms / fastest, 1.0)
+    if contention > CONTENDED:
+        latency["warning"] = (
+            f"the machine ran {contention:.2f}x slower as the result was compared with the original than at its "
+            f"quietest in the search (the original took {ms:.4g} ms, at best {fastest:.4g}): a contended machine "
+            "slows small models more than large ones, so this ratio reads high. Compare the two again on a quiet "
+            f"machine: squeeze bench {model_spec} OUT/model.onnx")
+
+
+# Profiled runs of each model for the per-layer breakdown: enough to rank layers, whose times are shown as shares.
+PROFILE_RUNS = 20
+
+
+def _layer_profile(original: OnnxArtifact, final: OnnxArtifact, target: Target, protocol: Protocol,
+                   latency: dict[str, Any]) -> dict[str, Any] | None:
+    """Per layer, the original's and the result's ms: the layer's share of the kernel time in ONNX Runtime's
+    profile of both (interleaved), times the model's median in the comparison run (profiling slows a run about
+    2x, mostly between kernels, so its own times are good for shares only). None where nothing changed."""
+    if original.sha256 == final.sha256:
+        return None
+    if target.runtime != "onnxruntime":
+        return {"skipped": f"per-layer times come from ONNX Runtime's profiler, and `{target.name}` runs "
+                           f"{target.runtime}"}
+    from squeeze.measure.profile import profile_artifacts
+
+    profiles = profile_artifacts([original, final], target.providers, protocol, PROFILE_RUNS)
+    scaled = []
+    for profile, key in zip(profiles, ("original", "final")):
+        ms_per_us = latency[key]["stats"]["median_ms"] / profile.total_us
+        scaled.append(({layer: us * ms_per_us for layer, us in profile.layer_us.items()},
+                       profile.other_us * ms_per_us))
+    (before, other_before), (after, other_after) = scaled
+    return {"source": "onnxruntime profiler", "runs": PROFILE_RUNS,
+            "layers": [{"layer": name, "original_ms": before.get(name, 0.0), "final_ms": after.get(name, 0.0)}
+                       for name in dict.fromkeys([*before, *after])],
+            "other_ms": {"original": other_before, "final": other_after}}
 
 
 def _load_run_data(recipe: Recipe, model: LoadedModel, data_spec: str | None,
@@ -327,6 +374,8 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
     state = ensure_artifact(state, ctx)
     final = summarize(state.model)
     latency = _compare(original_artifact, state.artifact, target, protocol, use_cache)
+    _note_contention(latency, stages, model_spec)
+    layer_profile = _layer_profile(original_artifact, state.artifact, target, protocol, latency)
     report = {
         "recipe": recipe.name,
         "model": model_spec,
@@ -337,6 +386,7 @@ def run_recipe(recipe_ref: str | Recipe, model_spec: str, out_dir: Path, opts: M
         "final": {**final.to_json(), "onnx_bytes": state.artifact.path.stat().st_size},
         "artifact": {**state.artifact.to_json(), "path": str(Path(out_dir) / "model.onnx")},
         "latency": latency,
+        **({"layer_profile": layer_profile} if layer_profile else {}),
         "accuracy": _accuracy(original_top1, state.artifact, data),
         "measurements": {k: m.to_json() for k, m in state.measurements.items()},
         "stages": stages,

@@ -24,7 +24,7 @@ def test_prune_from_code_writes_what_the_cli_writes(tmp_path):
                            measure={"repeat": 5, "warmup": 2, "min_repeat_ms": 2})
     assert report["recipe"] == "prune-uniform" and report["stages"][0]["method"] == "prune.uniform"
     assert report["final"]["macs"] <= 0.6 * report["original"]["macs"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["figure-layers.png", "model.onnx", "model.pt",
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["figure-layer-profile.png", "figure-layers.png", "model.onnx", "model.pt",
                                                                      "report.html", "report.json"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["macs_reduction"] == report["macs_reduction"]
 
@@ -86,3 +86,26 @@ def test_catalog_lists_each_kind_and_names_the_kinds_on_an_unknown_one():
     assert "host-cpu" in dict(api.catalog("targets"))
     with pytest.raises(api.SqueezeError, match="Cannot list `bogus`"):
         api.catalog("bogus")
+
+
+def _latency(original_ms: float) -> dict:
+    return {"original": {"stats": {"median_ms": original_ms}}, "final": {"stats": {"median_ms": 0.5 * original_ms}},
+            "speedup": {"ratio": 2.0, "low": 1.9, "high": 2.1}}
+
+
+@pytest.mark.parametrize("original_ms, warned", [(0.11, False), (0.155, True)])
+def test_a_verdict_taken_on_a_contended_machine_says_so(original_ms, warned):
+    """The search saw the original at 0.1 ms at best: a final comparison where it took 0.155 ms was contended."""
+    stages = [{"method": "prune.netadapt", "record": {"original_fastest_ms": 0.1}}]
+    latency = _latency(original_ms)
+    api._note_contention(latency, stages, "zoo:fashion-cnn")
+    assert latency["contention"] == pytest.approx(original_ms / 0.1)
+    assert ("warning" in latency) == warned
+    if warned:
+        assert latency["warning"].startswith("the machine ran 1.55x slower as the result was compared with the "
+                                             "original than at its quietest in the search")
+        assert "squeeze bench zoo:fashion-cnn OUT/model.onnx" in latency["warning"]
+    # No search measured the original (a MACs budget, a quantization): nothing to tell contention by.
+    counted = _latency(original_ms)
+    api._note_contention(counted, [{"method": "prune.uniform", "record": {"budget": {}}}], "zoo:fashion-cnn")
+    assert "contention" not in counted and "warning" not in counted

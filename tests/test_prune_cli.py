@@ -39,8 +39,8 @@ def pruned(tmp_path_factory):
 
 def test_prune_writes_model_onnx_and_report(pruned):
     out, rep = pruned["out"], pruned["report"]
-    assert sorted(p.name for p in out.iterdir()) == ["figure-layers.png", "figure-tradeoff.png", "model.onnx", "model.pt",
-                                                     "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["figure-layer-profile.png", "figure-layers.png", "figure-tradeoff.png",
+                                                     "model.onnx", "model.pt", "report.html", "report.json"]
     assert rep["recipe"] == "prune-netadapt" and rep["model"] == "zoo:digits-cnn" and rep["target"] == "host-cpu"
     (stage,) = rep["stages"]
     rec = stage["record"]
@@ -191,8 +191,8 @@ def test_run_recipe_with_a_netadapt_stage(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("run", recipe, "zoo:digits-cnn", "--out", out)
     assert r.exit_code == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["figure-layers.png", "figure-tradeoff.png", "model.onnx", "model.pt",
-                                                     "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["figure-layer-profile.png", "figure-layers.png", "figure-tradeoff.png",
+                                                     "model.onnx", "model.pt", "report.html", "report.json"]
     rep = json.loads((out / "report.json").read_text())
     (stage,) = rep["stages"]
     rec = stage["record"]

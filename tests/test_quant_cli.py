@@ -43,7 +43,7 @@ def quantized(tmp_path_factory):
 
 def test_quantize_writes_a_faster_int8_model(quantized):
     out, rep = quantized["out"], quantized["report"]
-    assert sorted(p.name for p in out.iterdir()) == ["figure-layers.png", "figure-tradeoff.png", "model.onnx",
+    assert sorted(p.name for p in out.iterdir()) == ["figure-layer-profile.png", "figure-layers.png", "figure-tradeoff.png", "model.onnx",
                                                      "report.html", "report.json"]
     (stage,) = rep["stages"]
     rec = stage["record"]

@@ -283,13 +283,45 @@ def test_the_hand_written_reports_have_the_real_schema(pruned):
 
 
 def test_prune_writes_the_figures_and_report_html(pruned):
-    assert sorted(p.name for p in pruned.iterdir()) == ["figure-layers.png", "model.onnx", "model.pt", "report.html",
-                                                        "report.json"]
-    _assert_figure((pruned / "figure-layers.png").read_bytes())
+    drawn = ["figure-layers.png", "figure-layer-profile.png"]
+    assert sorted(p.name for p in pruned.iterdir()) == sorted([*drawn, "model.onnx", "model.pt", "report.html",
+                                                               "report.json"])
+    for name in drawn:
+        _assert_figure((pruned / name).read_bytes())
     page = (pruned / "report.html").read_text()
     _assert_self_contained(page)
-    assert _embedded_pngs(page) == [(pruned / "figure-layers.png").read_bytes()]
+    assert _embedded_pngs(page) == [(pruned / name).read_bytes() for name in drawn]
     assert "prune-uniform: zoo:digits-cnn on host-cpu" in page and "output channels per prunable layer" in page
+    assert "time per layer in the runtime&#x27;s profile" in page
+
+
+def test_the_runtime_profile_times_every_layer_of_both_models(pruned):
+    """The dynamo-exported original and result, profiled by ONNX Runtime: every conv and linear layer of both is
+    found, and each model's layers and the rest add up to its measured median (the shares' scale)."""
+    rep = json.loads((pruned / "report.json").read_text())
+    profile = rep["layer_profile"]
+    assert profile["source"] == "onnxruntime profiler" and profile["runs"] > 0
+    assert {r["layer"] for r in profile["layers"]} == {layer["name"] for layer in rep["original"]["layers"]
+                                                       if layer["type"] in ("Conv2d", "Linear")}
+    for key in ("original", "final"):
+        times = [r[f"{key}_ms"] for r in profile["layers"]]
+        assert all(t > 0 for t in times)
+        assert sum(times) + profile["other_ms"][key] == pytest.approx(rep["latency"][key]["stats"]["median_ms"])
+
+
+PROFILE = {"source": "onnxruntime profiler", "runs": 20, "other_ms": {"original": 0.01, "final": 0.008},
+           "layers": [{"layer": n, "original_ms": 0.05, "final_ms": 0.03} for n in LAYERS]}
+
+
+def test_the_runtime_profile_draws_per_layer_time_and_a_runtime_without_one_says_so():
+    rep = {**_report("prune.netadapt", NETADAPT), "layer_profile": PROFILE}
+    _assert_figure(figures.render_all(rep)["figure-layer-profile.png"])
+    page = report_html(rep)
+    assert "time per layer in the runtime&#x27;s profile" in page and "<td>(no layer)</td>" in page
+    skipped = {**rep, "layer_profile": {"skipped": "per-layer times come from ONNX Runtime's profiler, and "
+                                                   "`host-tvm` runs tvm"}}
+    assert "figure-layer-profile.png" not in figures.render_all(skipped)
+    assert "No per-layer profile: per-layer times come from ONNX Runtime&#x27;s profiler" in report_html(skipped)
 
 
 def test_squeeze_report_rebuilds_from_report_json(cli, pruned, tmp_path):
@@ -298,8 +330,9 @@ def test_squeeze_report_rebuilds_from_report_json(cli, pruned, tmp_path):
     shutil.copy(pruned / "report.json", folder)
     r = cli("report", folder)
     assert r.exit_code == 0, r.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["figure-layers.png", "report.html", "report.json"]
-    for name in ("figure-layers.png", "report.html"):  # drawn from the report alone, so the same bytes
+    drawn = ["figure-layer-profile.png", "figure-layers.png", "report.html"]
+    assert sorted(p.name for p in folder.iterdir()) == [*drawn, "report.json"]
+    for name in drawn:  # drawn from the report alone, so the same bytes
         assert (folder / name).read_bytes() == (pruned / name).read_bytes()
     assert cli("report", folder, "--out", tmp_path / "elsewhere").exit_code == 0
     assert (tmp_path / "elsewhere" / "report.html").read_bytes() == (pruned / "report.html").read_bytes()
@@ -314,7 +347,7 @@ def test_squeeze_report_compares_two_results(cli, pruned, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.html"]
     page = (tmp_path / "cmp" / "compare.html").read_text()
     _assert_self_contained(page)
-    assert len(_embedded_pngs(page)) == 3 and str(pruned) in page and str(other) in page
+    assert len(_embedded_pngs(page)) == 4 and str(pruned) in page and str(other) in page
 
 
 def test_squeeze_report_does_not_import_torch(pruned, tmp_path):
@@ -385,3 +418,9 @@ def test_report_html_renders_in_headless_chromium(pruned, tmp_path):
     assert pixels.std() > 10
     blue = np.abs(pixels - np.array([0x1F, 0x77, 0xB4])).sum(axis=2) < 30  # figures.RESULT
     assert blue.sum() > 1000
+
+
+def test_a_contended_verdict_is_warned_of_in_the_page():
+    rep = _report("prune.netadapt", NETADAPT)
+    rep["latency"] = {**rep["latency"], "contention": 1.4, "warning": "the machine ran 1.40x slower <as> compared"}
+    assert '<p class="warning">warning: the machine ran 1.40x slower &lt;as&gt; compared</p>' in report_html(rep)

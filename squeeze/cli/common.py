@@ -211,6 +211,8 @@ def show_report(report: dict[str, Any], json_out: str | None, *views: Any) -> No
             f"original, met within {100 * (api.LATENCY_TOLERANCE - 1):.0f}% of it; MACs counted; size {size_from}). "
             f"Its model and report are written to {folder} for a look (budget.met is false in report.json). To "
             "meet it, ask for a tighter budget; where a latency reading missed by a little, measure again on a "
-            "quieter machine (squeeze bench)."),
+            "quieter machine (squeeze bench)." + (f" This one was contended: the original ran "
+                                                  f"{report['latency']['contention']:.2f}x slower than at its quietest."
+                                                  if report["latency"].get("warning") else "")),
             highlight=False, soft_wrap=True)
         raise typer.Exit(1)

@@ -23,11 +23,8 @@ searches do that every few steps, so the widths a search visits get profiled).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -134,16 +131,9 @@ class InContext:
 
 
 def _profile(model: LoadedModel, table: LatencyTable, runs: int):
-    """ORT's profile of the model per layer, on its ONNX graph with initializers of its own per layer."""
-    import onnx
+    """ORT's profile of the model per layer."""
+    from squeeze.measure.profile import profile_artifacts
 
-    from squeeze.measure.profile import distinct_initializers, layer_identities, profile_layers
-
-    source = export_onnx(model, exporter="torchscript")
-    graph = distinct_initializers(onnx.load(str(source.path)))
-    with tempfile.TemporaryDirectory(prefix="squeeze-incontext-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save(graph, str(path))
-        (profile,) = profile_layers([dataclasses.replace(source, path=path)], layer_identities(graph, norms=True),
-                                    table.target.providers, table.protocol, runs)
+    (profile,) = profile_artifacts([export_onnx(model, exporter="torchscript")], table.target.providers,
+                                   table.protocol, runs)
     return profile

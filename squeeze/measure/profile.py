@@ -19,6 +19,7 @@ latency is always measured with profiling off, through squeeze.measure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections import defaultdict
@@ -34,7 +35,8 @@ from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
 from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
 
-__all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_identities", "profile_layers", "slower_layers"]
+__all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_identities", "profile_artifacts", "profile_layers",
+           "slower_layers"]
 
 # Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
 # other layers (2: re-laid-out kernels paired by scope, not by node order).
@@ -252,6 +254,26 @@ def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]
             profiles.append(LayerProfile({k: v.tolist() for k, v in layer_runs.items()}, float(np.median(other)),
                                          runs))
     return profiles
+
+
+def profile_artifacts(artifacts: list[OnnxArtifact], providers: list[str], protocol: Protocol,
+                      runs: int = 30) -> list[LayerProfile]:
+    """`profile_layers` of models that need not share a graph (a model and a pruned or re-parameterized version
+    of it), each layer matched by the initializers of the float graphs, every layer node given its own first. A
+    QDQ graph is matched through the float graph it was quantized from, whose names it keeps."""
+    graphs = [distinct_initializers(onnx.load(str(a.path))) for a in artifacts]
+    identities: dict[str, set[str]] = {}
+    for graph in graphs:
+        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.graph.node):
+            for layer, names in layer_identities(graph, norms=True).items():
+                identities.setdefault(layer, set()).update(names)
+    with tempfile.TemporaryDirectory(prefix="squeeze-profiled-") as tmp:
+        copies = []
+        for i, (artifact, graph) in enumerate(zip(artifacts, graphs)):
+            path = Path(tmp) / f"model{i}.onnx"
+            onnx.save(graph, str(path))
+            copies.append(dataclasses.replace(artifact, path=path))
+        return profile_layers(copies, identities, providers, protocol, runs)
 
 
 def slower_layers(reference: LayerProfile, candidate: LayerProfile, layers: list[str],

@@ -201,6 +201,9 @@ def run_pruning_search(state: ModelState, ctx: PassContext, opts: PruneOptions, 
         "not_pruned": table.not_pruned(),  # layer -> why its output channels stay (classifier, shuffle...)
         "plan": result.model.plans[-1],
     }
+    fastest = getattr(resource.measured, "fastest_ms", None)  # a RelativeOracle's: the machine at its quietest
+    if isinstance(fastest, float):
+        record["original_fastest_ms"] = fastest  # for the final verdict's contention check
     proxy = getattr(opts, "proxy", None)
     if proxy is not None and ctx.data is not None:  # the proxy the candidates were scored with, and its last check
         from squeeze.prune.proxy import last_rho, rho_key

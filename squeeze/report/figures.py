@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["WIDTH_PX", "HEIGHT_PX", "FIGURES", "Point", "Candidates", "candidates", "pareto_front", "tradeoff", "layers",
-           "layer_latency", "reward_curve", "render_all"]
+           "layer_latency", "layer_profile", "reward_curve", "render_all"]
 
 WIDTH_PX, HEIGHT_PX, DPI = 800, 500, 100
 ORIGINAL, RESULT, CHOSEN = "#8c8c8c", "#1f77b4", "#d62728"
@@ -255,6 +255,20 @@ def layer_latency(report: dict[str, Any]) -> bytes | None:
                  [ORIGINAL, RESULT])
 
 
+def layer_profile(report: dict[str, Any]) -> bytes | None:
+    """Per-layer time of the original and the result in the runtime's profile, as shares of each model's
+    measured median, with what no layer was charged (the graph's input and output conversions)."""
+    found = report.get("layer_profile") or {}
+    rows = found.get("layers")
+    if not rows:
+        return None
+    other = found["other_ms"]
+    return _bars("per-layer time (ONNX Runtime profile, shares of the measured median, ms)", "ms",
+                 [r["layer"] for r in rows] + ["(no layer)"],
+                 [("original", [r["original_ms"] for r in rows] + [other["original"]]),
+                  ("result", [r["final_ms"] for r in rows] + [other["final"]])], [ORIGINAL, RESULT])
+
+
 def _rewards(report: dict[str, Any]) -> tuple[str, list[float]] | None:
     rec = _first(report, lambda r: bool(r.get("reward_curve")))
     if rec:
@@ -286,7 +300,8 @@ def reward_curve(report: dict[str, Any]) -> bytes | None:
 FIGURES: dict[str, tuple[Callable[[dict[str, Any]], bytes | None], str]] = {
     "figure-tradeoff.png": (tradeoff, "Accuracy against resource of every candidate the search evaluated"),
     "figure-layers.png": (layers, "Per-layer widths or bits, before and after"),
-    "figure-layer-latency.png": (layer_latency, "Per-layer latency, original against result"),
+    "figure-layer-latency.png": (layer_latency, "Per-layer latency as the search priced it, original against result"),
+    "figure-layer-profile.png": (layer_profile, "Per-layer time in the runtime's profile, original against result"),
     "figure-reward.png": (reward_curve, "Reward per search episode"),
 }
 

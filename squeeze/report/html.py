@@ -109,8 +109,8 @@ def _headline(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _warnings(report: dict[str, Any]) -> str:
-    acc = report.get("accuracy") or {}
-    return f'<p class="warning">warning: {_e(acc["warning"])}</p>' if acc.get("warning") else ""
+    found = [(report.get(k) or {}).get("warning") for k in ("latency", "accuracy")]
+    return "".join(f'<p class="warning">warning: {_e(w)}</p>' for w in found if w)
 
 
 def _stage_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -154,6 +154,13 @@ def layer_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list
                             for r in rec["layers"]]))
         elif isinstance(rec.get("layers"), dict) and rec["layers"]:
             tables.append((f"{s['method']}: precision per layer", ["layer", "precision"], list(rec["layers"].items())))
+    profile = report.get("layer_profile") or {}
+    if profile.get("layers"):
+        rows = [[r["layer"], f"{r['original_ms']:.4f}", f"{r['final_ms']:.4f}"] for r in profile["layers"]]
+        other = profile["other_ms"]
+        tables.append(("time per layer in the runtime's profile (shares of the measured median, ms)",
+                       ["layer", "original", "result"],
+                       rows + [["(no layer)", f"{other['original']:.4f}", f"{other['final']:.4f}"]]))
     return tables
 
 
@@ -210,6 +217,8 @@ def _result_body(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         parts += ["<h2>figures</h2>", *(_img(name, png) for name, png in pngs.items())]
     for title, head, rows in layer_tables(report):
         parts += [f"<h2>{_e(title)}</h2>", _table(head, rows)]
+    if (report.get("layer_profile") or {}).get("skipped"):
+        parts.append(f"<p>No per-layer profile: {_e(report['layer_profile']['skipped'])}.</p>")
     parts += ["<h2>protocol and environment</h2>", _protocol_sections(report)]
     return "".join(parts)
 

@@ -171,6 +171,8 @@ def recipe_view(report: dict) -> Group:
             line += (f"; MACs reduction {report['macs_reduction']:.3f}x; speedup / MACs reduction "
                      f"{sp['ratio'] / report['macs_reduction']:.2f}")
         lines.append(Text(line))
+        if lat.get("warning"):
+            lines.append(Text(f"warning: {lat['warning']}", style="bold yellow"))
     if report.get("data"):
         lines.append(_preprocessing_line(report["data"]))
     if acc:
