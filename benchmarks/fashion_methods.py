@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     print(f"budget ({kind}), method, "
           "test top-1 original -> pruned (ONNX), delta pt, measured latency ratio (95% CI), "
-          "MACs reduction, search s, total s")
+          "MACs reduction, search s, total s, machine (the original's time in the verdict's run / at its quietest)")
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.macs or args.latency:
             for method in args.methods:
@@ -86,12 +86,14 @@ def main() -> None:
                        "final_top1": acc["final_top1"], "delta_pt": acc["delta_pt"], "latency_ratio": 1 / sp["ratio"],
                        "latency_ratio_ci": [1 / sp["high"], 1 / sp["low"]], "macs_reduction": r["macs_reduction"],
                        "search_seconds": record["search_seconds"], "total_seconds": time.perf_counter() - t0,
-                       "budget_met": record["budget_met"], "proxy": record.get("proxy")}
+                       "budget_met": record["budget_met"], "proxy": record.get("proxy"),
+                       "contention": r["latency"].get("contention")}
                 rows.append(row)
                 print(f"{ratio:.2f}x, {method}, {100 * row['original_top1']:.2f} -> {100 * row['final_top1']:.2f}, "
                       f"{row['delta_pt']:+.2f}, {row['latency_ratio']:.3f} [{row['latency_ratio_ci'][0]:.3f}, "
                       f"{row['latency_ratio_ci'][1]:.3f}], {row['macs_reduction']:.2f}x, "
-                      f"{row['search_seconds']:.0f}, {row['total_seconds']:.0f}", flush=True)
+                      f"{row['search_seconds']:.0f}, {row['total_seconds']:.0f}, "
+                      + (f"{row['contention']:.2f}x" if row["contention"] else "—"), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -2,7 +2,11 @@
 quantization against ONNX Runtime's own, the policy export, budget errors, and a short search end to end."""
 
 import json
+import logging
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -172,6 +176,23 @@ def tiny():
                         nn.Linear(8, 70)).eval()
     x = torch.randn(32, 3, 8, 8)
     return LoadedModel("tiny", "factory", (1, 3, 8, 8), net), x, CalibrationData(x.numpy(), "test", 16)
+
+
+def test_4_bit_weights_leave_the_logging_as_it_was(tmp_path):
+    """ORT's MatMulNBits module calls logging.basicConfig on import: a root handler at INFO would print every later
+    log line twice and let other libraries' INFO lines through (seen in `squeeze quantize --method haq`)."""
+    code = ("import logging\n"
+            "from squeeze.export.onnx import export_onnx\n"
+            "from squeeze.measure.lut import LayerConfig\n"
+            "from squeeze.model.loading import LoadedModel\n"
+            "from squeeze.quant.mixed import int4_weights\n"
+            "module, shape = LayerConfig('linear', 64, 64).build()\n"
+            "int4_weights(export_onnx(LoadedModel('fc', 'factory', shape, module), exporter='torchscript'), ['0'])\n"
+            "print(len(logging.getLogger().handlers), logging.getLogger().level)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "SQUEEZE_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", str(logging.WARNING)]
 
 
 def test_fake_int8_weights_equal_onnxruntime_quantization(tiny):

@@ -318,6 +318,8 @@ def test_the_runtime_profile_draws_per_layer_time_and_a_runtime_without_one_says
     _assert_figure(figures.render_all(rep)["figure-layer-profile.png"])
     page = report_html(rep)
     assert "time per layer in the runtime&#x27;s profile" in page and "<td>(no layer)</td>" in page
+    all_charged = {**rep, "layer_profile": {**PROFILE, "other_ms": {"original": 0.0, "final": 0.0}}}
+    assert "(no layer)" not in report_html(all_charged)
     skipped = {**rep, "layer_profile": {"skipped": "per-layer times come from ONNX Runtime's profiler, and "
                                                    "`host-tvm` runs tvm"}}
     assert "figure-layer-profile.png" not in figures.render_all(skipped)

@@ -65,7 +65,8 @@ def int4_weights(artifact: OnnxArtifact, layers: list[str]) -> OnnxArtifact:
         return artifact
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    with _quiet():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     key = hashlib.sha256(f"{artifact.sha256}|{sorted(layers)}|{ort_version}|{INT4_BLOCK}|{_VERSION}".encode()
                          ).hexdigest()[:24]

@@ -198,10 +198,11 @@ def op_counts(model: onnx.ModelProto | str | Path) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _quiet():
-    """ORT's quantization tooling logs warnings and prints; keep the CLI's output clean."""
+    """ORT's quantization tooling logs warnings and prints, and one of its modules calls logging.basicConfig on
+    import (a root handler at INFO, which would print every later log line twice): keep the CLI's output clean."""
     sink = io.StringIO()
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, root.handlers[:]
     root.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -209,6 +210,7 @@ def _quiet():
             yield
     finally:
         root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _ort_version() -> str:

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = ["WIDTH_PX", "HEIGHT_PX", "FIGURES", "Point", "Candidates", "candidates", "pareto_front", "tradeoff", "layers",
-           "layer_latency", "layer_profile", "reward_curve", "render_all"]
+           "layer_latency", "layer_profile", "reward_curve", "render_all", "unassigned"]
 
 WIDTH_PX, HEIGHT_PX, DPI = 800, 500, 100
 ORIGINAL, RESULT, CHOSEN = "#8c8c8c", "#1f77b4", "#d62728"
@@ -262,11 +262,18 @@ def layer_profile(report: dict[str, Any]) -> bytes | None:
     rows = found.get("layers")
     if not rows:
         return None
-    other = found["other_ms"]
+    rows = rows + unassigned(found)
     return _bars("per-layer time (ONNX Runtime profile, shares of the measured median, ms)", "ms",
-                 [r["layer"] for r in rows] + ["(no layer)"],
-                 [("original", [r["original_ms"] for r in rows] + [other["original"]]),
-                  ("result", [r["final_ms"] for r in rows] + [other["final"]])], [ORIGINAL, RESULT])
+                 [r["layer"] for r in rows], [("original", [r["original_ms"] for r in rows]),
+                                              ("result", [r["final_ms"] for r in rows])], [ORIGINAL, RESULT])
+
+
+def unassigned(profile: dict[str, Any]) -> list[dict[str, Any]]:
+    """The time no layer was charged, as a row, where there was any."""
+    other = profile["other_ms"]
+    if not other["original"] and not other["final"]:
+        return []
+    return [{"layer": "(no layer)", "original_ms": other["original"], "final_ms": other["final"]}]
 
 
 def _rewards(report: dict[str, Any]) -> tuple[str, list[float]] | None:

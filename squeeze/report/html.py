@@ -156,11 +156,10 @@ def layer_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list
             tables.append((f"{s['method']}: precision per layer", ["layer", "precision"], list(rec["layers"].items())))
     profile = report.get("layer_profile") or {}
     if profile.get("layers"):
-        rows = [[r["layer"], f"{r['original_ms']:.4f}", f"{r['final_ms']:.4f}"] for r in profile["layers"]]
-        other = profile["other_ms"]
         tables.append(("time per layer in the runtime's profile (shares of the measured median, ms)",
                        ["layer", "original", "result"],
-                       rows + [["(no layer)", f"{other['original']:.4f}", f"{other['final']:.4f}"]]))
+                       [[r["layer"], f"{r['original_ms']:.4f}", f"{r['final_ms']:.4f}"]
+                        for r in profile["layers"] + figures.unassigned(profile)]))
     return tables
 
 
