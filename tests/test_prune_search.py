@@ -28,8 +28,8 @@ from squeeze.prune import (
     round_width,
     uniform_plan,
 )
-from squeeze.prune.budget import BudgetError, Resource, resolve_budget
-from squeeze.prune.search import finish, smallest_model
+from squeeze.prune.budget import BudgetError, Resource, check_reachable, resolve_budget
+from squeeze.prune.search import SMALLEST, finish, smallest_model
 from squeeze.recipe import Budget, ExportOptions
 from squeeze.model.summary import summarize
 from squeeze.target import load_target
@@ -571,6 +571,22 @@ def test_a_ratio_from_a_contended_run_is_taken_again(digits_model, caplog):
     assert runs.opened == 8 and oracle.contention < CONTENDED
     oracle.ratio(half)
     assert runs.opened == 10 and oracle.contention < CONTENDED
+
+
+def test_a_floor_read_on_a_contended_machine_refuses_only_a_budget_no_quiet_run_could_meet(digits_model, caplog):
+    floor = smallest_model(digits_model, ROUND_TO)
+    true_ratio = summarize(floor).macs / summarize(digits_model).macs
+    # Run 1 times the reference alone; every later run is contended (1.5x, the small floor 1.8x): it reads 1.2x.
+    runs = NoisyRuns(seed=5, contended={n: 1.5 for n in range(2, 12)})
+    oracle = RelativeOracle(digits_model, HOST, FAST.model_copy(update={"repeat": 40}), runs=runs)
+    resource = Resource("latency_ms", oracle, oracle)
+    near = resolve_budget(Budget(latency_ratio=0.9 * true_ratio), digits_model, resource)
+    check_reachable("NetAdapt", floor, near, resource, SMALLEST)  # a quiet run may meet it: searched
+    assert oracle.contention > CONTENDED and "searched all the same" in caplog.text
+    far = resolve_budget(Budget(latency_ratio=0.5 * true_ratio), digits_model, resource)
+    with pytest.raises(BudgetError, match=r"It was measured on a contended machine \(the original ran 1\.\d\dx "
+                                          r"slower than at its quietest\)"):
+        check_reachable("NetAdapt", floor, far, resource, SMALLEST)
 
 
 def test_netadapt_on_relative_readings_of_a_busy_machine_meets_the_true_budget(digits_model):
