@@ -305,7 +305,7 @@ def test_the_runtime_profile_times_every_layer_of_both_models(pruned):
                                                        if layer["type"] in ("Conv2d", "Linear")}
     for key in ("original", "final"):
         times = [r[f"{key}_ms"] for r in profile["layers"]]
-        assert all(t > 0 for t in times)
+        assert all(t >= 0 for t in times) and sum(times) > 0  # ORT counts whole us: a tiny fc may read 0 on a fast CPU
         assert sum(times) + profile["other_ms"][key] == pytest.approx(rep["latency"][key]["stats"]["median_ms"])
 
 
