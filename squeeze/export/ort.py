@@ -18,15 +18,19 @@ __all__ = ["open_session", "run_batched"]
 CPU = ("CPUExecutionProvider",)
 
 
-def open_session(model: str | Path | bytes | Any, providers: Sequence[str] = CPU, **options: Any):
+def open_session(model: str | Path | bytes | Any, providers: Sequence[str] = CPU,
+                 config: dict[str, str] | None = None, **options: Any):
     """An `onnxruntime.InferenceSession` of `model` (a path, serialized bytes, or anything with a `.path`),
-    with `options` set on its SessionOptions (e.g. `intra_op_num_threads=1`, `enable_profiling=True`)."""
+    with `options` set on its SessionOptions (e.g. `intra_op_num_threads=1`, `enable_profiling=True`) and
+    `config` added as session config entries (`{"session.intra_op.allow_spinning": "0"}`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # fatal only: a failure arrives as the exception, not a log line
     for name, value in options.items():
         setattr(so, name, value)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     source = model if isinstance(model, bytes) else str(getattr(model, "path", model))
     return ort.InferenceSession(source, so, providers=list(providers))
 
