@@ -227,11 +227,12 @@ def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_w
 
     pruned = _pruned(model, {"1.0.0": 16})  # block 1's expansion (and its depthwise conv) at half width
     q = oracle.predict(pruned)
-    assert q.sources["1.1.0"] == "scaled" and q.sources["2.1.0"] == "in-context"
-    cfg = layer_configs(pruned.module, pruned.example_input())["1.1.0"]
-    new = oracle.table.entries([cfg])[cfg.key].median_ms
-    ref_alone = alone[configs["1.1.0"].key].median_ms
-    assert q.per_layer_ms["1.1.0"] == pytest.approx(p.per_layer_ms["1.1.0"] * ctx._net(new) / ctx._net(ref_alone))
+    assert q.sources["1.1.0"] == q.sources["1.2.0"] == "scaled" and q.sources["2.1.0"] == "in-context"
+    # a depthwise conv by its work, the 1x1 projection by its standalone entries, less the per-call overhead
+    assert q.per_layer_ms["1.1.0"] == pytest.approx(p.per_layer_ms["1.1.0"] * 16 / 32)
+    cfg = layer_configs(pruned.module, pruned.example_input())["1.2.0"]
+    new, ref_alone = oracle.table.entries([cfg])[cfg.key].median_ms, alone[configs["1.2.0"].key].median_ms
+    assert q.per_layer_ms["1.2.0"] == pytest.approx(p.per_layer_ms["1.2.0"] * ctx._net(new) / ctx._net(ref_alone))
 
     oracle.measured = FixedOracle(0.8)  # recalibrating measures the pruned model, and profiles it
     oracle.recalibrate(pruned)
@@ -239,6 +240,59 @@ def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_w
     assert set(r.sources.values()) == {"in-context"}
     assert r.layers_ms == pytest.approx(0.8 * oracle.reference_layers_ms, rel=0.05)
     assert r.total_ms == pytest.approx(0.8, rel=1e-6)  # the fit reproduces the measurement
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(y)) + y)
+
+
+def test_layer_consumers_follow_a_tensor_through_adds_and_activations():
+    import onnx
+
+    from squeeze.export.onnx import export_onnx
+    from squeeze.measure.profile import layer_consumers
+    from squeeze.model.loading import LoadedModel
+
+    model = LoadedModel("residual", "factory", (1, 3, 12, 12), _Residual().eval())
+    readers = layer_consumers(onnx.load(str(export_onnx(model, exporter="torchscript").path)))
+    assert readers == {"a": {"b", "c"}, "b": {"c"}}
+
+
+def test_a_layer_is_scaled_from_a_width_the_runtime_runs_the_same_way():
+    """ORT runs a depthwise conv in its blocked layout only at a multiple of the block (8 on AVX2, 16 on
+    AVX-512): a 56-wide one is priced from the profiled 64-wide one, not across the layout cliff from 58."""
+    from squeeze.measure.incontext import layout
+    from squeeze.measure.oracle import FixedOracle
+    from squeeze.prune.tables import _pruned
+
+    model = _tiny_mobilenet()
+    oracle = TableOracle(LatencyTable(HOST, FAST), model, FixedOracle(1.0))
+    at = {w: _pruned(model, {"2.0.0": w}) for w in (58, 56, 50, 62)}  # block 2's depthwise conv is 64 wide
+    cfgs = {w: layer_configs(m.module, m.example_input())["2.1.0"] for w, m in at.items()}
+    ref_cfg = layer_configs(model.module, model.example_input())["2.1.0"]
+    ways = {w: layout(c, tuple(HOST.providers)) for w, c in (*cfgs.items(), (64, ref_cfg))}
+    assert ways[64] == ways[56] != ways[58] == ways[50]
+    assert any(domain == "com.microsoft.nchwc" for domain, _ in ways[64])
+    ref_ms = oracle.predict(model).per_layer_ms["2.1.0"]
+    oracle.measured = FixedOracle(1.0)
+    oracle.recalibrate(at[58])  # now 58 is profiled too, and nearer to 56 than 64 is
+    ms_58 = oracle.predict(at[58]).per_layer_ms
+    assert oracle.predict(at[56]).per_layer_ms["2.1.0"] == pytest.approx(ref_ms * 56 / 64)
+    assert oracle.predict(at[50]).per_layer_ms["2.1.0"] == pytest.approx(ms_58["2.1.0"] * 50 / 58)
+    # The expansion feeding the depthwise conv runs one way at every width, but at 62 its reader does not run
+    # as at 64, the nearer width: a reorder between them is charged to it, so it is priced from 58.
+    at_62 = layer_configs(at[62].module, at[62].example_input())["2.0.0"]
+    at_58 = layer_configs(at[58].module, at[58].example_input())["2.0.0"]
+    alone = oracle.table.entries([at_62, at_58])
+    ctx = oracle.context
+    assert oracle.predict(at[62]).per_layer_ms["2.0.0"] == pytest.approx(
+        ms_58["2.0.0"] * ctx._net(alone[at_62.key].median_ms) / ctx._net(alone[at_58.key].median_ms))
 
 
 def test_check_table_says_where_each_layer_figure_came_from():

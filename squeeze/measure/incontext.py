@@ -13,27 +13,44 @@ one time base and add up in one sum. A layer's share includes the nodes charged 
 reorder consuming its output: squeeze.measure.profile), so a model's in-context entries add up to the model.
 
 Entries belong to one reference model (its fingerprint scopes them in the table's SQLite file, apart from
-the standalone entries) and are keyed by layer and configuration. A layer at a width never profiled is priced
-from the nearest profiled configuration of that layer: its in-context entry times the ratio of the two
-standalone entries, each less a one-layer model's per-call overhead (which does not shrink with the width; on
-a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum). The profiled configurations are the
+the standalone entries) and are keyed by layer and configuration. The profiled configurations are the
 reference's and those of the pruned models measured whole by `TableOracle.recalibrate` (table+recalibrate
 searches do that every few steps, so the widths a search visits get profiled).
+
+A layer at a width never profiled is priced from the nearest profiled configuration of that layer that the
+runtime runs the same way. ORT runs a conv in the blocked layout only at some widths (on AVX2 a depthwise conv
+needs a multiple of the block, 8), and in context ShuffleNet's 58-channel depthwise conv took 4-5x the time of
+a 56-channel one: scaled across that cliff, depthwise layers came out 30-50% too high. Which way is asked of ORT
+itself, from its optimized graph of the one-layer model (`layout`); it agreed with the whole model's graph for
+every layer of five ShuffleNet plans. The layers reading its output must run as they did too: where they
+change layout, ORT reorders the tensor between the two, and the reorder is charged to this layer (a pruned
+RegNet-like's grouped convs leave the blocked layout, and its 1x1 convs then paid 700 us of reorders where the
+reference paid 8, a tenth of the profile). From that configuration a depthwise conv is scaled by its work (its
+standalone entry is mostly the reorders into and out of the blocked layout, which it does not pay in context),
+any other layer by the ratio of the two standalone entries, each less a one-layer model's per-call overhead
+(which does not shrink with the width; on a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum).
+Failing that, the nearest configuration where the layer alone runs the same way, else the nearest one, by the
+standalone ratio, which then holds the layout change too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.lut import IN_CONTEXT, SCALED, STANDALONE, LatencyTable, LayerConfig, LutEntry
-from squeeze.measure.profile import PAIRING
+from squeeze.measure.profile import PAIRING, layer_consumers
+from squeeze.measure.protocol import CONTENTION_TRIES
 from squeeze.model.loading import LoadedModel
 
-__all__ = ["InContext", "context_key", "WHOLE_KEY"]
+__all__ = ["InContext", "context_key", "layout", "WHOLE_KEY"]
 
 WHOLE_KEY = "model"  # the reference's whole latency in the table's time base (layer keys all hold an "@")
 # The cheapest layer: its standalone entry is what any one-layer model pays per call.
@@ -50,6 +67,32 @@ def _distance(a: LayerConfig, b: LayerConfig) -> float:
     return sum(abs(math.log(x / y)) for x, y in ((a.c_in, b.c_in), (a.c_out, b.c_out), (a.h, b.h), (a.w, b.w)))
 
 
+def _depthwise(cfg: LayerConfig) -> bool:
+    return cfg.op.startswith("conv") and cfg.groups > 1 and cfg.groups == cfg.c_in == cfg.c_out
+
+
+def _work(cfg: LayerConfig) -> float:
+    """A depthwise conv's work up to its kernel and stride, which are the same at every width of one layer."""
+    return cfg.c_in * cfg.h * cfg.w * max(cfg.t, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def layout(cfg: LayerConfig, providers: tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    """How the runtime runs a layer: the (domain, op) of the nodes of its one-layer model as ORT optimizes it
+    (a conv in the blocked layout is a `com.microsoft.nchwc` Conv between reorders, an unaligned depthwise one a
+    FusedConv). ORT decides this per node from the node's own shapes, so the one-layer model tells the whole's."""
+    import onnx
+
+    from squeeze.export.ort import open_session
+
+    module, shape = cfg.build()
+    artifact = export_onnx(LoadedModel(cfg.key, "factory", shape, module), exporter="torchscript")
+    with tempfile.TemporaryDirectory(prefix="squeeze-layout-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        open_session(artifact, providers, optimized_model_filepath=str(optimized))
+        return frozenset((n.domain, n.op_type) for n in onnx.load(str(optimized)).graph.node)
+
+
 class InContext:
     """In-context entries of one reference model and of pruned versions of it (the same layer names)."""
 
@@ -58,10 +101,13 @@ class InContext:
         self.table, self.runs = table, runs
         self.scope = f"{table.scope}/in-context/v{PAIRING}/{reference.fingerprint}"
         self._entries: dict[str, LutEntry | None] = {}  # looked up already (None: not stored)
-        # layer -> (config, its in-context ms, its standalone ms less the overhead), per profiled configuration
-        self._profiled: dict[str, list[tuple[LayerConfig, float, float]]] = defaultdict(list)
+        # layer -> (config, its in-context ms, its standalone ms less the overhead, how it and its readers run)
+        self._profiled: dict[str, list[tuple[LayerConfig, float, float, tuple]]] = defaultdict(list)
+        self._providers = tuple(table.target.providers)
         self.overhead_ms = table.entries([OVERHEAD])[OVERHEAD.key].median_ms
         self.uncovered: list[str] = []  # the reference's layers its profile did not find (then none is in context)
+        exported = export_onnx(reference, exporter="torchscript")
+        self._readers = layer_consumers(onnx.load(str(exported.path)))  # the same in every pruned version
         keys = [WHOLE_KEY, *(context_key(n, c) for n, c in configs.items())]
         stored = table.stored(keys, self.scope)
         if len(stored) == len(keys):
@@ -70,7 +116,7 @@ class InContext:
             self._add_profiled(configs)
             return
         table.drop(self.scope)  # entries of pruned models stored before are in the old figure's time base
-        self.reference_ms = table.whole_ms(export_onnx(reference, exporter="torchscript"))
+        self.reference_ms = table.whole_ms(exported)
         table.store([LutEntry(WHOLE_KEY, table.protocol.repeat, self.reference_ms, 0.0, self.reference_ms,
                                IN_CONTEXT)], self.scope)
         self.uncovered = self.record(reference, configs, self.reference_ms)
@@ -99,7 +145,8 @@ class InContext:
         alone = self.table.entries(list(configs.values()))
         for name, cfg in configs.items():
             entry = self._entries[context_key(name, cfg)]
-            self._profiled[name].append((cfg, entry.median_ms, self._net(alone[cfg.key].median_ms)))
+            self._profiled[name].append((cfg, entry.median_ms, self._net(alone[cfg.key].median_ms),
+                                         self._ways(name, configs)))
 
     def _net(self, alone_ms: float) -> float:
         """A standalone entry less the per-call overhead (at least a fifth of it: entries are noisy)."""
@@ -119,11 +166,31 @@ class InContext:
             if entry is not None:
                 per_layer[name], sources[name] = entry.median_ms, IN_CONTEXT
             elif profiled:
-                _, ctx_ms, net_ms = min(profiled, key=lambda p: _distance(p[0], cfg))
-                per_layer[name], sources[name] = ctx_ms * self._net(alone[cfg.key].median_ms) / net_ms, SCALED
+                per_layer[name] = self._scaled(cfg, self._ways(name, configs), profiled, alone[cfg.key].median_ms)
+                sources[name] = SCALED
             else:
                 per_layer[name], sources[name] = alone[cfg.key].median_ms, STANDALONE
         return per_layer, sources
+
+    def _scaled(self, cfg: LayerConfig, ways: tuple, profiled: list[tuple[LayerConfig, float, float, tuple]],
+                alone_ms: float) -> float:
+        """A layer's in-context time at `cfg`, from the nearest profiled configuration where it and its readers
+        run the same way (`ways`), else where it does, else the nearest."""
+        same = ([p for p in profiled if p[3] == ways] or [p for p in profiled if p[3][0] == ways[0]])
+        near, ctx_ms, net_ms, _ = min(same or profiled, key=lambda p: _distance(p[0], cfg))
+        if same and _depthwise(cfg):
+            return ctx_ms * _work(cfg) / _work(near)
+        return ctx_ms * self._net(alone_ms) / net_ms
+
+    def _ways(self, name: str, configs: dict[str, LayerConfig]) -> tuple:
+        """How the runtime runs layer `name` of a model of these `configs`, and the layers reading its output: a
+        reorder between layouts is charged to the layer it reads (squeeze.measure.profile)."""
+        readers = frozenset(self._layout(configs[r]) for r in self._readers.get(name, ()) if r in configs)
+        return self._layout(configs[name]), readers
+
+    def _layout(self, cfg: LayerConfig) -> frozenset | None:
+        """How the runtime runs a conv at `cfg` (`layout`); None for other layers, whose way is one at all widths."""
+        return layout(cfg, self._providers) if cfg.op.startswith("conv") else None
 
     def to_json(self) -> list[dict]:
         """The entries stored for this reference so far, each labelled in-context."""
@@ -131,9 +198,12 @@ class InContext:
 
 
 def _profile(model: LoadedModel, table: LatencyTable, runs: int):
-    """ORT's profile of the model per layer."""
+    """ORT's profile of the model per layer: the quietest (least total time) of CONTENTION_TRIES, one after
+    another. A contended profile skews the shares, not only the total: EfficientNet-like's read 1.5x its
+    quietest total in 2 of 8 profiles on a 2-core EPYC, its depthwise convs 41-42% of it instead of 37%."""
     from squeeze.measure.profile import profile_artifacts
 
-    (profile,) = profile_artifacts([export_onnx(model, exporter="torchscript")], table.target.providers,
-                                   table.protocol, runs)
-    return profile
+    artifact = export_onnx(model, exporter="torchscript")
+    tries = [profile_artifacts([artifact], table.target.providers, table.protocol, runs)[0]
+             for _ in range(CONTENTION_TRIES)]
+    return min(tries, key=lambda p: p.total_us)

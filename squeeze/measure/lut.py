@@ -144,7 +144,7 @@ ANCHOR = LayerConfig("conv2d", 32, 32, 28, 28, (3, 3), (1, 1), (1, 1), 1)
 
 STANDALONE = "standalone"  # an entry timed as a one-layer model
 IN_CONTEXT = "in-context"  # timed inside a whole model (squeeze.measure.incontext)
-SCALED = "scaled"  # from the in-context entry at the nearest profiled width, by the standalone entries' ratio
+SCALED = "scaled"  # from the in-context entry at the nearest profiled width run alike (squeeze.measure.incontext)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
 from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
 
-__all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_identities", "profile_artifacts", "profile_layers",
-           "slower_layers"]
+__all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_consumers", "layer_identities", "profile_artifacts",
+           "profile_layers", "slower_layers"]
 
 # Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
 # other layers (2: re-laid-out kernels paired by scope, not by node order; 3: no spinning workers, whose
@@ -77,6 +77,33 @@ def layer_identities(model: onnx.ModelProto, norms: bool = False) -> dict[str, s
             if node.op_type in _NORM_KERNELS and node.input[1] in inits:
                 found.setdefault(_layer_name(node, node.input[1]), {i for i in node.input[1:] if i in inits})
     return found
+
+
+def layer_consumers(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """{layer: the layers that read its output, through any nodes that are not layers} in a float model."""
+    model = distinct_initializers(model)
+    graph = model.graph
+    node_layer = _node_layers(graph, layer_identities(model, norms=True))
+    layer_nodes = {n.name for n in graph.node if n.op_type in _LAYER_KERNELS | _NORM_KERNELS and n.name in node_layer}
+    readers = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            readers[i].append(n)
+    found: dict[str, set[str]] = defaultdict(set)
+    for node in graph.node:
+        if node.name not in layer_nodes:
+            continue
+        seen, frontier = set(), [r for o in node.output for r in readers[o]]
+        while frontier:
+            current = frontier.pop()
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            if current.name in layer_nodes:
+                found[node_layer[node.name]].add(node_layer[current.name])
+            else:
+                frontier.extend(r for o in current.output for r in readers[o])
+    return dict(found)
 
 
 def distinct_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
