@@ -242,6 +242,19 @@ def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_w
     assert r.total_ms == pytest.approx(0.8, rel=1e-6)  # the fit reproduces the measurement
 
 
+def test_the_profiler_s_own_time_per_node_is_measured_and_taken_off_each_node():
+    from squeeze.export.onnx import export_onnx
+    from squeeze.measure.profile import profile_artifacts, profiler_overhead_us
+
+    overhead = profiler_overhead_us(tuple(HOST.providers), FAST.threads)
+    assert 0 < overhead < 1000  # a Reshape's kernel time in a profile, less its time in a plain run
+    artifact = export_onnx(_tiny_mobilenet(), exporter="torchscript")
+    plain, = profile_artifacts([artifact], HOST.providers, FAST, runs=3)
+    gone, = profile_artifacts([artifact], HOST.providers, FAST, runs=3, node_overhead_us=1e9)
+    assert plain.total_us > 0 and set(gone.layer_us) == set(plain.layer_us)
+    assert gone.total_us == 0  # no node's time goes below nothing
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -198,12 +198,15 @@ class InContext:
 
 
 def _profile(model: LoadedModel, table: LatencyTable, runs: int):
-    """ORT's profile of the model per layer: the quietest (least total time) of CONTENTION_TRIES, one after
+    """ORT's profile of the model per layer, each node's time less what the profiler adds to it (3-6 us a node
+    on a 2-core EPYC, ten times a Reshape's run), the quietest (least total time) of CONTENTION_TRIES, one after
     another. A contended profile skews the shares, not only the total: EfficientNet-like's read 1.5x its
     quietest total in 2 of 8 profiles on a 2-core EPYC, its depthwise convs 41-42% of it instead of 37%."""
-    from squeeze.measure.profile import profile_artifacts
+    from squeeze.measure.profile import profile_artifacts, profiler_overhead_us
 
     artifact = export_onnx(model, exporter="torchscript")
-    tries = [profile_artifacts([artifact], table.target.providers, table.protocol, runs)[0]
+    providers = table.target.providers
+    overhead = profiler_overhead_us(tuple(providers), table.protocol.threads)
+    tries = [profile_artifacts([artifact], providers, table.protocol, runs, overhead)[0]
              for _ in range(CONTENTION_TRIES)]
     return min(tries, key=lambda p: p.total_us)

@@ -20,8 +20,10 @@ latency is always measured with profiling off, through squeeze.measure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +38,12 @@ from squeeze.measure.runtimes import seeded_input
 from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
 
 __all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_consumers", "layer_identities", "profile_artifacts",
-           "profile_layers", "slower_layers"]
+           "profile_layers", "profiler_overhead_us", "slower_layers"]
 
 # Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
 # other layers (2: re-laid-out kernels paired by scope, not by node order; 3: no spinning workers, whose
-# cores the next session's first layer paid for).
-PAIRING = 3
+# cores the next session's first layer paid for; 4: each node's time less the profiler's own).
+PAIRING = 4
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
 _NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order
@@ -255,9 +257,10 @@ def _kernel_times(profile_path: str) -> dict[str, list[float]]:
 
 
 def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]], providers: list[str],
-                   protocol: Protocol, runs: int = 30) -> list[LayerProfile]:
+                   protocol: Protocol, runs: int = 30, node_overhead_us: float = 0.0) -> list[LayerProfile]:
     """Profile the artifacts interleaved (one run of each per round, as squeeze.measure does) and return,
-    for each, the microseconds per torch layer in each of the `runs` runs after `protocol.warmup`."""
+    for each, the microseconds per torch layer in each of the `runs` runs after `protocol.warmup`, each
+    node's time less `node_overhead_us` (what the profiler adds to it: `profiler_overhead_us`)."""
     with tempfile.TemporaryDirectory(prefix="squeeze-profile-") as tmp:
         folder = Path(tmp)
         sessions = [_session(a, providers, protocol.threads, folder, f"m{i}") for i, a in enumerate(artifacts)]
@@ -274,7 +277,8 @@ def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]
             layer_runs: dict[str, np.ndarray] = {}
             other = np.zeros(runs)
             for node, durations in times.items():
-                per_run = np.asarray(durations[-runs:])  # each node runs once per run; warm-up runs dropped
+                # each node runs once per run; warm-up runs dropped
+                per_run = np.maximum(np.asarray(durations[-runs:]) - node_overhead_us, 0.0)
                 if len(per_run) < runs:
                     continue  # a node that did not run every time (none in ORT's CPU kernels) is left out
                 if node in node_layer:
@@ -288,7 +292,7 @@ def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]
 
 
 def profile_artifacts(artifacts: list[OnnxArtifact], providers: list[str], protocol: Protocol,
-                      runs: int = 30) -> list[LayerProfile]:
+                      runs: int = 30, node_overhead_us: float = 0.0) -> list[LayerProfile]:
     """`profile_layers` of models that need not share a graph (a model and a pruned or re-parameterized version
     of it), each layer matched by the initializers of the float graphs, every layer node given its own first. A
     QDQ graph is matched through the float graph it was quantized from, whose names it keeps."""
@@ -304,7 +308,45 @@ def profile_artifacts(artifacts: list[OnnxArtifact], providers: list[str], proto
             path = Path(tmp) / f"model{i}.onnx"
             onnx.save(graph, str(path))
             copies.append(dataclasses.replace(artifact, path=path))
-        return profile_layers(copies, identities, providers, protocol, runs)
+        return profile_layers(copies, identities, providers, protocol, runs, node_overhead_us)
+
+
+@functools.lru_cache(maxsize=None)
+def profiler_overhead_us(providers: tuple[str, ...], threads: int, nodes: int = 200, runs: int = 50) -> float:
+    """Microseconds that ORT's profiler adds to each node's kernel time: a chain of `nodes` Reshapes, each a
+    metadata change, profiled and timed without the profiler. On a 2-core EPYC a Reshape took 0.5 us in a run
+    and 6-7 us in a profile, so in a net of many small nodes (ShuffleNet's shuffles, EfficientNet's SE) the
+    profile's shares overstate them."""
+    from onnx import TensorProto, helper
+
+    shape = [1, 16, 8, 8]
+    shapes = [helper.make_tensor("flat", TensorProto.INT64, [2], [1, -1]),
+              helper.make_tensor("image", TensorProto.INT64, [4], shape)]
+    chain, previous = [], "x"
+    for i in range(nodes):
+        chain.append(helper.make_node("Reshape", [previous, ("flat", "image")[i % 2]], [f"t{i}"], name=f"reshape{i}"))
+        previous = f"t{i}"
+    graph = helper.make_graph(chain, "reshapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, None)], shapes)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    feed = {"x": np.zeros(shape, np.float32)}
+    import onnxruntime as ort
+
+    plain = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the Reshapes stay, one node each
+    timed = open_session(model, list(providers), intra_op_num_threads=threads, graph_optimization_level=plain)
+    seconds = []
+    for i in range(runs + 5):
+        start = time.perf_counter()
+        timed.run(None, feed)
+        seconds.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="squeeze-profiler-") as tmp:
+        profiled = open_session(model, list(providers), config={"session.intra_op.allow_spinning": "0"},
+                                intra_op_num_threads=threads, graph_optimization_level=plain,
+                                enable_profiling=True, profile_file_prefix=str(Path(tmp) / "chain"))
+        for _ in range(runs + 5):
+            profiled.run(None, feed)
+        kernels = [t for node in _kernel_times(profiled.end_profiling()).values() for t in node[5:]]
+    return max(float(np.median(kernels)) - 1e6 * float(np.median(seconds[5:])) / nodes, 0.0)
 
 
 def slower_layers(reference: LayerProfile, candidate: LayerProfile, layers: list[str],
