@@ -200,16 +200,18 @@ PROFILE_RUNS = 20
 def _layer_profile(original: OnnxArtifact, final: OnnxArtifact, target: Target, protocol: Protocol,
                    latency: dict[str, Any]) -> dict[str, Any] | None:
     """Per layer, the original's and the result's ms: the layer's share of the kernel time in ONNX Runtime's
-    profile of both (interleaved), times the model's median in the comparison run (profiling slows a run about
-    2x, mostly between kernels, so its own times are good for shares only). None where nothing changed."""
+    profile of both (interleaved), each node's time less what the profiler adds to it, times the model's median in
+    the comparison run (profiling slows a run about 2x, so its own times are good for shares only). None where
+    nothing changed."""
     if original.sha256 == final.sha256:
         return None
     if target.runtime != "onnxruntime":
         return {"skipped": f"per-layer times come from ONNX Runtime's profiler, and `{target.name}` runs "
                            f"{target.runtime}"}
-    from squeeze.measure.profile import profile_artifacts
+    from squeeze.measure.profile import profile_artifacts, profiler_overhead_us
 
-    profiles = profile_artifacts([original, final], target.providers, protocol, PROFILE_RUNS)
+    overhead = profiler_overhead_us(tuple(target.providers), protocol.threads)
+    profiles = profile_artifacts([original, final], target.providers, protocol, PROFILE_RUNS, overhead)
     scaled = []
     for profile, key in zip(profiles, ("original", "final")):
         ms_per_us = latency[key]["stats"]["median_ms"] / profile.total_us
