@@ -279,24 +279,24 @@ def test_layer_consumers_follow_a_tensor_through_adds_and_activations():
 
 def test_a_layer_is_scaled_from_a_width_the_runtime_runs_the_same_way():
     """ORT runs a depthwise conv in its blocked layout only at a multiple of the block (8 on AVX2, 16 on
-    AVX-512): a 56-wide one is priced from the profiled 64-wide one, not across the layout cliff from 58."""
+    AVX-512): a 48-wide one is priced from the profiled 64-wide one, not across the layout cliff from 58."""
     from squeeze.measure.incontext import layout
     from squeeze.measure.oracle import FixedOracle
     from squeeze.prune.tables import _pruned
 
     model = _tiny_mobilenet()
     oracle = TableOracle(LatencyTable(HOST, FAST), model, FixedOracle(1.0))
-    at = {w: _pruned(model, {"2.0.0": w}) for w in (58, 56, 50, 62)}  # block 2's depthwise conv is 64 wide
+    at = {w: _pruned(model, {"2.0.0": w}) for w in (58, 48, 50, 62)}  # block 2's depthwise conv is 64 wide
     cfgs = {w: layer_configs(m.module, m.example_input())["2.1.0"] for w, m in at.items()}
     ref_cfg = layer_configs(model.module, model.example_input())["2.1.0"]
     ways = {w: layout(c, tuple(HOST.providers)) for w, c in (*cfgs.items(), (64, ref_cfg))}
-    assert ways[64] == ways[56] != ways[58] == ways[50]
+    assert ways[64] == ways[48] != ways[58] == ways[50] == ways[62]
     assert any(domain == "com.microsoft.nchwc" for domain, _ in ways[64])
     ref_ms = oracle.predict(model).per_layer_ms["2.1.0"]
     oracle.measured = FixedOracle(1.0)
-    oracle.recalibrate(at[58])  # now 58 is profiled too, and nearer to 56 than 64 is
+    oracle.recalibrate(at[58])  # now 58 is profiled too, and nearer to 48 than 64 is
     ms_58 = oracle.predict(at[58]).per_layer_ms
-    assert oracle.predict(at[56]).per_layer_ms["2.1.0"] == pytest.approx(ref_ms * 56 / 64)
+    assert oracle.predict(at[48]).per_layer_ms["2.1.0"] == pytest.approx(ref_ms * 48 / 64)
     assert oracle.predict(at[50]).per_layer_ms["2.1.0"] == pytest.approx(ms_58["2.1.0"] * 50 / 58)
     # The expansion feeding the depthwise conv runs one way at every width, but at 62 its reader does not run
     # as at 64, the nearer width: a reorder between them is charged to it, so it is priced from 58.
