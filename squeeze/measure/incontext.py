@@ -81,8 +81,6 @@ def layout(cfg: LayerConfig, providers: tuple[str, ...]) -> frozenset[tuple[str,
     """How the runtime runs a layer: the (domain, op) of the nodes of its one-layer model as ORT optimizes it
     (a conv in the blocked layout is a `com.microsoft.nchwc` Conv between reorders, an unaligned depthwise one a
     FusedConv). ORT decides this per node from the node's own shapes, so the one-layer model tells the whole's."""
-    import onnx
-
     from squeeze.export.ort import open_session
 
     module, shape = cfg.build()
@@ -176,7 +174,7 @@ class InContext:
                 alone_ms: float) -> float:
         """A layer's in-context time at `cfg`, from the nearest profiled configuration where it and its readers
         run the same way (`ways`), else where it does, else the nearest."""
-        same = ([p for p in profiled if p[3] == ways] or [p for p in profiled if p[3][0] == ways[0]])
+        same = [p for p in profiled if p[3] == ways] or [p for p in profiled if p[3][0] == ways[0]]
         near, ctx_ms, net_ms, _ = min(same or profiled, key=lambda p: _distance(p[0], cfg))
         if same and _depthwise(cfg):
             return ctx_ms * _work(cfg) / _work(near)
