@@ -247,7 +247,9 @@ def test_the_profiler_s_own_time_per_node_is_measured_and_taken_off_each_node():
     from squeeze.measure.profile import profile_artifacts, profiler_overhead_us
 
     overhead = profiler_overhead_us(tuple(HOST.providers), FAST.threads)
-    assert 0 < overhead < 1000  # a Reshape's kernel time in a profile, less its time in a plain run
+    # a Reshape's kernel time in a profile less its time in a plain run: a few us here, but a loaded machine
+    # may slow the plain run as much, and then nothing is taken off
+    assert 0 <= overhead < 1000
     artifact = export_onnx(_tiny_mobilenet(), exporter="torchscript")
     plain, = profile_artifacts([artifact], HOST.providers, FAST, runs=3)
     gone, = profile_artifacts([artifact], HOST.providers, FAST, runs=3, node_overhead_us=1e9)

@@ -47,6 +47,9 @@ PAIRING = 4
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
 _NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order
+# Profiling sessions each have their own pool (a profile needs one): interleaved, the workers of the session run
+# last would spin on the cores the next one's first layer needs (ShuffleNet's stem conv read 0.25-5.9 ms).
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
 _QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 
 
@@ -237,9 +240,7 @@ def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dic
 def _session(artifact: OnnxArtifact, providers: list[str], threads: int, folder: Path, tag: str):
     import onnxruntime as ort
 
-    # Each session has its own pool here (a profile needs one), and interleaved, the workers of the session run
-    # last spin on the cores the next one's first layer needs: ShuffleNet's stem conv read 0.25-5.9 ms.
-    return open_session(artifact, providers, config={"session.intra_op.allow_spinning": "0"},
+    return open_session(artifact, providers, config=NO_SPINNING,
                         intra_op_num_threads=threads,
                         execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
                         graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -340,7 +341,7 @@ def profiler_overhead_us(providers: tuple[str, ...], threads: int, nodes: int = 
         timed.run(None, feed)
         seconds.append(time.perf_counter() - start)
     with tempfile.TemporaryDirectory(prefix="squeeze-profiler-") as tmp:
-        profiled = open_session(model, list(providers), config={"session.intra_op.allow_spinning": "0"},
+        profiled = open_session(model, list(providers), config=NO_SPINNING,
                                 intra_op_num_threads=threads, graph_optimization_level=plain,
                                 enable_profiling=True, profile_file_prefix=str(Path(tmp) / "chain"))
         for _ in range(runs + 5):
