@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from squeeze.measure.lut import LatencyTable, LayerConfig, TableOracle, layer_configs
+from squeeze.measure.lut import LatencyTable, LayerConfig, LutEntry, TableOracle, layer_configs
 from squeeze.measure.protocol import Protocol
 from squeeze.model.loading import load_model
 from squeeze.target import load_target
@@ -67,6 +67,36 @@ def test_a_batch_of_layers_measured_on_a_contended_machine_is_measured_again(mon
     entries = table.measure([LayerConfig("conv2d", 8, c, 8, 8, (3, 3), (1, 1), (1, 1), 1) for c in (8, 16)])
     assert sizes == [1, 2, 2, 2]  # batch 2 ran again
     assert [e.median_ms for e in entries] == pytest.approx([0.3, 0.3])  # the quiet run's 3x the anchor, not 2x
+
+
+def test_two_widths_of_a_layer_are_timed_side_by_side_less_the_per_call_overhead(monkeypatch):
+    from squeeze.measure import lut
+    from squeeze.measure.bench import Measurement
+
+    base, wide, wider = (LayerConfig("conv2d", 8, c, 8, 8, (3, 3), (1, 1), (1, 1), 1) for c in (8, 16, 32))
+    table = LatencyTable(HOST, FAST.model_copy(update={"seed": 11}))  # a scope of its own
+    # per layer, two rounds: the second twice as slow (load that came, for all of them)
+    per_run = {table._artifact(c).sha256: (c.key, ms) for c, ms in
+               ((lut.OVERHEAD, [1.0, 2.0]), (base, [3.0, 6.0]), (wide, [5.0, 10.0]), (wider, [9.0, 18.0]))}
+    batches = []
+
+    def fake(artifacts, target, protocol):
+        batches.append([per_run[a.sha256][0] for a in artifacts])
+        return [Measurement(a.sha256, target.name, {}, per_run[a.sha256][1], 1, {}, "run") for a in artifacts]
+
+    monkeypatch.setattr(lut, "interleaved", fake)
+    ratios = table.ratios([(base, wide), (base, wider), (base, wide)])
+    assert batches == [[lut.OVERHEAD.key, base.key, wide.key, wider.key]]  # one run, the base timed once
+    assert ratios == {(base.key, wide.key): pytest.approx(2.0), (base.key, wider.key): pytest.approx(4.0)}
+    monkeypatch.setattr(lut, "interleaved", lambda *a: pytest.fail("re-timed a stored ratio"))
+    assert LatencyTable(HOST, FAST.model_copy(update={"seed": 11})).ratios([(base, wider)]) == \
+        {(base.key, wider.key): pytest.approx(4.0)}
+
+
+def test_a_layer_timed_side_by_side_at_four_times_the_work_reads_slower():
+    table = LatencyTable(HOST, FAST)
+    small, big = (LayerConfig("conv2d", 32, c, 28, 28, (3, 3), (1, 1), (1, 1), 1) for c in (32, 128))
+    assert table.ratios([(small, big)])[(small.key, big.key)] > 1.5
 
 
 def test_table_orders_layer_costs():
@@ -185,6 +215,12 @@ def test_relaid_out_kernels_pair_with_their_layers_by_scope_in_any_node_order():
     expected = {nodes[0]: "stage3.0.branch2.2.0", nodes[1]: "stage3.0.branch1.1.0"}
     assert _pair_by_scope(nodes, layers) == _pair_by_scope(nodes[::-1], layers) == expected
     assert _pair_by_scope(["/a/Conv_0", "/b/Conv_1"], ["x", "y"]) == {"/a/Conv_0": "x", "/b/Conv_1": "y"}  # in order
+    # DenseNet's layers sit in a ModuleList, which writes no scope; ORT runs its batch norms as blocked convs
+    dense = [f"/features/features.4/layers.{i}/layers.{i}.{j}/layers.{i}.{j}.{k}/{op}_output_0{suffix}"
+             for i in range(3) for j, k, op, suffix in ((0, 0, "BatchNormalization", "_bn_nchwc"), (1, 2, "Conv", "_nchwc"))]
+    layers = [f"features.4.layers.{i}.{j}.{k}" for i in range(3) for j, k in ((1, 2), (0, 0))]
+    expected = {n: "features.4." + n.split("/")[-2] for n in dense}
+    assert _pair_by_scope(dense, layers) == _pair_by_scope(dense[::-1], layers) == expected
 
 
 def test_in_context_entries_are_stored_apart_and_labelled():
@@ -200,13 +236,13 @@ def test_in_context_entries_are_stored_apart_and_labelled():
     stored = table.stored(keys, ctx.scope)
     assert set(stored) == set(keys) and {e.source for e in stored.values()} == {"in-context"}
     assert {e["source"] for e in ctx.to_json()} == {"in-context"}
+    table.entries(list(configs.values()))
     assert {e["source"] for e in table.to_json([c.key for c in configs.values()])} == {"standalone"}
     # the layers' shares of the profile add up to the whole model (every node here is charged to a layer)
     assert sum(e.median_ms for e in stored.values()) == pytest.approx(ctx.reference_ms, rel=0.05)
     assert table.stored([WHOLE_KEY], ctx.scope)[WHOLE_KEY].median_ms == ctx.reference_ms
     again = InContext(table, model, configs)  # a second oracle on the same reference reuses them
-    assert again.reference_ms == ctx.reference_ms and again.price(configs, table.entries(list(configs.values()))) \
-        == ctx.price(configs, table.entries(list(configs.values())))
+    assert again.reference_ms == ctx.reference_ms and again.price([configs]) == ctx.price([configs])
 
 
 def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_widths():
@@ -228,11 +264,14 @@ def test_a_priced_model_uses_in_context_figures_then_scales_them_to_unprofiled_w
     pruned = _pruned(model, {"1.0.0": 16})  # block 1's expansion (and its depthwise conv) at half width
     q = oracle.predict(pruned)
     assert q.sources["1.1.0"] == q.sources["1.2.0"] == "scaled" and q.sources["2.1.0"] == "in-context"
-    # a depthwise conv by its work, the 1x1 projection by its standalone entries, less the per-call overhead
+    # a depthwise conv by its work, the 1x1 projection by its two widths timed side by side
     assert q.per_layer_ms["1.1.0"] == pytest.approx(p.per_layer_ms["1.1.0"] * 16 / 32)
     cfg = layer_configs(pruned.module, pruned.example_input())["1.2.0"]
-    new, ref_alone = oracle.table.entries([cfg])[cfg.key].median_ms, alone[configs["1.2.0"].key].median_ms
-    assert q.per_layer_ms["1.2.0"] == pytest.approx(p.per_layer_ms["1.2.0"] * ctx._net(new) / ctx._net(ref_alone))
+    ratio = oracle.table.ratios([(configs["1.2.0"], cfg)])[(configs["1.2.0"].key, cfg.key)]
+    assert q.per_layer_ms["1.2.0"] == pytest.approx(p.per_layer_ms["1.2.0"] * ratio)
+    # not from the standalone entries, which come from runs at other moments
+    oracle.table.store([LutEntry(cfg.key, 5, 9.0, 0.0, 9.0)])
+    assert oracle.predict(pruned).per_layer_ms["1.2.0"] == q.per_layer_ms["1.2.0"]
 
     oracle.measured = FixedOracle(0.8)  # recalibrating measures the pruned model, and profiles it
     oracle.recalibrate(pruned)
@@ -304,10 +343,8 @@ def test_a_layer_is_scaled_from_a_width_the_runtime_runs_the_same_way():
     # as at 64, the nearer width: a reorder between them is charged to it, so it is priced from 58.
     at_62 = layer_configs(at[62].module, at[62].example_input())["2.0.0"]
     at_58 = layer_configs(at[58].module, at[58].example_input())["2.0.0"]
-    alone = oracle.table.entries([at_62, at_58])
-    ctx = oracle.context
     assert oracle.predict(at[62]).per_layer_ms["2.0.0"] == pytest.approx(
-        ms_58["2.0.0"] * ctx._net(alone[at_62.key].median_ms) / ctx._net(alone[at_58.key].median_ms))
+        ms_58["2.0.0"] * oracle.table.ratios([(at_58, at_62)])[(at_58.key, at_62.key)])
 
 
 def test_check_table_says_where_each_layer_figure_came_from():

@@ -27,10 +27,13 @@ change layout, ORT reorders the tensor between the two, and the reorder is charg
 RegNet-like's grouped convs leave the blocked layout, and its 1x1 convs then paid 700 us of reorders where the
 reference paid 8, a tenth of the profile). From that configuration a depthwise conv is scaled by its work (its
 standalone entry is mostly the reorders into and out of the blocked layout, which it does not pay in context),
-any other layer by the ratio of the two standalone entries, each less a one-layer model's per-call overhead
-(which does not shrink with the width; on a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone sum).
-Failing that, the nearest configuration where the layer alone runs the same way, else the nearest one, by the
-standalone ratio, which then holds the layout change too.
+any other layer by its latency as a one-layer model at the two widths, each less a one-layer model's per-call
+overhead (which does not shrink with the width; on a 2-core EPYC 16 us a layer, 13% of MobileNetV2's standalone
+sum). The two are timed side by side in one run (LatencyTable.ratios), not taken from two standalone entries:
+those come from runs at different moments, and under contention that comes and goes a memory-bound layer's
+entry moves by up to 2x against the anchor, which put ShuffleNet-like's table 18% off its profile where the
+same widths timed side by side put it 2% off. Failing that, the nearest configuration where the layer alone
+runs the same way, else the nearest one, which the ratio then carries across the layout change.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import functools
 import math
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +57,6 @@ from squeeze.model.loading import LoadedModel
 __all__ = ["InContext", "context_key", "layout", "WHOLE_KEY"]
 
 WHOLE_KEY = "model"  # the reference's whole latency in the table's time base (layer keys all hold an "@")
-# The cheapest layer: its standalone entry is what any one-layer model pays per call.
-OVERHEAD = LayerConfig("conv2d", 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), 1)
 
 
 def context_key(layer: str, cfg: LayerConfig) -> str:
@@ -91,6 +93,17 @@ def layout(cfg: LayerConfig, providers: tuple[str, ...]) -> frozenset[tuple[str,
         return frozenset((n.domain, n.op_type) for n in onnx.load(str(optimized)).graph.node)
 
 
+@dataclass(frozen=True)
+class _Pricing:
+    """How one layer of a model is priced (InContext._plan)."""
+
+    source: str  # IN_CONTEXT | SCALED | STANDALONE (its standalone entry)
+    cfg: LayerConfig
+    ms: float = 0.0  # the in-context figure it starts from
+    factor: float = 1.0  # times this
+    near: LayerConfig | None = None  # and times cfg's latency over near's, timed side by side (LatencyTable.ratios)
+
+
 class InContext:
     """In-context entries of one reference model and of pruned versions of it (the same layer names)."""
 
@@ -99,10 +112,9 @@ class InContext:
         self.table, self.runs = table, runs
         self.scope = f"{table.scope}/in-context/v{PAIRING}/{reference.fingerprint}"
         self._entries: dict[str, LutEntry | None] = {}  # looked up already (None: not stored)
-        # layer -> (config, its in-context ms, its standalone ms less the overhead, how it and its readers run)
-        self._profiled: dict[str, list[tuple[LayerConfig, float, float, tuple]]] = defaultdict(list)
+        # layer -> (config, its in-context ms, how it and its readers run)
+        self._profiled: dict[str, list[tuple[LayerConfig, float, tuple]]] = defaultdict(list)
         self._providers = tuple(table.target.providers)
-        self.overhead_ms = table.entries([OVERHEAD])[OVERHEAD.key].median_ms
         self.uncovered: list[str] = []  # the reference's layers its profile did not find (then none is in context)
         exported = export_onnx(reference, exporter="torchscript")
         self._readers = layer_consumers(onnx.load(str(exported.path)))  # the same in every pruned version
@@ -140,45 +152,39 @@ class InContext:
         return []
 
     def _add_profiled(self, configs: dict[str, LayerConfig]) -> None:
-        alone = self.table.entries(list(configs.values()))
         for name, cfg in configs.items():
-            entry = self._entries[context_key(name, cfg)]
-            self._profiled[name].append((cfg, entry.median_ms, self._net(alone[cfg.key].median_ms),
-                                         self._ways(name, configs)))
+            self._profiled[name].append((cfg, self._entries[context_key(name, cfg)].median_ms, self._ways(name, configs)))
 
-    def _net(self, alone_ms: float) -> float:
-        """A standalone entry less the per-call overhead (at least a fifth of it: entries are noisy)."""
-        return max(alone_ms - self.overhead_ms, 0.2 * alone_ms)
-
-    def price(self, configs: dict[str, LayerConfig], alone: dict[str, LutEntry]) -> tuple[dict[str, float], dict[str, str]]:
-        """Per layer, its latency and where it came from (IN_CONTEXT, SCALED, or STANDALONE where this layer
-        was never profiled); `alone` holds the standalone entries of `configs`."""
-        keys = {name: context_key(name, c) for name, c in configs.items()}
-        unseen = [k for k in keys.values() if k not in self._entries]
+    def price(self, models: list[dict[str, LayerConfig]]) -> list[tuple[dict[str, float], dict[str, str]]]:
+        """Per model, per layer: its latency and where it came from (IN_CONTEXT, SCALED, or STANDALONE where this
+        layer was never profiled). Missing side-by-side ratios and standalone entries are measured in one go."""
+        keys = {context_key(name, c) for configs in models for name, c in configs.items()}
+        unseen = [k for k in keys if k not in self._entries]
         if unseen:
             stored = self.table.stored(unseen, self.scope)
             self._entries.update({k: stored.get(k) for k in unseen})
-        per_layer, sources = {}, {}
-        for name, cfg in configs.items():
-            entry, profiled = self._entries[keys[name]], self._profiled.get(name)
-            if entry is not None:
-                per_layer[name], sources[name] = entry.median_ms, IN_CONTEXT
-            elif profiled:
-                per_layer[name] = self._scaled(cfg, self._ways(name, configs), profiled, alone[cfg.key].median_ms)
-                sources[name] = SCALED
-            else:
-                per_layer[name], sources[name] = alone[cfg.key].median_ms, STANDALONE
-        return per_layer, sources
+        plans = [{name: self._plan(name, cfg, configs) for name, cfg in configs.items()} for configs in models]
+        ratios = self.table.ratios([(p.near, p.cfg) for plan in plans for p in plan.values() if p.near])
+        alone = self.table.entries([p.cfg for plan in plans for p in plan.values() if p.source == STANDALONE])
+        return [({name: (alone[p.cfg.key].median_ms if p.source == STANDALONE else
+                         p.ms * p.factor * (ratios[(p.near.key, p.cfg.key)] if p.near else 1.0))
+                  for name, p in plan.items()}, {name: p.source for name, p in plan.items()}) for plan in plans]
 
-    def _scaled(self, cfg: LayerConfig, ways: tuple, profiled: list[tuple[LayerConfig, float, float, tuple]],
-                alone_ms: float) -> float:
-        """A layer's in-context time at `cfg`, from the nearest profiled configuration where it and its readers
-        run the same way (`ways`), else where it does, else the nearest."""
-        same = [p for p in profiled if p[3] == ways] or [p for p in profiled if p[3][0] == ways[0]]
-        near, ctx_ms, net_ms, _ = min(same or profiled, key=lambda p: _distance(p[0], cfg))
+    def _plan(self, name: str, cfg: LayerConfig, configs: dict[str, LayerConfig]) -> _Pricing:
+        """How layer `name` at `cfg` is priced: its in-context entry; else scaled from the nearest profiled
+        configuration where it and its readers run the same way, else where it does, else the nearest; else its
+        standalone entry."""
+        entry, profiled = self._entries[context_key(name, cfg)], self._profiled.get(name)
+        if entry is not None:
+            return _Pricing(IN_CONTEXT, cfg, entry.median_ms)
+        if not profiled:
+            return _Pricing(STANDALONE, cfg)
+        ways = self._ways(name, configs)
+        same = [p for p in profiled if p[2] == ways] or [p for p in profiled if p[2][0] == ways[0]]
+        near, ctx_ms, _ = min(same or profiled, key=lambda p: _distance(p[0], cfg))
         if same and _depthwise(cfg):
-            return ctx_ms * _work(cfg) / _work(near)
-        return ctx_ms * self._net(alone_ms) / net_ms
+            return _Pricing(SCALED, cfg, ctx_ms, _work(cfg) / _work(near))
+        return _Pricing(SCALED, cfg, ctx_ms, near=near)
 
     def _ways(self, name: str, configs: dict[str, LayerConfig]) -> tuple:
         """How the runtime runs layer `name` of a model of these `configs`, and the layers reading its output: a

@@ -22,6 +22,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,6 +141,16 @@ def priced(m: nn.Module) -> nn.Module:
 
 # Measured in every batch so that entries from different runs share one time base.
 ANCHOR = LayerConfig("conv2d", 32, 32, 28, 28, (3, 3), (1, 1), (1, 1), 1)
+# The cheapest layer: what any one-layer model pays per call (on a 2-core EPYC 16 us, 13% of MobileNetV2's
+# standalone sum), which does not shrink with a layer's width.
+OVERHEAD = LayerConfig("conv2d", 1, 1, 1, 1, (1, 1), (1, 1), (0, 0), 1)
+
+
+def _less(samples_ms: list[float], per_call_ms: np.ndarray) -> np.ndarray:
+    """A one-layer model's samples less the per-call overhead of the same rounds (at least a fifth of each:
+    samples are noisy)."""
+    samples = np.asarray(samples_ms)
+    return np.maximum(samples - per_call_ms, 0.2 * samples)
 
 
 STANDALONE = "standalone"  # an entry timed as a one-layer model
@@ -241,6 +252,8 @@ class LatencyTable:
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS lut (scope TEXT, key TEXT, count INTEGER, mean_ms REAL, "
                        "var_ms REAL, median_ms REAL, created REAL, PRIMARY KEY (scope, key))")
+            db.execute("CREATE TABLE IF NOT EXISTS lut_ratio (scope TEXT, a TEXT, b TEXT, ratio REAL, count INTEGER, "
+                       "created REAL, PRIMARY KEY (scope, a, b))")  # LatencyTable.ratios
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
@@ -296,36 +309,89 @@ class LatencyTable:
         anchor, whole = self._quiet(self._artifact(ANCHOR), [artifact])
         return anchor_ms * paired_ratio(anchor.samples_ms, whole.samples_ms).ratio
 
+    def _batches(self, what: str, batches: list[list[LayerConfig]], probe: LayerConfig,
+                 quiet: bool = False) -> list[list]:
+        """Each batch run interleaved after the `probe` layer, spread over the target's boards: per batch, the
+        probe's measurement and then the batch's, all from one board."""
+        from squeeze import progress
+        from squeeze.measure.fleet import run_batches
+
+        devices = get_runtime(self.target).devices(self.target)
+        # Exported here, in turn: the exporter's tracing is not thread-safe, and only the runs spread over boards.
+        first, artifacts = self._artifact(probe), {id(b): [self._artifact(c) for c in b] for b in batches}
+        # `quiet`: on one device a batch timed with the anchor is run again while contended; a fleet's boards
+        # differ in speed, so their anchors do not tell contention apart from a slower board (and a board is not
+        # shared).
+        run = ((lambda b: self._quiet(first, artifacts[id(b)])) if quiet and devices <= 1 else
+               (lambda b: interleaved([first, *artifacts[id(b)]], self.target, self.protocol)))
+        count = sum(map(len, batches))
+        with progress.task(f"lookup table: {what.format(count)} on {self.target.name}"
+                           + (f" ({devices} boards)" if devices > 1 else ""), total=count, unit="layers") as step:
+            return run_batches(batches, run, devices, lambda b: step.advance(len(b)))
+
     def measure(self, configs: list[LayerConfig]) -> list[LutEntry]:
         """Measure layers in batches, each interleaved with the anchor layer, and store them.
 
         An entry is its median ratio to the anchor (paired samples of one run) times the anchor's stored
         latency, so entries measured at different moments, under different load, stay comparable.
         """
-        from squeeze import progress
-        from squeeze.measure.fleet import run_batches
-
         anchor_ms = self._anchor_ms()
         entries = []
         batches = [configs[start:start + _BATCH] for start in range(0, len(configs), _BATCH)]
-        devices = get_runtime(self.target).devices(self.target)
-        # Exported here, in turn: the exporter's tracing is not thread-safe, and only the runs spread over boards.
-        probe, artifacts = self._artifact(ANCHOR), {id(b): [self._artifact(c) for c in b] for b in batches}
-        # On one device a contended batch is run again; a fleet's boards differ in speed, so their anchors do not
-        # tell contention apart from a slower board (and a board is not shared).
-        run = ((lambda b: self._quiet(probe, artifacts[id(b)])) if devices <= 1 else
-               (lambda b: interleaved([probe, *artifacts[id(b)]], self.target, self.protocol)))
-        with progress.task(f"lookup table: measuring {len(configs)} layers on {self.target.name}"
-                           + (f" ({devices} boards)" if devices > 1 else ""), total=len(configs), unit="layers") as step:
-            runs = run_batches(batches, run, devices, lambda b: step.advance(len(b)))
-            for batch, (anchor, *measured) in zip(batches, runs):
-                for cfg, m in zip(batch, measured):
-                    scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
-                    s = m.stats
-                    entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
-                                            s.median_ms * scale))
+        timed = self._batches("measuring {} layers", batches, ANCHOR, quiet=True)
+        for batch, (anchor, *measured) in zip(batches, timed):
+            for cfg, m in zip(batch, measured):
+                scale = anchor_ms * paired_ratio(anchor.samples_ms, m.samples_ms).ratio / m.stats.median_ms
+                s = m.stats
+                entries.append(LutEntry(cfg.key, s.n, s.mean_ms * scale, (s.cv * s.mean_ms * scale) ** 2,
+                                        s.median_ms * scale))
         self.store(entries)
         return entries
+
+    def ratios(self, pairs: list[tuple[LayerConfig, LayerConfig]]) -> dict[tuple[str, str], float]:
+        """Per pair (a, b) of configurations of one layer, b's latency over a's, each less a one-layer model's
+        per-call overhead (OVERHEAD), all three timed in one interleaved run; stored, measured where not stored.
+
+        The ratio of two entries is that of two runs, and on a machine with contention that comes and goes
+        a memory-bound layer's entry moves against the anchor: ShuffleNet-like's 58-channel 1x1 conv at 56x56
+        read 1.2 anchors in one run and 2.0 in another on a 2-core EPYC. Timed side by side, a layer's two
+        widths meet the same load."""
+        wanted = {(a.key, b.key): (a, b) for a, b in pairs if a.key != b.key}
+        have = self._stored_ratios(list(wanted))
+        groups: dict[LayerConfig, list[LayerConfig]] = {}
+        for key, (a, b) in wanted.items():
+            if key not in have:
+                groups.setdefault(a, []).append(b)
+        # batches of up to _BATCH layers, in parts: a configuration, then the ones timed against it
+        parts = [[a, *others[i:i + _BATCH - 1]] for a, others in groups.items() for i in range(0, len(others), _BATCH - 1)]
+        batches: list[list[list[LayerConfig]]] = []
+        for part in parts:
+            if not batches or sum(map(len, batches[-1])) + len(part) > _BATCH:
+                batches.append([])
+            batches[-1].append(part)
+        flat = [[c for part in batch for c in part] for batch in batches]
+        measured, timed = [], self._batches("timing {} layers side by side", flat, OVERHEAD) if flat else []
+        for batch, (overhead, *runs) in zip(batches, timed):
+            per_call, i = np.asarray(overhead.samples_ms), 0
+            for base, *others in batch:
+                net = _less(runs[i].samples_ms, per_call)
+                measured += [(base.key, cfg.key, float(np.median(_less(m.samples_ms, per_call) / net)), len(net))
+                             for cfg, m in zip(others, runs[i + 1:])]
+                i += 1 + len(others)
+        with self._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO lut_ratio VALUES (?, ?, ?, ?, ?, ?)",
+                           [(self.scope, *m, time.time()) for m in measured])
+        return have | {(a, b): r for a, b, r, _ in measured}
+
+    def _stored_ratios(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        firsts = sorted({a for a, _ in keys})
+        if not firsts:
+            return {}
+        with self._connect() as db:
+            rows = db.execute(f"SELECT a, b, ratio FROM lut_ratio WHERE scope = ? AND a IN ({','.join('?' * len(firsts))})",
+                              (self.scope, *firsts)).fetchall()
+        wanted = set(keys)
+        return {(a, b): r for a, b, r in rows if (a, b) in wanted}
 
     def entries(self, configs: list[LayerConfig]) -> dict[str, LutEntry]:
         """Entries for all configs, measuring only the ones not stored yet."""
@@ -406,9 +472,9 @@ class TableOracle(LatencyOracle):
 
     def _price(self, models: list[dict[str, LayerConfig]]) -> list[tuple[dict[str, float], dict[str, str]]]:
         """Per model, per layer: its latency and its source; missing standalone entries are measured in one go."""
-        table = self.table.entries([c for configs in models for c in configs.values()])
         if self.context is not None:
-            return [self.context.price(configs, table) for configs in models]
+            return self.context.price(models)
+        table = self.table.entries([c for configs in models for c in configs.values()])
         return [({name: table[c.key].median_ms for name, c in configs.items()}, dict.fromkeys(configs, STANDALONE))
                 for configs in models]
 

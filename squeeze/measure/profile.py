@@ -35,15 +35,16 @@ from squeeze.export.artifact import OnnxArtifact
 from squeeze.export.ort import open_session
 from squeeze.measure.protocol import Protocol
 from squeeze.measure.runtimes import seeded_input
-from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes
+from squeeze.quant.ptq import LAYER_OPS, _layer_name, _layer_nodes, _scope_path
 
 __all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_consumers", "layer_identities", "profile_artifacts",
            "profile_layers", "profiler_overhead_us", "slower_layers"]
 
 # Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
 # other layers (2: re-laid-out kernels paired by scope, not by node order; 3: no spinning workers, whose
-# cores the next session's first layer paid for; 4: each node's time less the profiler's own).
-PAIRING = 4
+# cores the next session's first layer paid for; 4: each node's time less the profiler's own; 5: scopes matched
+# past containers that write none, which had shifted DenseNet's 3x3 convs and batch norms by one layer).
+PAIRING = 5
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
 _NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order
@@ -150,27 +151,25 @@ def _strip(name: str) -> str:
     return name
 
 
-def _scope(layer: str) -> list[str]:
-    """The exporter's scope of a torch layer: `stage3.0.branch1.1.0` -> stage3, stage3.0, branch1, branch1.1,
-    branch1.1.0 (a Sequential's children extend their parent's name), as node names carry it."""
-    parts: list[str] = []
-    for part in layer.split("."):
-        parts.append(f"{parts[-1]}.{part}" if part.isdigit() and parts else part)
-    return parts
+def _shared(path: list[str], layer: str) -> int:
+    """How many parts of its dotted name, from the top, a layer shares with the module path of a node's scopes
+    (squeeze.quant.ptq._scope_path: DenseNet's `features.4.layers.0.1.2` runs under
+    features/features.4/layers.0/layers.0.1/layers.0.1.2, its ModuleList `layers`, never called, without a
+    scope)."""
+    a, b = _scope_path(path).split("."), layer.split(".")
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _pair_by_scope(nodes: list[str], layers: list[str]) -> dict[str, str]:
     """Kernels whose weights ORT re-laid out, paired with the layers left: by the scope their names share
     (`/stage3/stage3.0/branch1/branch1.1/branch1.1.2/Relu_output_0_nchwc`, a conv fused up to its ReLU), the
     longest first. ORT's node order differs between sessions, so pairing in order swapped a ShuffleNet unit's
-    two branches from one profile to the next; what no scope tells apart is still paired in order."""
+    two branches from one profile to the next; what no scope tells apart is still paired in order. Among them
+    are batch norms ORT runs as blocked convs (`..._bn_nchwc`)."""
     shared = []
     for i, node in enumerate(nodes):
         path = node.split("/")[1:-1]
-        for j, layer in enumerate(layers):
-            scope = _scope(layer)
-            n = next((k for k, (a, b) in enumerate(zip(path, scope)) if a != b), min(len(path), len(scope)))
-            shared.append((-n, i, j))
+        shared += [(-_shared(path, layer), i, j) for j, layer in enumerate(layers)]
     paired, used_nodes, used_layers = {}, set(), set()
     for _, i, j in sorted(shared):
         if i not in used_nodes and j not in used_layers:
