@@ -66,7 +66,8 @@ def main() -> None:
             low, high = median_interval([abs(r.recalibrated_error_pct) for r in result.rows[1:]])
             worst = max(result.contention(r) for r in result.rows)
             quiet = [abs(r.recalibrated_error_pct) for r in result.rows[1:] if r.plan not in result.contended_plans]
-            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%",
+            refit = "" if result.recalibrated else " (plan 0 contended: not recalibrated)"
+            cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%{refit}",
                       f"{len(result.contended_plans)} of {len(result.rows)} (worst {worst:.2f}x); the others' "
                       f"recalibrated median {np.median(quiet) if quiet else float('nan'):.1f}%"]
         print(f"| {spec} | {' | '.join(cells)} | {time.perf_counter() - t0:.0f} |", flush=True)

@@ -134,6 +134,28 @@ def test_table_oracle_is_anchored_on_reference_and_recalibrates():
     assert oracle.latency_ms(half) == pytest.approx(rho * oracle.reference_ms)  # the fit reproduces the measurement
 
 
+def test_a_measurement_of_a_contended_machine_recalibrates_nothing(caplog):
+    from squeeze.measure.oracle import FixedOracle
+    from squeeze.prune.tables import _pruned
+
+    model = _tiny_mobilenet()
+    # a scope of its own: the pruned model's in-context entries stay out of the other tests' reference
+    oracle = TableOracle(LatencyTable(HOST, FAST.model_copy(update={"seed": 12})), model, FixedOracle(1.0))
+    pruned = _pruned(model, {"1.0.0": 16})
+    before = oracle.predict(pruned)
+
+    class Busy(FixedOracle):
+        contention = 1.5  # every try of its last ratio ran 1.5x slower than the quietest run
+
+    oracle.measured = Busy(0.5)
+    assert oracle.recalibrate(pruned) == 0.5
+    assert oracle.constant_ms == 0.0 and oracle.predict(pruned) == before  # nothing fitted, nothing profiled
+    assert "not recalibrated" in caplog.text and "1.50x slower" in caplog.text
+    oracle.measured = FixedOracle(0.5)  # quiet again
+    oracle.recalibrate(pruned)
+    assert oracle.predict(pruned).total_ms == pytest.approx(0.5, rel=1e-6)
+
+
 def test_check_table_reports_table_and_recalibrated_errors():
     import math
 
@@ -386,6 +408,13 @@ def test_lut_check_names_plans_slower_than_the_original_and_plans_measured_on_a_
     assert "2 of 3 plans (plan 0, 2) measured slower than the original" in text
     assert "--latency-source measured" in text
     assert "1 of 3 plans (plan 1) were measured while the machine ran over 1.2x slower" in text and "1.23x" in text
+    assert "after recalibrating on plan 0" in text
+    busy = CheckResult(rows, reference_ms=6.5, constant_ms=0.0, fastest_reference_ms=6.5, recalibrated=False)
+    console = Console(width=200, record=True)
+    console.print(lut_check_view(busy, "regnet", "host-cpu"))
+    text = " ".join(console.export_text().split())
+    assert "plan 0 was measured on a contended machine, so nothing was recalibrated" in text and "(busy)" in text
+    assert busy.to_json()["recalibrated"] is False
 
 
 def test_lut_check_standalone_at_a_batch_times_table_and_plans_there():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 import weakref
@@ -29,7 +30,7 @@ from torch import nn
 from squeeze.export.onnx import export_onnx
 from squeeze.measure.cache import MeasurementCache
 from squeeze.measure.oracle import LatencyOracle, Quietest, interleaved
-from squeeze.measure.protocol import Protocol
+from squeeze.measure.protocol import CONTENDED, Protocol
 from squeeze.measure.stats import paired_ratio
 from squeeze.measure.runtimes import get_runtime
 from squeeze.model.loading import LoadedModel
@@ -38,6 +39,7 @@ from squeeze.target import Target
 __all__ = ["LayerConfig", "LutEntry", "Prediction", "layer_configs", "LatencyTable", "TableOracle",
            "fit_table_constant", "priced", "resize"]
 
+_log = logging.getLogger("squeeze.measure")
 # Standalone layers are measured in batches, one worker process per batch.
 _BATCH = 24
 
@@ -456,12 +458,22 @@ class TableOracle(LatencyOracle):
 
             self.context = InContext(table, reference, configs)
         self.constant_ms = 0.0
+        self.recalibrations = 0  # measurements fitted (one of a contended machine is not)
         self.reference_layers_ms = sum(self._price([configs])[0][0].values())
 
     def recalibrate(self, model: LoadedModel) -> float:
         """Measure `model` (and profile it: in-context entries at its widths); fit C so that its predicted ratio
-        equals the measured one. Returns the measurement."""
+        equals the measured one. Returns the measurement. A measurement of a contended machine (the measuring
+        oracle's `contention` over CONTENDED) fits nothing."""
         measured_ms = self.measured.latency_ms(model)
+        contention = getattr(self.measured, "contention", 1.0)
+        if contention > CONTENDED:  # every try contended: a busier machine's ratio, which would skew every price
+            _log.warning(f"the table is not recalibrated on {model.name}: it was measured while the machine ran "
+                         f"{contention:.2f}x slower than at its quietest, and a busy machine slows a small model "
+                         "more than a large one (on a RegNet-like, such a recalibration put 29 plans 7-14% too "
+                         "slow); the next recalibration on a quiet machine fits the table.")
+            return measured_ms
+        self.recalibrations += 1
         rho = measured_ms / self.reference_ms
         configs = layer_configs(model.module, model.example_input())
         if self.context is not None and not self.context.uncovered:

@@ -69,6 +69,7 @@ class CheckResult:
     reference_ms: float
     constant_ms: float
     fastest_reference_ms: float  # the original's fastest run of the check: the machine at its quietest
+    recalibrated: bool = True  # plan 0's measurement fitted the table (not one of a contended machine)
 
     def contention(self, row: CheckRow) -> float:
         """How much slower the machine ran during the row's measurement than at its quietest in the check."""
@@ -97,6 +98,7 @@ class CheckResult:
     def to_json(self) -> dict:
         (med, p90), (rmed, rp90) = self.summary(), self.summary(recalibrated=True)
         return {"reference_ms": self.reference_ms, "constant_ms": self.constant_ms, "slower_plans": self.slower_plans,
+                "recalibrated": self.recalibrated,
                 "fastest_reference_ms": self.fastest_reference_ms, "contended_plans": self.contended_plans,
                 "median_abs_error_pct": med, "p90_abs_error_pct": p90,
                 "recalibrated_median_abs_error_pct": rmed, "recalibrated_p90_abs_error_pct": rp90,
@@ -170,4 +172,4 @@ def check_table(model: LoadedModel, table: LatencyTable, n_plans: int = 10, seed
                            refit.sources)
         log(f"plan {i}: predicted {row.predicted_ms:.3f} ms, measured {row.measured_ms:.3f} ms ({row.error_pct:+.1f}%)")
         rows.append(row)
-    return CheckResult(rows, measured.reference_ms, oracle.constant_ms, measured.fastest_ms)
+    return CheckResult(rows, measured.reference_ms, oracle.constant_ms, measured.fastest_ms, oracle.recalibrations > 0)

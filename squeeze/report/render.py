@@ -262,17 +262,20 @@ def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
                 "layers priced"):
         t.add_column(col, justify="right")
     for r in result.rows:
-        recal = ("(fit)", "") if r.recalibrated_ms is None else (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%")
+        recal = (("(fit)" if result.recalibrated else "(busy)", "") if r.recalibrated_ms is None else
+                 (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%"))
         priced = ", ".join(f"{n} {source}" for source, n in sorted(r.source_counts.items()))
         t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{result.contention(r):.2f}x",
                   f"{r.predicted_ms:.3f}", f"{r.error_pct:+.1f}%", *recal, priced)
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-    lines = [t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; after recalibrating on plan 0: "
+    refit = ("after recalibrating on plan 0" if result.recalibrated else
+             "plan 0 was measured on a contended machine, so nothing was recalibrated")
+    lines = [t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; {refit}: "
                 f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
                 "with the original, scaled by its latency; machine = the original's time in that run over its fastest "
                 "run; layers priced: standalone = timed alone, in-context = "
-                "profiled inside the model, scaled = in-context at the nearest profiled width x the ratio of the "
-                "standalone entries)"]
+                "profiled inside the model, scaled = in-context at the nearest profiled width x its latency alone at "
+                "the two widths, timed side by side, or a depthwise conv's work)"]
     if slower := result.slower_plans:
         lines.append(Text(f"{len(slower)} of {len(result.rows)} plans (plan {', '.join(map(str, slower))}) measured "
                           "slower than the original with fewer channels in every layer: the runtime changes layout or "
