@@ -239,7 +239,8 @@ def test_relaid_out_kernels_pair_with_their_layers_by_scope_in_any_node_order():
     assert _pair_by_scope(["/a/Conv_0", "/b/Conv_1"], ["x", "y"]) == {"/a/Conv_0": "x", "/b/Conv_1": "y"}  # in order
     # DenseNet's layers sit in a ModuleList, which writes no scope; ORT runs its batch norms as blocked convs
     dense = [f"/features/features.4/layers.{i}/layers.{i}.{j}/layers.{i}.{j}.{k}/{op}_output_0{suffix}"
-             for i in range(3) for j, k, op, suffix in ((0, 0, "BatchNormalization", "_bn_nchwc"), (1, 2, "Conv", "_nchwc"))]
+             for i in range(3)
+             for j, k, op, suffix in ((0, 0, "BatchNormalization", "_bn_nchwc"), (1, 2, "Conv", "_nchwc"))]
     layers = [f"features.4.layers.{i}.{j}.{k}" for i in range(3) for j, k in ((1, 2), (0, 0))]
     expected = {n: "features.4." + n.split("/")[-2] for n in dense}
     assert _pair_by_scope(dense, layers) == _pair_by_scope(dense[::-1], layers) == expected

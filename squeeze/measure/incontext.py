@@ -153,7 +153,8 @@ class InContext:
 
     def _add_profiled(self, configs: dict[str, LayerConfig]) -> None:
         for name, cfg in configs.items():
-            self._profiled[name].append((cfg, self._entries[context_key(name, cfg)].median_ms, self._ways(name, configs)))
+            entry = self._entries[context_key(name, cfg)]
+            self._profiled[name].append((cfg, entry.median_ms, self._ways(name, configs)))
 
     def price(self, models: list[dict[str, LayerConfig]]) -> list[tuple[dict[str, float], dict[str, str]]]:
         """Per model, per layer: its latency and where it came from (IN_CONTEXT, SCALED, or STANDALONE where this

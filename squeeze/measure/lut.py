@@ -365,7 +365,8 @@ class LatencyTable:
             if key not in have:
                 groups.setdefault(a, []).append(b)
         # batches of up to _BATCH layers, in parts: a configuration, then the ones timed against it
-        parts = [[a, *others[i:i + _BATCH - 1]] for a, others in groups.items() for i in range(0, len(others), _BATCH - 1)]
+        parts = [[a, *others[i:i + _BATCH - 1]] for a, others in groups.items()
+                 for i in range(0, len(others), _BATCH - 1)]
         batches: list[list[list[LayerConfig]]] = []
         for part in parts:
             if not batches or sum(map(len, batches[-1])) + len(part) > _BATCH:
@@ -390,8 +391,8 @@ class LatencyTable:
         if not firsts:
             return {}
         with self._connect() as db:
-            rows = db.execute(f"SELECT a, b, ratio FROM lut_ratio WHERE scope = ? AND a IN ({','.join('?' * len(firsts))})",
-                              (self.scope, *firsts)).fetchall()
+            rows = db.execute(f"SELECT a, b, ratio FROM lut_ratio WHERE scope = ? AND a IN "
+                              f"({','.join('?' * len(firsts))})", (self.scope, *firsts)).fetchall()
         wanted = set(keys)
         return {(a, b): r for a, b, r in rows if (a, b) in wanted}
 
@@ -483,7 +484,8 @@ class TableOracle(LatencyOracle):
         return measured_ms
 
     def _price(self, models: list[dict[str, LayerConfig]]) -> list[tuple[dict[str, float], dict[str, str]]]:
-        """Per model, per layer: its latency and its source; missing standalone entries are measured in one go."""
+        """Per model, per layer: its latency and its source; missing entries (and, in context, side-by-side
+        ratios) are measured in one go."""
         if self.context is not None:
             return self.context.price(models)
         table = self.table.entries([c for configs in models for c in configs.values()])
