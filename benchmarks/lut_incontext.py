@@ -2,8 +2,8 @@
 
 For each model, `squeeze lut check` twice on the same random plans: every layer timed alone (`--standalone`),
 then priced in context from ONNX Runtime's profile of the whole model (the default). Each prints the median
-and p90 absolute error of the table alone and after recalibrating on the first plan's measurement (that
-median with its 95% bootstrap interval over the other plans). The nets:
+and p90 absolute error of the table alone and after recalibrating on the first plans' measurements
+(tables.FIT_ON; that median with its 95% bootstrap interval over the other plans). The nets:
 the zoo's MobileNetV2, ResNet-18 and DenseNet-121 (random weights: latency does not depend on them), and
 three of the tests' nets not used to develop the in-context entries (EfficientNet-B0-like with SE,
 ShuffleNetV2-like with channel shuffle, RegNetX-400MF-like with groups). Run it on a quiet machine: whole-model
@@ -63,10 +63,12 @@ def main() -> None:
         for pricing in args.pricing:
             result = check_table(model, LatencyTable(target), args.plans, in_context=PRICING[pricing])
             (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-            low, high = median_interval([abs(r.recalibrated_error_pct) for r in result.rows[1:]])
+            checked = [r for r in result.rows if r.recalibrated_ms is not None]
+            low, high = median_interval([abs(r.recalibrated_error_pct) for r in checked])
             worst = max(result.contention(r) for r in result.rows)
-            quiet = [abs(r.recalibrated_error_pct) for r in result.rows[1:] if r.plan not in result.contended_plans]
-            refit = "" if result.recalibrated else " (plan 0 contended: not recalibrated)"
+            quiet = [abs(r.recalibrated_error_pct) for r in checked if r.plan not in result.contended_plans]
+            refit = ("" if len(result.fitted_plans) == result.fit_on else
+                     f" (fitted on {len(result.fitted_plans)} of {result.fit_on}: the others contended)")
             cells += [f"{med:.1f}% / {p90:.1f}%", f"{rmed:.1f}% [{low:.1f}, {high:.1f}] / {rp90:.1f}%{refit}",
                       f"{len(result.contended_plans)} of {len(result.rows)} (worst {worst:.2f}x); the others' "
                       f"recalibrated median {np.median(quiet) if quiet else float('nan'):.1f}%"]

@@ -686,12 +686,18 @@ def lut_build(model_spec: str, target: Target, opts: ModelOptions, round_to: int
 
 
 def lut_check(model_spec: str, target: Target, opts: ModelOptions, plans: int = 10, seed: int = 0, round_to: int = 8,
-              batch_size: int | None = None, in_context: bool = True) -> tuple[LoadedModel, LatencyTable, CheckResult]:
-    """Random pruning plans, latency predicted by the table and measured: how wrong the table is here."""
-    from squeeze.prune.tables import check_table
+              batch_size: int | None = None, in_context: bool = True,
+              fit_on: int | None = None) -> tuple[LoadedModel, LatencyTable, CheckResult]:
+    """Random pruning plans, latency predicted by the table and measured: how wrong the table is here; the first
+    `fit_on` (tables.FIT_ON) recalibrate it."""
+    from squeeze.prune.tables import FIT_ON, check_table
 
+    fit_on = FIT_ON if fit_on is None else fit_on
+    if fit_on >= plans:
+        raise SqueezeError(f"--fit-on {fit_on} leaves none of the {plans} plans to check the recalibrated table on.",
+                           f"Pass more --plans than --fit-on, e.g. --plans {fit_on + 10}.")
     loaded, table = _lut_setup(model_spec, target, opts, batch_size)
-    return loaded, table, check_table(loaded, table, plans, seed, round_to, in_context=in_context)
+    return loaded, table, check_table(loaded, table, plans, seed, round_to, in_context=in_context, fit_on=fit_on)
 
 
 def check_target(target: Target) -> CheckReport:

@@ -131,6 +131,11 @@ def test_unknown_target(cli):
                        "host-cpu", "cuda")
 
 
+def test_lut_check_with_no_plan_left_after_the_ones_it_fits_on(cli):
+    assert_clean_error(cli("lut", "check", "zoo:digits-cnn", "--plans", "3"),
+                       "--fit-on 3 leaves none of the 3 plans", "--plans 13")
+
+
 def test_unreachable_device(cli):
     import onnxruntime as ort
 

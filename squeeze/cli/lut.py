@@ -50,6 +50,8 @@ def check(
     model: str = typer.Argument(..., help="Model file, zoo:NAME or package.module:factory."),
     target: str = TargetOpt,
     plans: int = typer.Option(10, "--plans", min=1, help="Random pruning plans to predict and measure."),
+    fit_on: Optional[int] = typer.Option(None, "--fit-on", min=0, help="How many of the plans recalibrate the table "
+                                         "(as a search does every few steps); the others check it [default: 3]."),
     seed: int = typer.Option(0, "--seed"),
     round_to: int = typer.Option(8, "--round-to", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -68,7 +70,7 @@ def check(
 
     loaded, table, result = api.lut_check(model, _target(target, (rpc, tracker, key)),
                                           model_options(input_shape, weights, trust_model), plans, seed, round_to,
-                                          batch_size, in_context=not standalone)
+                                          batch_size, in_context=not standalone, fit_on=fit_on)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return

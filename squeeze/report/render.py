@@ -255,6 +255,10 @@ def catalog_view(kind: str, rows: list[tuple[str, str]]) -> Table:
     return t
 
 
+def _plans(plans: list[int]) -> str:
+    return f"plan{'s' * (len(plans) > 1)} {', '.join(map(str, plans))}"
+
+
 def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
     """Predicted against measured latency per random plan, then the error's median and p90."""
     t = Table(title=f"lookup table vs measurement: {model} on {target}")
@@ -262,14 +266,16 @@ def lut_check_view(result: CheckResult, model: str, target: str) -> Group:
                 "layers priced"):
         t.add_column(col, justify="right")
     for r in result.rows:
-        recal = (("(fit)" if result.recalibrated else "(busy)", "") if r.recalibrated_ms is None else
+        recal = (("(fit)" if r.plan in result.fitted_plans else "(busy)", "") if r.recalibrated_ms is None else
                  (f"{r.recalibrated_ms:.3f}", f"{r.recalibrated_error_pct:+.1f}%"))
         priced = ", ".join(f"{n} {source}" for source, n in sorted(r.source_counts.items()))
         t.add_row(str(r.plan), f"{r.macs / 1e6:.1f}M", f"{r.measured_ms:.3f}", f"{result.contention(r):.2f}x",
                   f"{r.predicted_ms:.3f}", f"{r.error_pct:+.1f}%", *recal, priced)
     (med, p90), (rmed, rp90) = result.summary(), result.summary(recalibrated=True)
-    refit = ("after recalibrating on plan 0" if result.recalibrated else
-             "plan 0 was measured on a contended machine, so nothing was recalibrated")
+    busy = [p for p in range(result.fit_on) if p not in result.fitted_plans]
+    refit = (f"after recalibrating on {_plans(result.fitted_plans)}" if result.recalibrated else "nothing recalibrated")
+    if busy:
+        refit += f" ({_plans(busy)} measured on a contended machine in every try, so not fitted on)"
     lines = [t, f"table alone: median |error| {med:.1f}%, p90 {p90:.1f}%; {refit}: "
                 f"median {rmed:.1f}%, p90 {rp90:.1f}% (original {result.reference_ms:.3f} ms; measured = interleaved "
                 "with the original, scaled by its latency; machine = the original's time in that run over its fastest "
