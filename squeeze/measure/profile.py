@@ -43,13 +43,17 @@ __all__ = ["PAIRING", "LayerProfile", "distinct_initializers", "layer_consumers"
 # Bumped whenever the mapping of kernels to layers changes: times stored under another one were charged to
 # other layers (2: re-laid-out kernels paired by scope, not by node order; 3: no spinning workers, whose
 # cores the next session's first layer paid for; 4: each node's time less the profiler's own; 5: scopes matched
-# past containers that write none, which had shifted DenseNet's 3x3 convs and batch norms by one layer).
-PAIRING = 5
+# past containers that write none, which had shifted DenseNet's 3x3 convs and batch norms by one layer; 6: a lone
+# model profiled with spinning workers, see NO_SPINNING).
+PAIRING = 6
 _LAYER_KERNELS = {"Conv", "FusedConv", "QLinearConv", "Gemm", "FusedGemm", "QGemm", "MatMul", "FusedMatMul",
                   "QLinearMatMul", "MatMulInteger", "ConvInteger", "NhwcFusedConv"}
 _NORM_KERNELS = {"BatchNormalization"}  # matched by their initializers only, never in graph order
 # Profiling sessions each have their own pool (a profile needs one): interleaved, the workers of the session run
-# last would spin on the cores the next one's first layer needs (ShuffleNet's stem conv read 0.25-5.9 ms).
+# last would spin on the cores the next one's first layer needs (ShuffleNet's stem conv read 0.25-5.9 ms). A lone
+# model is profiled with spinning workers, as it runs: without, each multi-threaded kernel pays its workers'
+# wake-up, which does not shrink with the kernel; on a 2-core EPYC a pruned MobileNetV2 profiled 0.57x the
+# original that way and 0.435x with spinning, and measured 0.43x.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
 _QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 
@@ -236,10 +240,10 @@ def _node_layers(graph: onnx.GraphProto, identities: dict[str, set[str]]) -> dic
     return result
 
 
-def _session(artifact: OnnxArtifact, providers: list[str], threads: int, folder: Path, tag: str):
+def _session(artifact: OnnxArtifact, providers: list[str], threads: int, folder: Path, tag: str, spinning: bool):
     import onnxruntime as ort
 
-    return open_session(artifact, providers, config=NO_SPINNING,
+    return open_session(artifact, providers, config=None if spinning else NO_SPINNING,
                         intra_op_num_threads=threads,
                         execution_mode=ort.ExecutionMode.ORT_SEQUENTIAL,
                         graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -263,7 +267,8 @@ def profile_layers(artifacts: list[OnnxArtifact], identities: dict[str, set[str]
     node's time less `node_overhead_us` (what the profiler adds to it: `profiler_overhead_us`)."""
     with tempfile.TemporaryDirectory(prefix="squeeze-profile-") as tmp:
         folder = Path(tmp)
-        sessions = [_session(a, providers, protocol.threads, folder, f"m{i}") for i, a in enumerate(artifacts)]
+        sessions = [_session(a, providers, protocol.threads, folder, f"m{i}", spinning=len(artifacts) == 1)
+                    for i, a in enumerate(artifacts)]
         feeds = [{a.input_name: seeded_input(a, protocol)} for a in artifacts]
         warmup = max(protocol.warmup, 1)
         for _ in range(warmup + runs):
